@@ -1,0 +1,862 @@
+"""HALD: Soft -> Hard -> Soft training of a student on a distilled image set.
+
+Reference implementation of *Hard Labels In! Rethinking the Role of Hard Labels in
+Mitigating Local Semantic Drift* (Cui et al., arXiv 2512.15647). A teacher labels a
+fixed budget of random crops of the distilled images (SLC soft labels per class); the
+student replays those crops with their soft labels, then trains on fresh crops with
+hard (label-smoothed) labels, then replays the soft labels again.
+
+    python hald.py                                   # bundled CIFAR-10 demo
+    python hald.py --data distilled/ --val val/ --ipc 10 --teacher resnet18
+    python hald.py --help                            # every knob with its doc line
+
+Sections follow one image from disk to the accuracy figure: config -> data -> crop
+sampler -> CutMix -> soft-label cache (relabel) -> losses -> schedule -> models ->
+diagnostics -> train/eval -> main.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+DEMO = HERE / "demo"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+CACHE_FORMAT = "hald-soft-labels-v1"
+MODEL_FORMAT = "hald-model-v1"
+MAX_VAL_BYTES = 2 * 1024**3  # keep the decoded validation set in memory below this
+
+
+class HaldError(Exception):
+    """A problem with the user's input; main() prints it as one line and exits 2."""
+
+
+# ----------------------------------------------------------------------------- config
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data
+    data: str = arg(str(DEMO / "distilled"), "ImageFolder of the distilled images (one folder per class)")
+    val: str = arg(str(DEMO / "val"), "ImageFolder of real validation images with the same class names")
+    ipc: int = arg(10, "images per class used from --data (the first IPC files of each class, sorted)")
+    image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image")
+    # soft labels
+    teacher: str = arg(str(DEMO / "teacher.pt"), "torchvision model name (ImageNet weights) or a hald.py checkpoint")
+    teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics, authors' default) or eval")
+    slc: int = arg(100, "soft labels per class stored (a multiple of --ipc; slc/ipc crops per image)")
+    temperature: float = arg(20.0, "softmax temperature of stored labels and of the soft loss")
+    crop_scale: float = arg(0.08, "smallest crop area fraction of RandomResizedCrop (upper bound 1)")
+    cutmix: bool = arg(True, "apply CutMix to every relabel and hard-phase batch")
+    cache: str = arg("", "soft-label cache file; default OUT/soft_labels.pt; reused when its fingerprint matches")
+    rebuild_cache: bool = arg(False, "rebuild the cache when it exists but was made for other settings")
+    # student and schedule
+    model: str = arg("convnet", "student: convnet (ConvNet-3, instance norm), convnet_bn, resnet18 (CIFAR stem <= 64 px) or a torchvision name")
+    schedule: str = arg("shs", "shs (HALD), soft, hard, hs, sh, hsh, alt-hard-n, alt-hard-2n, alt-soft-n, alt-soft-2n, hybrid, or phase:epochs,...")
+    epochs: int = arg(300, "training epochs in all")
+    soft_epochs: int = arg(-1, "soft epochs of the presets (HALD: half before, half after the hard phase); -1 = epochs // 2, the authors' 150 of 300")
+    label_smoothing: float = arg(0.8, "label smoothing of hard targets (timm convention: off-value smoothing/C)")
+    hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
+    hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops")
+    hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
+    # optimisation
+    batch_size: int = arg(16, "images per step (relabel batches have the same size)")
+    lr: float = arg(1e-3, "AdamW learning rate")
+    weight_decay: float = arg(0.01, "AdamW weight decay, applied to weights with ndim > 1 only")
+    eta: float = arg(2.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); 2 for IPC <= 40, 1 for IPC 50")
+    # run
+    seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
+    device: str = arg("auto", "auto, cpu or cuda")
+    eval_every: int = arg(10, "evaluate every N epochs (and always at the end); 0 = at the end only")
+    drift_crops: int = arg(8, "crops per image for the drift diagnostics; 0 turns them off")
+    out: str = arg("runs/hald", "output folder: metrics.jsonl, summary.json, the cache by default")
+    save_model: str = arg("", "write the trained student here (usable as --teacher)")
+    debug: bool = arg(False, "show tracebacks instead of one-line errors")
+
+
+def parse_config(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg: Config) -> None:
+    """Reject bad settings before any work is done."""
+    if cfg.ipc < 1 or cfg.epochs < 1:
+        raise HaldError(f"--ipc and --epochs must be >= 1, got {cfg.ipc} and {cfg.epochs}")
+    if cfg.batch_size < 2:
+        raise HaldError(f"--batch-size must be >= 2 (CutMix mixes images of a batch), got {cfg.batch_size}")
+    if cfg.teacher_mode not in ("train", "eval"):
+        raise HaldError(f"--teacher-mode must be train or eval, got {cfg.teacher_mode!r}")
+    if cfg.hybrid_crops not in ("fresh", "stored"):
+        raise HaldError(f"--hybrid-crops must be fresh or stored, got {cfg.hybrid_crops!r}")
+    if not 0 < cfg.crop_scale <= 1:
+        raise HaldError(f"--crop-scale must be in (0, 1], got {cfg.crop_scale}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise HaldError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.temperature <= 0 or cfg.lr <= 0 or cfg.eta <= 0:
+        raise HaldError("--temperature, --lr and --eta must be positive")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise HaldError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise HaldError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
+
+
+# ------------------------------------------------------------------------------- data
+def list_image_folder(root) -> tuple[list[list[Path]], list[str]]:
+    """Class names (sorted folder names) and, per class, its image files (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise HaldError(f"{root} is not a folder: give an ImageFolder with one sub-folder of images per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise HaldError(f"{root} has no class folders: put the images of each class in {root}/<class name>/")
+    files, ignored = [], 0
+    for name in classes:
+        entries = sorted(p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith("."))
+        files.append([p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS])
+        ignored += len(entries) - len(files[-1])
+    if ignored:
+        print(f"note: ignored {ignored} non-image files in {root}")
+    return files, classes
+
+
+def decode_image(path: Path, size: int, center_crop: bool) -> torch.Tensor:
+    """One image as uint8 (3, size, size); grayscale and RGBA become RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise HaldError(f"cannot read image {path} ({e}): replace or remove the file") from None
+    if center_crop:  # the authors' validation transform: Resize(256) + CenterCrop(224), scaled to size
+        short = round(size * 256 / 224)
+        w, h = image.size
+        image = image.resize((max(short, round(w * short / h)), max(short, round(h * short / w))), Image.BILINEAR)
+        w, h = image.size
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    elif image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+
+
+def decode_images(paths, size: int, center_crop: bool = False) -> torch.Tensor:
+    """Decode many images in threads (PIL releases the GIL) into one uint8 (N, 3, size, size)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return torch.stack(list(pool.map(lambda p: decode_image(p, size, center_crop), paths)))
+
+
+def first_image_height(path: Path) -> int:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size[1]
+    except (OSError, ValueError) as e:
+        raise HaldError(f"cannot read image {path} ({e}): replace or remove the file") from None
+
+
+def load_distilled(root, ipc: int, size: int = 0):
+    """The first `ipc` images of each class as uint8 (N, 3, S, S), labels (N,) and class names."""
+    files, classes = list_image_folder(root)
+    for name, class_files in zip(classes, files):
+        if len(class_files) < ipc:
+            raise HaldError(f"class {name!r} in {root} has {len(class_files)} images, fewer than --ipc {ipc}: "
+                            f"lower --ipc or add images")
+    paths = [p for class_files in files for p in class_files[:ipc]]
+    size = size or first_image_height(paths[0])
+    labels = torch.arange(len(classes)).repeat_interleave(ipc)
+    return decode_images(paths, size), labels, classes
+
+
+def load_val(root, classes: list[str], size: int) -> dict:
+    """Validation files and labels; the decoded images too when they fit in memory."""
+    files, val_classes = list_image_folder(root)
+    if val_classes != classes:
+        missing, extra = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
+        raise HaldError(f"class folders of --val {root} differ from --data (missing {missing[:5]}, extra {extra[:5]}): "
+                        f"both need the same class names")
+    paths = [p for class_files in files for p in class_files]
+    if not paths:
+        raise HaldError(f"--val {root} holds no images")
+    labels = torch.cat([torch.full((len(f),), c) for c, f in enumerate(files)])
+    center_crop = size > 64  # ImageNet-style evaluation; small images are used as they are
+    val = {"paths": paths, "labels": labels, "size": size, "center_crop": center_crop, "images": None}
+    if len(paths) * 3 * size * size <= MAX_VAL_BYTES:
+        val["images"] = decode_images(paths, size, center_crop)
+    return val
+
+
+def val_batches(val: dict, batch_size: int):
+    for start in range(0, len(val["paths"]), batch_size):
+        end = min(start + batch_size, len(val["paths"]))
+        images = val["images"]
+        x = images[start:end] if images is not None else decode_images(val["paths"][start:end], val["size"], val["center_crop"])
+        yield x, val["labels"][start:end]
+
+
+def normalize(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) with ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images_u8.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images_u8.device).view(1, 3, 1, 1)
+    return (images_u8.float() / 255 - mean) / std
+
+
+def images_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    digest = hashlib.sha256(images.contiguous().cpu().numpy().tobytes())
+    digest.update(labels.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------- crop sampler
+def sample_crops(n: int, height: int, width: int, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop boxes with torchvision's distribution, plus horizontal flips (p = 0.5).
+
+    Returns boxes (n, 4) as fractions (top, left, height, width) of the image and flips (n,) bool.
+    torchvision tries up to 10 (area, aspect) draws and falls back to a centre crop; all draws
+    of all images are made at once here and the first valid one per image is kept.
+    """
+    area = height * width
+    target = area * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=gen)
+    log_r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.int().argmax(1, keepdim=True)  # first valid attempt (0 when none)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # the centre-crop fallback, for images where no attempt was valid
+    in_ratio = width / height
+    fw, fh = (width, round(width / ratio[0])) if in_ratio < ratio[0] else (
+        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height))
+    none = ~valid.any(1)
+    w, h = torch.where(none, float(fw), w), torch.where(none, float(fh), h)
+    u = torch.rand(n, 2, generator=gen)
+    top = torch.where(none, float((height - fh) // 2), torch.floor(u[:, 0] * (height - h + 1)))
+    left = torch.where(none, float((width - fw) // 2), torch.floor(u[:, 1] * (width - w + 1)))
+    boxes = torch.stack([top / height, left / width, h / height, w / width], 1)
+    flips = torch.rand(n, generator=gen) < 0.5
+    return boxes, flips
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image to its box, resize to (size, size) bilinearly and flip where asked, in one call.
+
+    images (B, C, H, W) float; boxes (B, 4) fractions (top, left, height, width); flips (B,).
+    Matches torchvision's resized_crop (bilinear, no antialias) per image: sample points are
+    clamped to the box, as interpolating the cropped image clamps them to its border.
+    """
+    B, _, H, W = images.shape
+    pixels = boxes.to(images) * torch.tensor([H, W, H, W], dtype=images.dtype, device=images.device)
+    top, left, h, w = pixels.unbind(1)  # each (B,)
+    t = (torch.arange(size, dtype=images.dtype, device=images.device) + 0.5) / size  # (S,)
+    ys = (top[:, None] + t * h[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])  # (B, S)
+    xs = (left[:, None] + t * w[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])  # (B, S)
+    xs = torch.where(flips.to(images.device)[:, None], xs.flip(1), xs)
+    gy, gx = (2 * ys + 1) / H - 1, (2 * xs + 1) / W - 1  # to grid_sample's [-1, 1], align_corners=False
+    grid = torch.stack([gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)], -1)  # (B, S, S, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- CutMix
+def sample_cutmix_boxes(n: int, height: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """n CutMix boxes (y0, y1, x0, x1) in pixels: lambda ~ Beta(1, 1), side sqrt(1 - lambda) of
+    the image side, uniform centre, clipped to the image (as the authors' and timm's rand_bbox)."""
+    lam = torch.rand(n, generator=gen)  # Beta(1, 1) is uniform
+    cut = torch.sqrt(1 - lam)
+    ch, cw = (height * cut).long(), (width * cut).long()
+    cy = torch.randint(0, height, (n,), generator=gen)
+    cx = torch.randint(0, width, (n,), generator=gen)
+    return torch.stack([(cy - ch // 2).clamp(0, height), (cy + ch // 2).clamp(0, height),
+                        (cx - cw // 2).clamp(0, width), (cx + cw // 2).clamp(0, width)], 1)
+
+
+def cutmix_lambda(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Fraction of the image kept from the original: 1 - box area / image area."""
+    y0, y1, x0, x1 = box.unbind(-1)
+    return 1 - ((y1 - y0) * (x1 - x0)).float() / (height * width)
+
+
+def paste_cutmix(images: torch.Tensor, partner: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Paste the box of images[partner] into each image. images (B, C, H, W); partner (B,); box (4,)."""
+    H, W = images.shape[-2:]
+    rows = torch.arange(H, device=images.device)
+    cols = torch.arange(W, device=images.device)
+    box = box.to(images.device)
+    mask = ((rows >= box[0]) & (rows < box[1]))[:, None] & ((cols >= box[2]) & (cols < box[3]))[None, :]  # (H, W)
+    return torch.where(mask, images[partner.to(images.device)], images)
+
+
+# ------------------------------------------------------------- soft-label cache (relabel)
+def stored_batches(num_images: int, batch_size: int, passes: int) -> list[tuple[int, int]]:
+    """(start, end) of every stored batch: each pass over the images is cut into fixed batches."""
+    return [(p * num_images + s, p * num_images + min(s + batch_size, num_images))
+            for p in range(passes) for s in range(0, num_images, batch_size)]
+
+
+def replay(images_u8: torch.Tensor, index, boxes, flips, partner, box, size: int) -> torch.Tensor:
+    """Rebuild a batch of crops exactly: gather, normalize, crop + flip, CutMix. -> (B, 3, S, S)."""
+    x = crop_resize(normalize(images_u8[index.to(images_u8.device)]), boxes, flips, size)
+    return paste_cutmix(x, partner, box) if box is not None else x
+
+
+def bn_train_mode(model: nn.Module, batch_statistics: bool) -> nn.Module:
+    """Eval mode, except BatchNorm layers use batch statistics when asked (the authors' train-mode
+    teacher; dropout stays off so that labels are deterministic)."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(batch_statistics)
+    return model
+
+
+class SoftLabelCache:
+    """The fixed budget of soft labels: for each of slc/ipc passes over the images, fixed
+    batches of crops (box, flip, CutMix partner and box) with the teacher's probabilities.
+
+    Tensors, all in stored order (L = passes * num_images labels):
+      index (L,) image index, boxes (L, 4) crop fractions, flips (L,), partner (L,) position of
+      the CutMix partner inside its batch, cut (num_batches, 4) CutMix box or -1s, labels (L, C)
+      softmax(teacher / T) in fp16 (the authors' format).
+    """
+
+    TENSORS = ("index", "boxes", "flips", "partner", "cut", "labels")
+
+    def __init__(self, header: dict, tensors: dict):
+        self.header, self.tensors = header, tensors
+        self.batches = stored_batches(header["num_images"], header["batch_size"], header["passes"])
+
+    def __len__(self):
+        return len(self.batches)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher, images_u8, header: dict, gen: torch.Generator, log=print):
+        """Relabel: draw every crop and CutMix, run the teacher on each batch, keep the labels."""
+        n, size, B, passes = len(images_u8), header["image_size"], header["batch_size"], header["passes"]
+        batches = stored_batches(n, B, passes)
+        index = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
+        boxes, flips = sample_crops(len(index), size, size, gen, scale=(header["crop_scale"], 1.0))
+        partner = torch.cat([torch.randperm(e - s, generator=gen) for s, e in batches])
+        cut = sample_cutmix_boxes(len(batches), size, size, gen) if header["cutmix"] else torch.full((len(batches), 4), -1)
+        device = next(teacher.parameters()).device
+        bn_train_mode(teacher, header["teacher_mode"] == "train")
+        labels, t0 = [], time.time()
+        for k, (s, e) in enumerate(batches):
+            x = replay(images_u8, index[s:e], boxes[s:e], flips[s:e], partner[s:e], cut[k] if header["cutmix"] else None, size)
+            with autocast(device):
+                logits = teacher(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+            labels.append(F.softmax(logits.float() / header["temperature"], 1).half())
+            if time.time() - t0 > 10 and (k + 1) % max(1, len(batches) // 10) == 0:
+                log(f"relabel {k + 1}/{len(batches)} batches ({time.time() - t0:.1f}s)")
+        teacher.eval()
+        tensors = dict(index=index.int(), boxes=boxes, flips=flips, partner=partner.short(), cut=cut.short(),
+                       labels=torch.cat(labels).cpu())
+        return cls(header, tensors)
+
+    def batch(self, k: int, images_u8: torch.Tensor):
+        """Stored batch k replayed: crops (B, 3, S, S), teacher probabilities (B, C), image indices,
+        CutMix partner positions and box (None, None without CutMix)."""
+        (s, e), t = self.batches[k], self.tensors
+        index, partner = t["index"][s:e].long(), t["partner"][s:e].long()
+        box = t["cut"][k].long() if self.header["cutmix"] else None
+        x = replay(images_u8, index, t["boxes"][s:e], t["flips"][s:e], partner, box, self.header["image_size"])
+        return x, t["labels"][s:e].float(), index, partner if box is not None else None, box
+
+    def save(self, path) -> int:
+        digest = hashlib.sha256(self.tensors["labels"].numpy().tobytes()).hexdigest()
+        save_atomic({"header": {**self.header, "labels_sha256": digest}, **self.tensors}, path)
+        return Path(path).stat().st_size
+
+    @classmethod
+    def load(cls, path, header: dict) -> SoftLabelCache:
+        """Load a cache made with exactly these settings; refuse anything else."""
+        blob = load_trusted(path, "soft-label cache")
+        stored = blob.get("header", {}) if isinstance(blob, dict) else {}
+        if stored.get("format") != CACHE_FORMAT or any(k not in blob for k in cls.TENSORS):
+            raise HaldError(f"{path} is not a hald soft-label cache: delete it or pass another --cache")
+        if stored.get("fingerprint") != header["fingerprint"]:
+            changed = [k for k in header if k != "fingerprint" and stored.get(k) != header[k]]
+            raise HaldError(f"cache {path} was made for other settings ({', '.join(changed) or 'images'} differ): "
+                            f"pass --rebuild-cache to replace it, or another --cache path")
+        tensors = {k: blob[k] for k in cls.TENSORS}
+        labels_ok = hashlib.sha256(tensors["labels"].numpy().tobytes()).hexdigest() == stored.get("labels_sha256")
+        if not labels_ok or len(tensors["index"]) != header["passes"] * header["num_images"]:
+            raise HaldError(f"cache {path} is corrupted (checksum or size mismatch): pass --rebuild-cache")
+        return cls(stored, tensors)
+
+
+def save_atomic(obj, path) -> None:
+    """Write to a temporary file next to `path`, then rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_trusted(path, what: str):
+    """torch.load restricted to tensors and plain containers: a file never runs code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, ...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise HaldError(f"cannot load {what} {path} safely ({first}): it is corrupted or not written by hald.py") from None
+
+
+# ----------------------------------------------------------------------------- losses
+def soft_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || softmax(student / T)), batch mean, without the T^2 factor (as the authors)."""
+    return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1), teacher_probs, reduction="batchmean")
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """timm's label smoothing: on-value 1 - smoothing + smoothing / C, off-value smoothing / C."""
+    off = smoothing / num_classes
+    return torch.full((len(labels), num_classes), off, device=labels.device).scatter_(1, labels[:, None], 1 - smoothing + off)
+
+
+def hard_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (label-smoothed, CutMix-mixed one-hots) at temperature 1."""
+    return -(targets * F.log_softmax(logits.float(), 1)).sum(1).mean()
+
+
+def hybrid_loss(soft_logits, teacher_probs, temperature: float, hard_logits, hard_targets, lam: float, t2: bool = False):
+    """Static mix at every step: (T^2 if t2 else 1) * L_soft + lam * L_hard."""
+    scale = temperature**2 if t2 else 1.0
+    return scale * soft_loss(soft_logits, teacher_probs, temperature) + lam * hard_loss(hard_logits, hard_targets)
+
+
+def mixed_targets(labels, num_classes: int, smoothing: float, partner, lam) -> torch.Tensor:
+    """Smoothed one-hots mixed as CutMix mixed the images: lam * own + (1 - lam) * partner's."""
+    t = smooth_one_hot(labels, num_classes, smoothing)
+    return t if partner is None else lam * t + (1 - lam) * t[partner.to(t.device)]
+
+
+# --------------------------------------------------------------------------- schedule
+PRESETS = ("shs", "soft", "hard", "hs", "sh", "hsh", "hybrid", "alt-hard-n", "alt-hard-2n", "alt-soft-n", "alt-soft-2n")
+
+
+def build_schedule(spec: str, epochs: int, soft_epochs: int, crops_per_image: int) -> list[tuple[str, int]]:
+    """The training schedule as data: a list of (phase, epochs), phase in soft, hard, hybrid.
+
+    Presets follow the authors' S1-S8: shs = HALD (S6), hs = S1, sh = S8, hsh = S7, the
+    alternating blocks of n = slc/ipc or 2n epochs (S2-S5); soft, hard and hybrid fill every
+    epoch. An explicit spec such as soft:75,hard:150,soft:75 must add up to `epochs`.
+    """
+    S = epochs // 2 if soft_epochs == -1 else soft_epochs
+    if not 0 <= S <= epochs:
+        raise HaldError(f"--soft-epochs {soft_epochs} must be between 0 and --epochs {epochs} (or -1 for half)")
+    H = epochs - S
+    if spec.startswith("alt-"):
+        m = re.fullmatch(r"alt-(hard|soft)-(n|2n)", spec)
+        if not m:
+            raise HaldError(f"unknown schedule {spec!r}: use alt-hard-n, alt-hard-2n, alt-soft-n or alt-soft-2n")
+        if crops_per_image < 1:
+            raise HaldError(f"schedule {spec} alternates blocks of slc/ipc epochs: --slc must be at least --ipc")
+        block = crops_per_image * (2 if m[2] == "2n" else 1)
+        phases = ("hard", "soft") if m[1] == "hard" else ("soft", "hard")
+        plan = [(phases[i % 2], min(block, epochs - start)) for i, start in enumerate(range(0, epochs, block))]
+    elif spec in PRESETS:
+        plan = {"shs": [("soft", S // 2), ("hard", H), ("soft", S - S // 2)], "soft": [("soft", epochs)],
+                "hard": [("hard", epochs)], "hybrid": [("hybrid", epochs)], "hs": [("hard", H), ("soft", S)],
+                "sh": [("soft", S), ("hard", H)], "hsh": [("hard", H // 2), ("soft", S), ("hard", H - H // 2)]}[spec]
+    else:
+        plan = []
+        for part in spec.split(","):
+            m = re.fullmatch(r"\s*(soft|hard|hybrid):(\d+)\s*", part)
+            if not m:
+                raise HaldError(f"bad schedule part {part!r} in {spec!r}: use a preset ({', '.join(PRESETS)}) "
+                                f"or phase:epochs pairs such as soft:75,hard:150,soft:75")
+            plan.append((m[1], int(m[2])))
+        if sum(n for _, n in plan) != epochs:
+            raise HaldError(f"schedule {spec!r} covers {sum(n for _, n in plan)} epochs but --epochs is {epochs}: "
+                            f"make them equal")
+    return [(phase, n) for phase, n in plan if n > 0]
+
+
+def lr_at(epoch: int, lr: float, epochs: int, eta: float) -> float:
+    """The authors' per-epoch cosine: eta = 2 ends near half the initial LR."""
+    return lr * 0.5 * (1 + math.cos(math.pi * epoch / (epochs * eta)))
+
+
+# ----------------------------------------------------------------------------- models
+def convnet(num_classes: int, image_size: int, width: int = 128, depth: int = 3, norm: str = "instance") -> nn.Sequential:
+    """ConvNet-3 of dataset distillation papers: [conv 3x3, norm, ReLU, avg-pool 2] x depth, linear."""
+    layers, channels = [], 3
+    for _ in range(depth):
+        norm_layer = nn.GroupNorm(width, width) if norm == "instance" else nn.BatchNorm2d(width)
+        layers += [nn.Conv2d(channels, width, 3, padding=1), norm_layer, nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+        channels, image_size = width, image_size // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * image_size * image_size, num_classes))
+
+
+def build_model(name: str, num_classes: int, image_size: int, weights=None) -> nn.Module:
+    """convnet / convnet_bn (optionally with a width: convnet_bn64), or a torchvision model.
+    ResNets on inputs <= 64 px get the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
+    m = re.fullmatch(r"convnet(_bn)?(\d*)", name)
+    if m:
+        return convnet(num_classes, image_size, width=int(m[2] or 128), norm="batch" if m[1] else "instance")
+    import torchvision
+
+    try:
+        if weights:
+            model = torchvision.models.get_model(name, weights=weights)
+        else:
+            model = torchvision.models.get_model(name, num_classes=num_classes)
+    except (ValueError, KeyError):
+        raise HaldError(f"unknown model {name!r}: use convnet, convnet_bn or a torchvision model name such as resnet18") from None
+    except Exception as e:  # pretrained weights that cannot be downloaded
+        raise HaldError(f"cannot load {name} with weights {weights} ({e}): put the weights in TORCH_HOME or pass a checkpoint") from None
+    if name.startswith(("resnet", "resnext", "wide_resnet")) and image_size <= 64 and not weights:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def save_checkpoint(model: nn.Module, arch: str, classes: list[str], image_size: int, path) -> None:
+    """A student that --teacher accepts: architecture, class names, input size and weights."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({"format": MODEL_FORMAT, "arch": arch, "classes": classes, "image_size": image_size, "state_dict": state}, path)
+
+
+def load_teacher(spec: str, classes: list[str], image_size: int) -> tuple[nn.Module, str]:
+    """A hald.py checkpoint (file) or a torchvision ImageNet model (name). Returns model and identity."""
+    if Path(spec).is_file():
+        blob = load_trusted(spec, "teacher checkpoint")
+        if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+            raise HaldError(f"{spec} is not a checkpoint written by hald.py --save-model")
+        if blob["classes"] != classes:
+            raise HaldError(f"teacher {spec} was trained on other classes or another class order "
+                            f"({blob['classes'][:3]}... vs {classes[:3]}...): use a teacher trained on these class folders")
+        if blob["image_size"] != image_size:
+            raise HaldError(f"teacher {spec} expects {blob['image_size']} px images, the data gives {image_size} px: "
+                            f"pass --image-size {blob['image_size']}")
+        teacher = build_model(blob["arch"], len(classes), image_size)
+        teacher.load_state_dict(blob["state_dict"])
+        return teacher, "sha256:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+    if spec.endswith((".pt", ".pth")):
+        raise HaldError(f"teacher checkpoint {spec} does not exist: check the path")
+    teacher = build_model(spec, len(classes), image_size, weights="DEFAULT").eval()
+    with torch.no_grad():
+        n_out = teacher(torch.zeros(1, 3, image_size, image_size)).shape[1]
+    if n_out != len(classes):
+        raise HaldError(f"teacher {spec} predicts {n_out} classes but the data has {len(classes)}: "
+                        f"use a teacher trained on these classes (hald.py --schedule hard --save-model)")
+    return teacher, f"torchvision:{spec}:DEFAULT"
+
+
+# ------------------------------------------------------------------------ diagnostics
+def crop_prob_spread(probs: torch.Tensor) -> torch.Tensor:
+    """Trace of the covariance of k probability vectors per image. probs (N, k, C) -> (N,)."""
+    centred = probs - probs.mean(1, keepdim=True)
+    return centred.pow(2).sum((1, 2)) / max(probs.shape[1] - 1, 1)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (natural log, at most ln 2) between rows of p and q. -> (N,)."""
+    m = (p + q) / 2
+    kl = lambda a: torch.xlogy(a, a).sum(1) - torch.xlogy(a, m).sum(1)  # noqa: E731
+    return (kl(p) + kl(q)) / 2
+
+
+@torch.no_grad()
+def crop_probs(model, images_u8, k: int, size: int, scale: float, gen, batch_size: int = 256) -> torch.Tensor:
+    """Eval-mode probabilities (T = 1) of k random crops per image -> (N, k, C)."""
+    model.eval()
+    n = len(images_u8)
+    boxes, flips = sample_crops(n * k, size, size, gen, scale=(scale, 1.0))
+    index = torch.arange(n).repeat_interleave(k)
+    out = [F.softmax(model(replay(images_u8, index[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size],
+                                  None, None, size)).float(), 1).cpu() for s in range(0, n * k, batch_size)]
+    return torch.cat(out).view(n, k, -1)
+
+
+def drift_report(teacher, student, images_u8, labels, k: int, size: int, scale: float, gen, max_images: int = 1000) -> dict:
+    """Local semantic drift of the teacher over the relabel crop distribution, and the student's
+    agreement between two crops of one image (the paper's Jensen-Shannon analysis)."""
+    pick = torch.randperm(len(images_u8), generator=gen)[:max_images].sort().values
+    images_u8, labels = images_u8[pick.to(images_u8.device)], labels[pick]
+    report = {"drift_images": len(pick)}
+    if teacher is not None:
+        probs = crop_probs(teacher, images_u8, k, size, scale, gen)
+        spread = crop_prob_spread(probs)
+        report.update(teacher_crop_trace_mean=spread.mean().item(), teacher_crop_trace_median=spread.median().item(),
+                      teacher_crop_mismatch=(probs.argmax(2) != labels[:, None].cpu()).float().mean().item())
+    pair = crop_probs(student, images_u8, 2, size, scale, gen)
+    report["student_crop_js_mean"] = js_divergence(pair[:, 0], pair[:, 1]).mean().item()
+    return report
+
+
+# -------------------------------------------------------------------------- train/eval
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op on the CPU (fp32 keeps CPU runs exact and reproducible)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW with decay on weights (ndim > 1) only, as the authors; fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: dict, device: torch.device, batch_size: int = 500) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) on the validation set, in batches."""
+    model.eval()
+    correct1 = correct5 = torch.zeros((), device=device)
+    for x, y in val_batches(val, batch_size):
+        x, y = normalize(x.to(device, non_blocking=True)), y.to(device)
+        with autocast(device):
+            logits = model(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+        top = logits.topk(min(5, logits.shape[1]), 1).indices
+        correct1 = correct1 + (top[:, 0] == y).sum()
+        correct5 = correct5 + (top == y[:, None]).any(1).sum()
+    model.train()
+    n = len(val["labels"])
+    return 100 * correct1.item() / n, 100 * correct5.item() / n
+
+
+def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.Generator) -> list[int]:
+    """`count` stored batches without replacement from a shuffled pool, refilled when empty:
+    every stored batch is seen once per pass over the pool (the authors' soft-phase sampler)."""
+    drawn = []
+    while len(drawn) < count:
+        if not pool:
+            pool.extend(torch.randperm(num_stored, generator=gen).tolist())
+        drawn.append(pool.pop())
+    return drawn
+
+
+def fresh_crops(images_u8, index, boxes, flips, cut, size: int):
+    """Hard-phase batch: new crops + flips of the images, CutMix with the batch in reverse
+    order (timm's partner). Returns crops (B, 3, S, S) and the partner (None without CutMix)."""
+    x = crop_resize(normalize(images_u8[index.to(images_u8.device)]), boxes, flips, size)
+    if cut is None:
+        return x, None
+    reverse = torch.arange(len(index) - 1, -1, -1, device=x.device)
+    return paste_cutmix(x, reverse, cut), reverse
+
+
+def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg: Config, size: int, num_classes: int):
+    """One epoch of the soft, hard or hybrid phase; returns the mean loss as a 0-dim tensor.
+
+    soft: replay whole stored batches with their teacher labels; hard: fresh crops + CutMix of
+    a shuffled pass, label-smoothed targets; hybrid: the stored batch with its soft labels plus
+    hard targets on fresh crops of the same images (or on the stored crops themselves)."""
+    n, B, device = len(images_u8), cfg.batch_size, images_u8.device
+    steps = math.ceil(n / B)  # one pass over the images, whatever the phase
+    if phase == "hard":
+        order = torch.randperm(n, generator=gens["hard"])
+    else:
+        chosen = draw_soft_batches(pool, steps, len(cache), gens["pool"])
+    if phase == "hard" or cfg.hybrid_crops == "fresh":  # the epoch's fresh crops and boxes, drawn at once
+        boxes, flips = sample_crops(steps * B, size, size, gens["hard"], scale=(cfg.crop_scale, 1.0))
+        boxes, flips = boxes.to(device), flips.to(device)
+        cuts = sample_cutmix_boxes(steps, size, size, gens["hard"]).to(device) if cfg.cutmix else [None] * steps
+    total = torch.zeros((), device=device)
+    for k in range(steps):
+        x_soft = x_hard = None
+        if phase == "hard":
+            index = order[k * B:(k + 1) * B].to(device)
+        else:
+            x_soft, probs, index, partner, cut = cache.batch(chosen[k], images_u8)
+        if phase == "hard" or (phase == "hybrid" and cfg.hybrid_crops == "fresh"):
+            cut = cuts[k]
+            x_hard, partner = fresh_crops(images_u8, index, boxes[k * B:k * B + len(index)], flips[k * B:k * B + len(index)], cut, size)
+        if phase != "soft":  # hybrid on stored crops keeps the stored partner and box
+            lam = cutmix_lambda(cut, size, size) if cut is not None else 1.0
+            targets = mixed_targets(labels[index], num_classes, cfg.label_smoothing, partner, lam)
+        x = torch.cat([t for t in (x_soft, x_hard) if t is not None])  # one forward for both terms of the hybrid
+        with autocast(device):
+            logits = model(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+        if phase == "soft":
+            loss = soft_loss(logits, probs, cfg.temperature)
+        elif phase == "hard":
+            loss = hard_loss(logits, targets)
+        else:
+            soft_logits, hard_logits = logits.split(len(x_soft)) if x_hard is not None else (logits, logits)
+            loss = hybrid_loss(soft_logits, probs, cfg.temperature, hard_logits, targets, cfg.hybrid_lambda, cfg.hybrid_t2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach()
+    return total / steps
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def make_generators(seed: int) -> dict[str, torch.Generator]:
+    """Independent CPU streams, so the cache, the soft order and the fresh crops do not shift
+    each other (reusing a cache gives the same run as rebuilding it) and match across devices."""
+    return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(("relabel", "pool", "hard", "drift"))}
+
+
+def train(cfg: Config, log=print) -> dict:
+    """Relabel (or reuse the cache), train through the schedule, evaluate; returns the summary."""
+    check_config(cfg)
+    start, device, gens = time.time(), pick_device(cfg.device), make_generators(cfg.seed)
+    out = Path(cfg.out)
+    images_u8, labels, classes = load_distilled(cfg.data, cfg.ipc, cfg.image_size)
+    n, C, size = len(images_u8), len(classes), images_u8.shape[-1]
+    if cfg.batch_size > n:
+        raise HaldError(f"--batch-size {cfg.batch_size} is larger than the {n} distilled images: lower it")
+    crops_per_image = cfg.slc // cfg.ipc
+    schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, crops_per_image)
+    val = load_val(cfg.val, classes, size)
+    log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes | "
+        f"{len(val['labels'])} validation images | schedule {schedule}")
+    images_u8, labels = images_u8.to(device), labels.to(device)
+
+    teacher, cache, cache_bytes = None, None, 0
+    if any(phase != "hard" for phase, _ in schedule):  # only soft labels need the teacher
+        if cfg.slc < 1 or cfg.slc % cfg.ipc:
+            raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: each image gets slc/ipc crops; "
+                            f"use e.g. --slc {max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc}")
+        teacher, teacher_id = load_teacher(cfg.teacher, classes, size)
+        teacher = teacher.to(device).eval()
+        header = dict(format=CACHE_FORMAT, classes=classes, num_images=n, ipc=cfg.ipc, slc=cfg.slc, passes=crops_per_image,
+                      image_size=size, batch_size=cfg.batch_size, temperature=cfg.temperature, teacher=teacher_id,
+                      teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3], cutmix=cfg.cutmix,
+                      seed=cfg.seed, images_sha256=images_fingerprint(images_u8, labels), values="probs-fp16")
+        header["fingerprint"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+        cache_path = Path(cfg.cache or out / "soft_labels.pt")
+        if cache_path.exists() and not cfg.rebuild_cache:
+            cache = SoftLabelCache.load(cache_path, header)
+            log(f"reusing soft-label cache {cache_path}")
+        else:
+            cache = SoftLabelCache.build(teacher, images_u8, header, gens["relabel"], log)
+            cache.save(cache_path)
+        cache_bytes = cache_path.stat().st_size
+        num_labels = len(cache.tensors["labels"])
+        log(f"soft labels: {num_labels} ({cfg.slc} per class) in {cache_bytes:,} bytes = {cache_bytes / num_labels:.0f} bytes/label")
+        cache.tensors = {k: v.to(device) for k, v in cache.tensors.items()}
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, C, size).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("")
+    phases = [phase for phase, count in schedule for _ in range(count)]
+    pool, best, history, top1, top5 = [], (-1.0, 0), [], None, None
+    model.train()
+    for epoch, phase in enumerate(phases):
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
+        loss = run_epoch(phase, model, opt, images_u8, labels, cache, pool, gens, cfg, size, C).item()
+        if not math.isfinite(loss):
+            raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr")
+        last = epoch + 1 == len(phases)
+        row = {"epoch": epoch + 1, "phase": phase, "loss": loss, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            top1, top5 = evaluate(model, val, device)
+            row.update(top1=top1, top5=top5)
+            best = max(best, (top1, epoch + 1))
+        history.append(row)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        acc = f" | top1 {top1:.2f} top5 {top5:.2f}" if "top1" in row else ""
+        log(f"epoch {epoch + 1:>4}/{len(phases)} {phase:<6} loss {loss:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s{acc}")
+
+    drift = {}
+    if cfg.drift_crops:
+        drift = drift_report(teacher, model, images_u8, labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"])
+        log("drift: " + ", ".join(f"{k} {v:.4g}" for k, v in drift.items()))
+    if cfg.save_model:
+        save_checkpoint(model, cfg.model, classes, size, cfg.save_model)
+    summary = {"final_top1": top1, "final_top5": top5, "best_top1": best[0], "best_epoch": best[1],
+               "schedule": [list(p) for p in schedule], "soft_labels_per_class": cfg.slc if cache else 0,
+               "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
+               "drift": drift, "seconds": time.time() - start, "config": dataclasses.asdict(cfg),
+               "versions": {"python": platform.python_version(), "torch": torch.__version__},
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
+    save_atomic(json.dumps(summary, indent=2), out / "summary.json")
+    plot_curves(history, out / "curves.png", log)
+    log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | "
+        f"soft labels {cache_bytes:,} bytes | {summary['seconds']:.0f}s | outputs in {out}/")
+    return summary
+
+
+def plot_curves(history: list[dict], path: Path, log=print) -> None:
+    """Validation accuracy and training loss per epoch, phases shaded (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: pip install matplotlib to get the training-curve picture")
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for row in history:
+        if row["phase"] != "soft":
+            ax.axvspan(row["epoch"] - 1, row["epoch"], color="tab:orange" if row["phase"] == "hard" else "tab:purple", alpha=0.15, lw=0)
+    ax.plot([r["epoch"] for r in history], [r["loss"] for r in history], color="tab:blue")
+    ax.set(xlabel="epoch (orange: hard phase, white: soft)", ylabel="training loss")
+    evals = [r for r in history if "top1" in r]
+    ax2 = ax.twinx()
+    ax2.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green")
+    ax2.set_ylabel("validation top-1 (%)", color="tab:green")
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
+    try:
+        train(cfg)
+    except HaldError as e:
+        if cfg.debug:
+            raise
+        print(f"hald: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
