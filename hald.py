@@ -368,6 +368,7 @@ class SoftLabelCache:
         partner = torch.cat([torch.randperm(e - s, generator=gen) for s, e in batches])
         cut = sample_cutmix_boxes(len(batches), size, size, gen) if header["cutmix"] else torch.full((len(batches), 4), -1)
         device = next(teacher.parameters()).device
+        buffers = {name: b.clone() for name, b in teacher.named_buffers()}  # train-mode BN updates running stats
         bn_train_mode(teacher, header["teacher_mode"] == "train")
         labels, t0 = [], time.time()
         for k, (s, e) in enumerate(batches):
@@ -377,6 +378,8 @@ class SoftLabelCache:
             labels.append(F.softmax(logits.float() / header["temperature"], 1).half())
             if time.time() - t0 > 10 and (k + 1) % max(1, len(batches) // 10) == 0:
                 log(f"relabel {k + 1}/{len(batches)} batches ({time.time() - t0:.1f}s)")
+        for name, b in teacher.named_buffers():
+            b.copy_(buffers[name])
         teacher.eval()
         tensors = dict(index=index.int(), boxes=boxes, flips=flips, partner=partner.short(), cut=cut.short(),
                        labels=torch.cat(labels).cpu())

@@ -1,0 +1,406 @@
+"""Tests of hald.py: properties of the pure pieces, batched vs per-image equivalence, and
+end-to-end runs of the CLI on tiny generated data on the CPU. Run: make test."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import hald
+
+settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------- schedule
+@given(epochs=st.integers(1, 400), soft_frac=st.floats(0, 1), n=st.integers(1, 12),
+       spec=st.sampled_from(hald.PRESETS))
+def test_every_preset_covers_the_epochs(epochs, soft_frac, n, spec):
+    soft = round(epochs * soft_frac)
+    plan = hald.build_schedule(spec, epochs, soft, n)
+    assert sum(count for _, count in plan) == epochs
+    assert all(count > 0 and phase in ("soft", "hard", "hybrid") for phase, count in plan)
+
+
+@given(epochs=st.integers(1, 400), soft_frac=st.floats(0, 1))
+def test_shs_is_the_authors_split(epochs, soft_frac):
+    soft = round(epochs * soft_frac)
+    plan = hald.build_schedule("shs", epochs, soft, 1)
+    expected = [("soft", soft // 2), ("hard", epochs - soft), ("soft", soft - soft // 2)]
+    assert plan == [(p, c) for p, c in expected if c > 0]
+    assert hald.build_schedule("shs", 300, -1, 10) == [("soft", 75), ("hard", 150), ("soft", 75)]
+
+
+@given(epochs=st.integers(1, 200), n=st.integers(1, 10), start=st.sampled_from(["hard", "soft"]),
+       double=st.booleans())
+def test_alternating_blocks(epochs, n, start, double):
+    plan = hald.build_schedule(f"alt-{start}-{'2n' if double else 'n'}", epochs, -1, n)
+    block = n * (2 if double else 1)
+    assert all(count == block for _, count in plan[:-1]) and 0 < plan[-1][1] <= block
+    other = "soft" if start == "hard" else "hard"
+    assert [phase for phase, _ in plan] == [start if i % 2 == 0 else other for i in range(len(plan))]
+
+
+def test_explicit_schedule_and_bad_specs():
+    assert hald.build_schedule("soft:75,hard:150,soft:75", 300, -1, 1) == [("soft", 75), ("hard", 150), ("soft", 75)]
+    for bad in ["soft:75,hard:100", "soft:10,warm:290", "shs2", "", "soft:-3", "alt-hard-3n", "hard:300,"]:
+        with pytest.raises(hald.HaldError):
+            hald.build_schedule(bad, 300, -1, 1)
+    with pytest.raises(hald.HaldError, match="soft-epochs"):
+        hald.build_schedule("shs", 10, 11, 1)
+
+
+def test_lr_schedule_ends_near_half_with_eta_2():
+    assert hald.lr_at(0, 1e-3, 300, 2) == pytest.approx(1e-3)
+    assert hald.lr_at(300, 1e-3, 300, 2) == pytest.approx(0.5e-3)
+    assert hald.lr_at(300, 1e-3, 300, 1) == pytest.approx(0, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------- crops
+@given(n=st.integers(1, 64), h=st.integers(4, 64), w=st.integers(4, 64), seed=st.integers(0, 2**31),
+       smin=st.sampled_from([0.08, 0.35, 1.0]))
+def test_crop_boxes_stay_inside_and_in_range(n, h, w, seed, smin):
+    boxes, flips = hald.sample_crops(n, h, w, torch.Generator().manual_seed(seed), scale=(smin, 1.0))
+    top, left, bh, bw = (boxes * torch.tensor([h, w, h, w])).round().unbind(1)  # back to pixels
+    assert torch.allclose(boxes * torch.tensor([h, w, h, w]), torch.stack([top, left, bh, bw], 1), atol=1e-3)
+    assert (top >= 0).all() and (left >= 0).all() and (bh >= 1).all() and (bw >= 1).all()
+    assert (top + bh <= h).all() and (left + bw <= w).all()
+    # torchvision rounds w and h to integers: the real-valued draw lies within half a pixel
+    fallback = (bh == h) | (bw == w)
+    ok_ratio = ((bw + 0.5) / (bh - 0.5).clamp_min(1e-9) >= 3 / 4 - 1e-6) & ((bw - 0.5) / (bh + 0.5) <= 4 / 3 + 1e-6)
+    ok_area = (bw + 0.5) * (bh + 0.5) >= smin * h * w - 1e-6
+    assert (fallback | (ok_ratio & ok_area)).all()
+    assert flips.dtype == torch.bool and flips.shape == (n,)
+
+
+def test_same_seed_same_crops():
+    a = hald.sample_crops(100, 32, 32, torch.Generator().manual_seed(5))
+    b = hald.sample_crops(100, 32, 32, torch.Generator().manual_seed(5))
+    c = hald.sample_crops(100, 32, 32, torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_crop_distribution_matches_torchvision():
+    """Fast sampler vs torchvision's own get_params: same mean area, aspect and fallback use."""
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    size, n = 32, 4000
+    ours, _ = hald.sample_crops(n, size, size, torch.Generator().manual_seed(0))
+    ref = torch.tensor([RandomResizedCrop.get_params(torch.empty(3, size, size), [0.08, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(n)], dtype=torch.float) / size
+    for stat in (lambda b: b[:, 2] * b[:, 3], lambda b: b[:, 3] / b[:, 2], lambda b: b[:, 0] + b[:, 2] / 2):
+        a, r = stat(ours), stat(ref)
+        assert abs(a.mean() - r.mean()) < 4 * math.hypot(a.std(), r.std()) / math.sqrt(n)
+
+
+@given(b=st.integers(1, 6), h=st.integers(4, 40), w=st.integers(4, 40), size=st.integers(4, 40), seed=st.integers(0, 10**6))
+def test_batched_crop_equals_per_image_resized_crop(b, h, w, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(b, 3, h, w, generator=g)
+    boxes, flips = hald.sample_crops(b, h, w, g)
+    fast = hald.crop_resize(images, boxes, flips, size)
+    for i in range(b):
+        top, left, bh, bw = (boxes[i] * torch.tensor([h, w, h, w])).round().int().tolist()
+        ref = TF.resized_crop(images[i], top, left, bh, bw, [size, size], antialias=False)
+        ref = TF.hflip(ref) if flips[i] else ref
+        torch.testing.assert_close(fast[i], ref, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------ CutMix
+@given(h=st.integers(2, 64), w=st.integers(2, 64), seed=st.integers(0, 10**6))
+def test_cutmix_paste_is_exact_and_lambda_is_the_kept_area(h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    box = hald.sample_cutmix_boxes(1, h, w, g)[0]
+    y0, y1, x0, x1 = box.tolist()
+    assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
+    images = torch.stack([torch.zeros(3, h, w), torch.ones(3, h, w) * 2, torch.ones(3, h, w) * 5])
+    partner = torch.tensor([1, 2, 0])
+    mixed = hald.paste_cutmix(images, partner, box)
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside[y0:y1, x0:x1] = True
+    for i in range(3):
+        assert torch.equal(mixed[i][:, inside], images[partner[i]][:, inside])
+        assert torch.equal(mixed[i][:, ~inside], images[i][:, ~inside])
+    lam = hald.cutmix_lambda(box, h, w)
+    assert lam.item() == pytest.approx(1 - inside.float().mean().item())
+
+
+@given(b=st.integers(2, 16), c=st.integers(2, 50), smoothing=st.floats(0, 0.95), lam=st.floats(0, 1), seed=st.integers(0, 99))
+def test_mixed_targets_sum_to_one(b, c, smoothing, lam, seed):
+    labels = torch.randint(0, c, (b,), generator=torch.Generator().manual_seed(seed))
+    t = hald.mixed_targets(labels, c, smoothing, torch.arange(b - 1, -1, -1), lam)
+    torch.testing.assert_close(t.sum(1), torch.ones(b))
+    assert (t >= 0).all()
+
+
+# ------------------------------------------------------------------------------ losses
+@given(b=st.integers(1, 8), c=st.integers(2, 20), t=st.floats(0.5, 30), seed=st.integers(0, 10**6))
+def test_soft_loss_is_nonnegative_and_zero_at_the_teacher(b, c, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    teacher, student = torch.randn(b, c, generator=g) * 3, torch.randn(b, c, generator=g) * 3
+    probs = F.softmax(teacher / t, 1)
+    assert hald.soft_loss(student, probs, t) >= -1e-6
+    assert hald.soft_loss(teacher, probs, t).abs() < 1e-5
+
+
+def test_hard_loss_without_smoothing_is_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(7, 5, generator=g), torch.randint(0, 5, (7,), generator=g)
+    targets = hald.mixed_targets(labels, 5, 0.0, None, 1.0)
+    torch.testing.assert_close(hald.hard_loss(logits, targets), F.cross_entropy(logits, labels))
+
+
+def test_smoothed_targets_have_the_authors_values():
+    t = hald.smooth_one_hot(torch.tensor([2]), 1000, 0.8)
+    assert t[0, 2].item() == pytest.approx(1 - 0.8 + 0.8 / 1000) and t[0, 0].item() == pytest.approx(0.8 / 1000)
+
+
+def test_hybrid_loss_terms():
+    g = torch.Generator().manual_seed(0)
+    s, h, probs = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), F.softmax(torch.randn(4, 6, generator=g), 1)
+    targets = hald.smooth_one_hot(torch.tensor([0, 1, 2, 3]), 6, 0.1)
+    torch.testing.assert_close(hald.hybrid_loss(s, probs, 4.0, h, targets, 0.0), hald.soft_loss(s, probs, 4.0))
+    both = hald.hybrid_loss(s, probs, 4.0, h, targets, 0.5, t2=True)
+    torch.testing.assert_close(both, 16 * hald.soft_loss(s, probs, 4.0) + 0.5 * hald.hard_loss(h, targets))
+
+
+# --------------------------------------------------------------------- soft-label cache
+def tiny_cache(passes=3, n=10, batch=4, cutmix=True, mode="train"):
+    torch.manual_seed(0)
+    teacher = hald.build_model("convnet_bn8", 5, 16)
+    images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8)
+    header = dict(format=hald.CACHE_FORMAT, num_images=n, passes=passes, image_size=16, batch_size=batch,
+                  temperature=4.0, teacher_mode=mode, crop_scale=0.08, cutmix=cutmix, fingerprint="f" * 64)
+    return hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(1), log=lambda *_: None), teacher, images
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cache_holds_exactly_slc_labels_and_replays_to_the_same_labels(mode):
+    cache, teacher, images = tiny_cache(mode=mode)
+    t = cache.tensors
+    assert len(t["labels"]) == 3 * 10 and torch.equal(torch.bincount(t["index"].long(), minlength=10), torch.full((10,), 3))
+    torch.testing.assert_close(t["labels"].float().sum(1), torch.ones(30), atol=3e-3, rtol=0)
+    assert [e - s for s, e in cache.batches] == [4, 4, 2] * 3
+    hald.bn_train_mode(teacher, mode == "train")
+    with torch.no_grad():
+        for k in range(len(cache)):
+            x, probs, _, _, _ = cache.batch(k, images)
+            torch.testing.assert_close(F.softmax(teacher(x) / 4.0, 1), probs, atol=2e-3, rtol=0)
+
+
+def test_relabel_leaves_the_teacher_unchanged():
+    """Train-mode BatchNorm updates running statistics; relabel must restore them, since the
+    drift diagnostics use the teacher in eval mode afterwards."""
+    torch.manual_seed(0)
+    teacher = hald.build_model("convnet_bn8", 5, 16)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    header = dict(num_images=8, passes=2, image_size=16, batch_size=4, temperature=4.0, teacher_mode="train",
+                  crop_scale=0.08, cutmix=True)
+    hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(0), log=lambda *_: None)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert not teacher.training
+
+
+def test_cache_round_trip_and_refusals(tmp_path):
+    cache, _, _ = tiny_cache()
+    path = tmp_path / "cache.pt"
+    size = cache.save(path)
+    assert size == path.stat().st_size and not list(tmp_path.glob(".*tmp"))
+    loaded = hald.SoftLabelCache.load(path, cache.header)
+    assert all(torch.equal(loaded.tensors[k], cache.tensors[k]) for k in hald.SoftLabelCache.TENSORS)
+    with pytest.raises(hald.HaldError, match="other settings.*temperature"):
+        hald.SoftLabelCache.load(path, {**cache.header, "temperature": 3.0, "fingerprint": "0" * 64})
+    path.write_bytes(path.read_bytes()[: size // 2])  # truncated
+    with pytest.raises(hald.HaldError, match="cannot load"):
+        hald.SoftLabelCache.load(path, cache.header)
+
+
+def test_cache_with_altered_labels_is_detected(tmp_path):
+    cache, _, _ = tiny_cache()
+    cache.save(tmp_path / "c.pt")
+    blob = torch.load(tmp_path / "c.pt", weights_only=True)
+    blob["labels"][0, 0] += 1
+    torch.save(blob, tmp_path / "c.pt")
+    with pytest.raises(hald.HaldError, match="corrupted"):
+        hald.SoftLabelCache.load(tmp_path / "c.pt", cache.header)
+
+
+def test_soft_pool_shows_every_batch_once_per_pass():
+    pool, g, seen = [], torch.Generator().manual_seed(0), []
+    for _ in range(6):
+        seen += hald.draw_soft_batches(pool, 5, 10, g)
+    for start in (0, 10, 20):
+        assert sorted(seen[start:start + 10]) == list(range(10))
+
+
+# ------------------------------------------------------------------------- diagnostics
+def test_drift_diagnostics_on_constructed_cases():
+    p = F.softmax(torch.randn(4, 6), 1)
+    identical = p[:, None].expand(4, 5, 6)
+    assert torch.allclose(hald.crop_prob_spread(identical), torch.zeros(4), atol=1e-7)
+    assert torch.allclose(hald.js_divergence(p, p), torch.zeros(4), atol=1e-7)
+    one_hot = torch.eye(2)
+    assert hald.js_divergence(one_hot[:1], one_hot[1:]).item() == pytest.approx(math.log(2))
+
+    class AlwaysClassZero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return F.one_hot(torch.zeros(len(x), dtype=torch.long), 3).float() * 10 + self.w
+
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    report = hald.drift_report(AlwaysClassZero(), AlwaysClassZero(), images, torch.tensor([1, 2] * 3), 4, 8, 0.08,
+                               torch.Generator().manual_seed(0))
+    assert report["teacher_crop_mismatch"] == 1.0 and report["teacher_crop_trace_mean"] == pytest.approx(0, abs=1e-9)
+    assert report["student_crop_js_mean"] == pytest.approx(0, abs=1e-6)
+
+
+# -------------------------------------------------------------------------- end to end
+def write_folder(root: Path, classes: int, per_class: int, size: int, seed: int, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(40 + 50 * c, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            pixels[: size // 2, :, c % 3] = 255  # a class-dependent pattern the models can learn
+            Image.fromarray(pixels).convert(mode).save(root / f"class{c}" / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """4 classes x 3 images of 16 px to distil from, 4 x 4 validation images, and a teacher
+    trained by hald.py itself with --schedule hard."""
+    root = tmp_path_factory.mktemp("tiny")
+    data, val = write_folder(root / "data", 4, 3, 16, 0), write_folder(root / "val", 4, 4, 16, 1)
+    teacher = root / "teacher.pt"
+    assert hald.main(["--data", str(data), "--val", str(val), "--ipc", "3", "--schedule", "hard", "--epochs", "3",
+                      "--model", "convnet_bn8", "--batch-size", "4", "--out", str(root / "t"), "--save-model", str(teacher),
+                      "--drift-crops", "0"]) == 0
+    return {"data": data, "val": val, "teacher": teacher, "root": root}
+
+
+def tiny_args(tiny, out, *extra):
+    return ["--data", str(tiny["data"]), "--val", str(tiny["val"]), "--ipc", "2", "--slc", "4", "--teacher", str(tiny["teacher"]),
+            "--epochs", "4", "--model", "convnet8", "--batch-size", "4", "--eval-every", "2", "--drift-crops", "2",
+            "--out", str(out), *extra]
+
+
+SUMMARY_FIELDS = {"final_top1", "final_top5", "best_top1", "schedule", "soft_labels_per_class", "soft_label_bytes",
+                  "bytes_per_label", "seconds", "config", "versions", "device", "drift"}
+
+
+@pytest.mark.parametrize("schedule", hald.PRESETS + ("soft:1,hybrid:1,hard:2",))
+def test_every_schedule_runs_end_to_end(tiny, tmp_path, schedule):
+    assert hald.main(tiny_args(tiny, tmp_path, "--schedule", schedule)) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= summary.keys()
+    assert sum(n for _, n in summary["schedule"]) == 4 and 0 <= summary["final_top1"] <= 100
+    assert summary["final_top5"] >= summary["final_top1"] and summary["best_top1"] >= summary["final_top1"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert "student_crop_js_mean" in summary["drift"]
+    if any(phase != "hard" for phase, _ in summary["schedule"]):
+        assert summary["soft_labels_per_class"] == 4 and summary["soft_label_bytes"] == (tmp_path / "soft_labels.pt").stat().st_size
+        assert 0 <= summary["drift"]["teacher_crop_mismatch"] <= 1
+
+
+def test_hybrid_on_stored_crops_and_with_t2(tiny, tmp_path):
+    assert hald.main(tiny_args(tiny, tmp_path, "--schedule", "hybrid", "--hybrid-crops", "stored", "--hybrid-t2")) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["hybrid_crops"] == "stored"
+
+
+def test_same_seed_same_numbers_and_cache_reuse(tiny, tmp_path):
+    runs = []
+    for name in ("a", "b", "a"):  # the second "a" reuses the cache of the first
+        assert hald.main(tiny_args(tiny, tmp_path / name, "--save-model", str(tmp_path / f"{name}.pt"), "--seed", "3")) == 0
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        runs.append((summary["final_top1"], summary["drift"], torch.load(tmp_path / f"{name}.pt", weights_only=True)["state_dict"]))
+    for other in runs[1:]:
+        assert other[0] == runs[0][0] and other[1] == runs[0][1]
+        assert all(torch.equal(other[2][k], runs[0][2][k]) for k in runs[0][2])
+
+
+def test_saved_student_is_a_teacher_and_cache_mismatch_is_refused(tiny, tmp_path, capsys):
+    student = tmp_path / "student.pt"
+    assert hald.main(tiny_args(tiny, tmp_path / "a", "--save-model", str(student))) == 0
+    assert hald.main(tiny_args(tiny, tmp_path / "b", "--teacher", str(student), "--temperature", "4")) == 0
+    # the cache of run a was made at T = 20 by another teacher: reusing it is refused, then rebuilt on request
+    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "4")) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "4", "--rebuild-cache")) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--slc", "3"], "not a positive multiple of --ipc"),
+    (["--ipc", "5"], "fewer than --ipc 5"),
+    (["--batch-size", "9"], "larger than the 8 distilled images"),
+    (["--schedule", "soft:1,hard:1"], "covers 2 epochs"),
+    (["--schedule", "banana"], "bad schedule"),
+    (["--teacher", "missing.pt"], "does not exist"),
+    (["--teacher-mode", "test"], "--teacher-mode"),
+    (["--model", "nonexistent_net"], "unknown model"),
+    (["--lr", "1e9", "--schedule", "hard", "--label-smoothing", "0"], "loss became"),
+])
+def test_bad_input_gives_a_one_line_error(tiny, tmp_path, capsys, extra, message):
+    assert hald.main(tiny_args(tiny, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hald: error:") and message in err and "\n" not in err
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "summary.json").exists()
+
+
+def test_bad_folders(tiny, tmp_path, capsys):
+    write_folder(tmp_path / "other", 4, 2, 16, 2)
+    (tmp_path / "other" / "class0").rename(tmp_path / "other" / "zebra")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken" / "a").mkdir(parents=True)
+    (tmp_path / "broken" / "a" / "0.png").write_bytes(b"not a png")
+    (tmp_path / "broken" / "a" / "1.png").write_bytes(b"not a png")
+    cases = [(["--val", str(tmp_path / "other")], "differ from --data"), (["--data", str(tmp_path / "nowhere")], "is not a folder"),
+             (["--data", str(tmp_path / "empty")], "no class folders"), (["--data", str(tmp_path / "broken")], "0.png")]
+    for extra, message in cases:
+        assert hald.main(tiny_args(tiny, tmp_path / "out", *extra)) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_teacher_with_other_classes_is_refused(tiny, tmp_path, capsys):
+    data = write_folder(tmp_path / "five", 5, 2, 16, 3)
+    assert hald.main(tiny_args(tiny, tmp_path / "out", "--data", str(data), "--val", str(data))) == 2
+    assert "other classes" in capsys.readouterr().err
+
+
+def test_grayscale_rgba_and_resized_images_load(tmp_path):
+    write_folder(tmp_path / "g", 2, 2, 12, 0, mode="L")
+    write_folder(tmp_path / "g2", 2, 2, 20, 0, mode="RGBA")
+    for c in range(2):
+        for i in range(2):
+            (tmp_path / "g2" / f"class{c}" / f"{i:03d}.png").rename(tmp_path / "g" / f"class{c}" / f"z{i}.png")
+    (tmp_path / "g" / "class0" / "notes.txt").write_text("ignored")
+    images, labels, classes = hald.load_distilled(tmp_path / "g", 4, 16)
+    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.uint8 and labels.tolist() == [0] * 4 + [1] * 4
+    assert classes == ["class0", "class1"]
+
+
+def test_cli_subprocess_and_help(tiny, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(HERE / "hald.py"), *tiny_args(tiny, tmp_path)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "final top-1" in run.stdout and (tmp_path / "summary.json").exists()
+    helptext = subprocess.run([sys.executable, str(HERE / "hald.py"), "--help"], capture_output=True, text=True).stdout
+    for flag in ("--data", "--ipc", "--slc", "--teacher-mode", "--hybrid-lambda", "--label-smoothing", "--save-model"):
+        assert flag in helptext
