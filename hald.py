@@ -91,6 +91,7 @@ class Config:
     drift_crops: int = arg(8, "crops per image for the drift diagnostics; 0 turns them off")
     out: str = arg("runs/hald", "output folder: metrics.jsonl, summary.json, the cache by default")
     save_model: str = arg("", "write the trained student here (usable as --teacher)")
+    resume: bool = arg(False, "continue from OUT/checkpoint.pt (written after every epoch) with the same settings")
     debug: bool = arg(False, "show tracebacks instead of one-line errors")
 
 
@@ -779,11 +780,16 @@ def train(cfg: Config, log=print) -> dict:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").write_text("")
     phases = [phase for phase, count in schedule for _ in range(count)]
-    pool, best, history, top1, top5 = [], (-1.0, 0), [], None, None
+    run_id = run_fingerprint(cfg)
+    pool, history, first = [], [], 0
+    if cfg.resume and (out / "checkpoint.pt").exists():
+        first, pool, history = restore_state(out / "checkpoint.pt", run_id, model, opt, gens)
+        log(f"resuming after epoch {first} from {out / 'checkpoint.pt'}")
+    save_atomic("".join(json.dumps(row) + "\n" for row in history), out / "metrics.jsonl")
     model.train()
-    for epoch, phase in enumerate(phases):
+    for epoch in range(first, len(phases)):
+        phase = phases[epoch]
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
@@ -793,15 +799,17 @@ def train(cfg: Config, log=print) -> dict:
         last = epoch + 1 == len(phases)
         row = {"epoch": epoch + 1, "phase": phase, "loss": loss, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            top1, top5 = evaluate(model, val, device)
-            row.update(top1=top1, top5=top5)
-            best = max(best, (top1, epoch + 1))
+            row["top1"], row["top5"] = evaluate(model, val, device)
         history.append(row)
+        save_state(out / "checkpoint.pt", run_id, model, opt, epoch + 1, pool, gens, history)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        acc = f" | top1 {top1:.2f} top5 {top5:.2f}" if "top1" in row else ""
+        acc = f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if "top1" in row else ""
         log(f"epoch {epoch + 1:>4}/{len(phases)} {phase:<6} loss {loss:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s{acc}")
 
+    evals = [row for row in history if "top1" in row]
+    top1, top5 = evals[-1]["top1"], evals[-1]["top5"]
+    best = max((row["top1"], row["epoch"]) for row in evals)
     drift = {}
     if cfg.drift_crops:
         drift = drift_report(teacher, model, images_u8, labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"])
@@ -819,6 +827,31 @@ def train(cfg: Config, log=print) -> dict:
     log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | "
         f"soft labels {cache_bytes:,} bytes | {summary['seconds']:.0f}s | outputs in {out}/")
     return summary
+
+
+def run_fingerprint(cfg: Config) -> str:
+    """What a resumed run must share with the interrupted one: every setting but where outputs go."""
+    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model")}
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
+
+
+def save_state(path, run_id: str, model, opt, epoch: int, pool: list[int], gens: dict, history: list[dict]) -> None:
+    """Everything needed to continue exactly: weights, optimizer, position, soft pool and every RNG."""
+    save_atomic({"run": run_id, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "pool": torch.tensor(pool, dtype=torch.long), "generators": {k: g.get_state() for k, g in gens.items()},
+                 "torch_rng": torch.get_rng_state(), "history": json.dumps(history)}, path)
+
+
+def restore_state(path, run_id: str, model, opt, gens: dict):
+    state = load_trusted(path, "checkpoint")
+    if state.get("run") != run_id:
+        raise HaldError(f"{path} belongs to a run with other settings: resume with the same flags, or use another --out")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    for k, g in gens.items():
+        g.set_state(state["generators"][k])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["pool"].tolist(), json.loads(state["history"])
 
 
 def plot_curves(history: list[dict], path: Path, log=print) -> None:

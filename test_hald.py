@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -404,3 +405,41 @@ def test_cli_subprocess_and_help(tiny, tmp_path):
     helptext = subprocess.run([sys.executable, str(HERE / "hald.py"), "--help"], capture_output=True, text=True).stdout
     for flag in ("--data", "--ipc", "--slc", "--teacher-mode", "--hybrid-lambda", "--label-smoothing", "--save-model"):
         assert flag in helptext
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path):
+    """Kill a CLI run after some epochs' checkpoints, resume it, and compare bit for bit with an
+    uninterrupted run of the same seed."""
+    args = tiny_args(tiny, tmp_path / "killed", "--epochs", "60", "--eval-every", "20", "--save-model", str(tmp_path / "killed.pt"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "hald.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists(), "the run ended before it could be killed"
+    done = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 5 <= done < 60
+    # the same thread count everywhere: CPU kernels may sum in another order with more threads
+    cli = [sys.executable, str(HERE / "hald.py")]
+    assert subprocess.run(cli + args + ["--resume"], capture_output=True, env=env).returncode == 0
+    whole = tiny_args(tiny, tmp_path / "whole", "--epochs", "60", "--eval-every", "20", "--save-model", str(tmp_path / "whole.pt"))
+    assert subprocess.run(cli + whole, capture_output=True, env=env).returncode == 0
+    a = torch.load(tmp_path / "killed.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "whole.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("killed", "whole"))
+    assert sa["final_top1"] == sb["final_top1"] and sa["best_top1"] == sb["best_top1"]
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 61))
+
+
+def test_resume_with_other_settings_is_refused_and_nan_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
+    assert hald.main(tiny_args(tiny, tmp_path, "--schedule", "hard")) == 0
+    assert hald.main(tiny_args(tiny, tmp_path, "--schedule", "hard", "--lr", "0.5", "--resume")) == 2
+    assert "other settings" in capsys.readouterr().err
+    out = tmp_path / "nan"
+    assert hald.main(tiny_args(tiny, out, "--schedule", "hard", "--lr", "1e30", "--label-smoothing", "0")) == 2
+    assert "epoch" in capsys.readouterr().err
+    assert not (out / "summary.json").exists()

@@ -1,0 +1,106 @@
+"""When does HALD beat soft-only? Runs hald.py over schedules, crops per image and seeds on
+CIFAR-10 and writes a markdown table of last-epoch top-1 (mean +- std over seeds).
+
+    python tools/evidence.py --cifar ../shared/data/cifar10 --jobs 2            # main table
+    python tools/evidence.py --group suspects --jobs 2                          # the suspects study
+
+The distilled set and teacher are the bundled demo ones (demo/); validation is the full
+10,000-image CIFAR-10 test set. Finished runs are skipped, so the script can be re-run
+after an interruption; each run's outputs stay in OUT/<name>-s<crops>-seed<seed>/.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (row label, extra hald.py arguments); every row runs at each crops-per-image value s.
+GROUPS = {
+    "main": [("soft-only", ["--schedule", "soft"]), ("HALD (shs)", ["--schedule", "shs"]),
+             ("hard-only", ["--schedule", "hard"]),
+             ("static hybrid (KL*T^2 + CE on fresh crops)", ["--schedule", "hybrid", "--hybrid-t2"])],
+    "suspects": [("HALD, label smoothing 0.1", ["--schedule", "shs", "--label-smoothing", "0.1"]),
+                 ("HALD, T 4", ["--schedule", "shs", "--temperature", "4"]),
+                 ("soft-only, T 4", ["--schedule", "soft", "--temperature", "4"]),
+                 ("HALD, teacher eval mode", ["--schedule", "shs", "--teacher-mode", "eval"]),
+                 ("soft-only, teacher eval mode", ["--schedule", "soft", "--teacher-mode", "eval"]),
+                 ("HALD, crop scale 0.35", ["--schedule", "shs", "--crop-scale", "0.35"]),
+                 ("soft-only, crop scale 0.35", ["--schedule", "soft", "--crop-scale", "0.35"]),
+                 ("HALD, LR cosine to 0 (eta 1)", ["--schedule", "shs", "--eta", "1"]),
+                 ("HALD, short hard phase (soft 120/hard 60/soft 120)", ["--schedule", "shs", "--soft-epochs", "240"]),
+                 ("sh (soft 150 -> hard 150)", ["--schedule", "sh"]),
+                 ("static hybrid, CE on stored crops", ["--schedule", "hybrid", "--hybrid-t2", "--hybrid-crops", "stored"]),
+                 ("static hybrid, no T^2", ["--schedule", "hybrid"])],
+}
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
+
+
+def run_one(job):
+    out, args = job
+    if (out / "summary.json").exists():
+        return out, "cached"
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(out / "log.txt", "w") as log:
+        code = subprocess.call([sys.executable, str(ROOT / "hald.py"), *args, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    return out, f"exit {code}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cifar", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 root with test/")
+    parser.add_argument("--group", default="main", choices=sorted(GROUPS))
+    parser.add_argument("--crops", default="1,2,10", help="crops per image s (SLC = 10 s)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this text")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "evidence"))
+    args = parser.parse_args()
+    if not (Path(args.cifar) / "test").is_dir():
+        sys.exit(f"evidence: {args.cifar}/test not found: pass --cifar with the CIFAR-10 ImageFolder root")
+    common = ["--data", str(ROOT / "demo" / "distilled"), "--val", str(Path(args.cifar) / "test"), "--teacher",
+              str(ROOT / "demo" / "teacher.pt"), "--ipc", "10", "--epochs", str(args.epochs), "--eval-every", "0"]
+    crops = [int(s) for s in args.crops.split(",")]
+    rows = [(label, extra) for label, extra in GROUPS[args.group] if args.only in label]
+    jobs, cells = [], {}
+    for label, extra in rows:
+        for s in crops if "hard" not in extra else crops[:1]:  # hard-only uses no soft labels: one column
+            for seed in range(args.seeds):
+                out = Path(args.out) / f"{slug(label)}-s{s}-seed{seed}"
+                jobs.append((out, [*common, *extra, "--slc", str(10 * s), "--seed", str(seed)]))
+                cells.setdefault((label, s), []).append(out)
+    start = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for i, (out, status) in enumerate(pool.map(run_one, jobs)):
+            print(f"[{i + 1}/{len(jobs)}] {out.name}: {status} ({time.time() - start:.0f}s)", flush=True)
+    table = [f"| setting | " + " | ".join(f"s={s} (SLC {10 * s})" for s in crops) + " |", "|---" * (len(crops) + 1) + "|"]
+    for label, extra in rows:
+        line = []
+        for s in crops:
+            summaries = [json.loads((o / "summary.json").read_text()) for o in cells.get((label, s), []) if (o / "summary.json").exists()]
+            if not summaries:
+                line.append("-" if "hard" in extra else "missing")
+                continue
+            top1 = [x["final_top1"] for x in summaries]
+            std = statistics.stdev(top1) if len(top1) > 1 else 0.0
+            minutes = statistics.median(x["seconds"] for x in summaries) / 60
+            line.append(f"{statistics.mean(top1):.1f} +- {std:.1f} (n={len(top1)}, {minutes:.1f} min)")
+        table.append(f"| {label} | " + " | ".join(line) + " |")
+    text = "\n".join(table)
+    print(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"{args.group}.md").write_text(text + f"\n\nwall time {time.time() - start:.0f}s with --jobs {args.jobs}\n")
+
+
+if __name__ == "__main__":
+    main()
