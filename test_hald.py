@@ -443,3 +443,26 @@ def test_resume_with_other_settings_is_refused_and_nan_keeps_the_last_good_check
     assert hald.main(tiny_args(tiny, out, "--schedule", "hard", "--lr", "1e30", "--label-smoothing", "0")) == 2
     assert "epoch" in capsys.readouterr().err
     assert not (out / "summary.json").exists()
+
+
+def test_untrusted_pickles_and_missing_cuda_are_refused(tiny, tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": hald.MODEL_FORMAT, "model": torch.nn.Linear(2, 2)}, evil)  # needs arbitrary unpickling
+    assert hald.main(tiny_args(tiny, tmp_path / "out", "--teacher", str(evil))) == 2
+    assert "cannot load teacher checkpoint" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert hald.main(tiny_args(tiny, tmp_path / "out", "--device", "cuda")) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_bench_smoke(tmp_path):
+    sys.path.insert(0, str(HERE / "tools"))
+    import bench
+
+    result = bench.main(["--model", "convnet8", "--image-size", "16", "--classes", "3", "--ipc", "4", "--batch-size", "4",
+                         "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "bench.json")])
+    stored = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("device", "model", "batch_size", "image_size", "model_step_ips", "soft_epoch_ips", "hard_epoch_ips",
+                "efficiency_soft", "efficiency_hard", "relabel_ips", "teacher_forward_ips", "replay_ips", "naive_replay_ips"):
+        assert key in stored
+    assert all(result[k] > 0 for k in result if k.endswith("_ips"))

@@ -1,0 +1,130 @@
+"""How close do hald.py's epochs and relabel come to the speed of the model itself?
+
+    python tools/bench.py                                   # CIFAR-style ResNet-18, 32 px, batch 16, CPU
+    python tools/bench.py --model resnet18 --image-size 224 --device cuda --batch-size 128
+
+Everything is measured in one process on synthetic uint8 images; medians over repeats after a
+warm-up, with CUDA synchronised before every clock read. Prints a table and writes bench.json.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision.transforms.functional as TF
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import hald  # noqa: E402
+
+
+def timed(fn, device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of fn() over repeats, after warm-up."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def naive_replay(images_u8, cache, k, size):
+    """The authors' way: crop, resize and flip image by image in Python, stack, then CutMix."""
+    (s, e), t = cache.batches[k], cache.tensors
+    crops = []
+    for i in range(s, e):
+        image = hald.normalize(images_u8[t["index"][i].long()][None])[0]
+        H, W = image.shape[-2:]
+        top, left, h, w = (t["boxes"][i] * torch.tensor([H, W, H, W], device=image.device)).round().int().tolist()
+        crop = TF.resized_crop(image, top, left, h, w, [size, size], antialias=False)
+        crops.append(TF.hflip(crop) if t["flips"][i] else crop)
+    x = torch.stack(crops)
+    y0, y1, x0, x1 = t["cut"][k].tolist()
+    x[:, :, y0:y1, x0:x1] = x[t["partner"][s:e].long()][:, :, y0:y1, x0:x1]
+    return x
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "bench.json"))
+    args = parser.parse_args(argv)
+    device = hald.pick_device(args.device)
+    B, S, C = args.batch_size, args.image_size, args.classes
+    torch.manual_seed(0)
+    n = C * args.ipc
+    images = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8, device=device)
+    labels = torch.arange(C, device=device).repeat_interleave(args.ipc)
+    cfg = hald.Config(batch_size=B, ipc=args.ipc, slc=args.ipc)
+    model = hald.build_model(args.model, C, S).to(device)
+    teacher = hald.build_model(args.model, C, S).to(device).eval()
+    if device.type == "cuda":
+        model, teacher = model.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
+    opt = hald.make_optimizer(model, 1e-3, 0.01, device)
+    header = dict(num_images=n, passes=1, image_size=S, batch_size=B, temperature=20.0, teacher_mode="train",
+                  crop_scale=0.08, cutmix=True)
+    gen = torch.Generator().manual_seed(0)
+    cache = hald.SoftLabelCache.build(teacher, images, header, gen, log=lambda *_: None)
+    cache.tensors = {k: v.to(device) for k, v in cache.tensors.items()}
+    steps = len(cache)
+
+    x_fixed = hald.normalize(images[:B])
+    x_fixed = x_fixed.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x_fixed
+    probs_fixed = torch.softmax(torch.randn(B, C, device=device), 1)
+
+    def model_steps():  # the ceiling: forward + backward + step on a pre-built batch, one epoch's worth
+        for _ in range(steps):
+            with hald.autocast(device):
+                loss = hald.soft_loss(model(x_fixed), probs_fixed, 20.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    gens, pool = hald.make_generators(0), []
+    epoch = {p: (lambda p=p: hald.run_epoch(p, model, opt, images, labels, cache, pool, gens, cfg, S, C)) for p in ("soft", "hard")}
+
+    @torch.no_grad()
+    def teacher_forward():
+        hald.bn_train_mode(teacher, True)
+        for _ in range(steps):
+            with hald.autocast(device):
+                teacher(x_fixed)
+        teacher.eval()
+
+    relabel = lambda: hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(0), log=lambda *_: None)  # noqa: E731
+    replay = lambda: [cache.batch(k, images) for k in range(steps)]  # noqa: E731
+    naive = lambda: [naive_replay(images, cache, k, S) for k in range(steps)]  # noqa: E731
+
+    seconds = {name: timed(fn, device, args.repeats) for name, fn in [
+        ("model_step", model_steps), ("soft_epoch", epoch["soft"]), ("hard_epoch", epoch["hard"]),
+        ("teacher_forward", teacher_forward), ("relabel", relabel), ("replay", replay), ("naive_replay", naive)]}
+    # model_step and teacher_forward run full batches; the others cover the n images once
+    ips = {f"{k}_ips": (steps * B if k in ("model_step", "teacher_forward") else n) / v for k, v in seconds.items()}
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "model": args.model, "batch_size": B, "image_size": S, "torch": torch.__version__, **ips,
+              "efficiency_soft": ips["soft_epoch_ips"] / ips["model_step_ips"],
+              "efficiency_hard": ips["hard_epoch_ips"] / ips["model_step_ips"],
+              "relabel_vs_teacher_forward": ips["relabel_ips"] / ips["teacher_forward_ips"],
+              "replay_speedup_vs_naive": ips["replay_ips"] / ips["naive_replay_ips"]}
+    for k, v in result.items():
+        print(f"{k:<28} {v:,.3f}" if isinstance(v, float) else f"{k:<28} {v}")
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
