@@ -68,6 +68,8 @@ class Config:
     temperature: float = arg(20.0, "softmax temperature of stored labels and of the soft loss")
     crop_scale: float = arg(0.08, "smallest crop area fraction of RandomResizedCrop (upper bound 1)")
     cutmix: bool = arg(True, "apply CutMix to every relabel and hard-phase batch")
+    label_topk: int = arg(0, "store only the K largest probabilities per label (0 = all classes)")
+    label_bits: int = arg(16, "precision of stored probabilities: 16 (fp16) or 8 (per-label min-max codes)")
     cache: str = arg("", "soft-label cache file; default OUT/soft_labels.pt; reused when its fingerprint matches")
     rebuild_cache: bool = arg(False, "rebuild the cache when it exists but was made for other settings")
     # student and schedule
@@ -123,6 +125,8 @@ def check_config(cfg: Config) -> None:
         raise HaldError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.temperature <= 0 or cfg.lr <= 0 or cfg.eta <= 0:
         raise HaldError("--temperature, --lr and --eta must be positive")
+    if cfg.label_bits not in (8, 16) or cfg.label_topk < 0:
+        raise HaldError(f"--label-bits must be 8 or 16 and --label-topk >= 0, got {cfg.label_bits} and {cfg.label_topk}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise HaldError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -339,14 +343,55 @@ def bn_train_mode(model: nn.Module, batch_statistics: bool) -> nn.Module:
     return model
 
 
+def pack_labels(probs: torch.Tensor, topk: int = 0, bits: int = 16) -> dict:
+    """Compact storage of (L, C) probabilities: all classes or the `topk` largest (values and
+    int16 class indices), as fp16 or as 8-bit codes between a per-label fp16 min and max."""
+    packed = {}
+    if 0 < topk < probs.shape[1]:
+        probs, indices = probs.topk(topk, 1)
+        packed["indices"] = indices.short()
+    if bits == 8:
+        lo, hi = probs.min(1, keepdim=True).values.half(), probs.max(1, keepdim=True).values.half()
+        span = (hi.float() - lo.float()).clamp_min(1e-12)
+        packed.update(codes=((probs - lo.float()) / span * 255).round().clamp(0, 255).to(torch.uint8), lo=lo, hi=hi)
+    else:
+        packed["values"] = probs.half()
+    return packed
+
+
+def unpack_labels(packed: dict, num_classes: int) -> torch.Tensor:
+    """Inverse of pack_labels -> (L, C) float. Top-k labels get the mass outside the top-k spread
+    evenly over the other classes and sum to 1; full vectors come back as stored (within half
+    a code step at 8 bits)."""
+    if "codes" in packed:
+        lo, hi = packed["lo"].float(), packed["hi"].float()
+        values = lo + packed["codes"].float() / 255 * (hi - lo)
+    else:
+        values = packed["values"].float()
+    if "indices" not in packed:
+        return values
+    rest = (1 - values.sum(1, keepdim=True)).clamp_min(0) / max(num_classes - values.shape[1], 1)
+    full = rest.expand(len(values), num_classes).clone().scatter_(1, packed["indices"].long(), values)
+    return full / full.sum(1, keepdim=True)  # rounding can leave the kept mass a hair above 1
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over every tensor (nested dicts included) in key order: detects any altered byte."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key]
+        digest.update(key.encode() + (tensors_digest(value).encode() if isinstance(value, dict) else value.cpu().numpy().tobytes()))
+    return digest.hexdigest()
+
+
 class SoftLabelCache:
     """The fixed budget of soft labels: for each of slc/ipc passes over the images, fixed
     batches of crops (box, flip, CutMix partner and box) with the teacher's probabilities.
 
     Tensors, all in stored order (L = passes * num_images labels):
       index (L,) image index, boxes (L, 4) crop fractions, flips (L,), partner (L,) position of
-      the CutMix partner inside its batch, cut (num_batches, 4) CutMix box or -1s, labels (L, C)
-      softmax(teacher / T) in fp16 (the authors' format).
+      the CutMix partner inside its batch, cut (num_batches, 4) CutMix box or -1s, labels: the
+      packed softmax(teacher / T) (default: all classes in fp16, the authors' format).
     """
 
     TENSORS = ("index", "boxes", "flips", "partner", "cut", "labels")
@@ -354,9 +399,15 @@ class SoftLabelCache:
     def __init__(self, header: dict, tensors: dict):
         self.header, self.tensors = header, tensors
         self.batches = stored_batches(header["num_images"], header["batch_size"], header["passes"])
+        self.probs = unpack_labels(tensors["labels"], len(header["classes"])).half()  # (L, C), what training reads
 
     def __len__(self):
         return len(self.batches)
+
+    def to(self, device) -> SoftLabelCache:
+        self.probs = self.probs.to(device)
+        self.tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.tensors.items()}
+        return self
 
     @classmethod
     @torch.no_grad()
@@ -376,14 +427,14 @@ class SoftLabelCache:
             x = replay(images_u8, index[s:e], boxes[s:e], flips[s:e], partner[s:e], cut[k] if header["cutmix"] else None, size)
             with autocast(device):
                 logits = teacher(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
-            labels.append(F.softmax(logits.float() / header["temperature"], 1).half())
+            labels.append(F.softmax(logits.float() / header["temperature"], 1))
             if time.time() - t0 > 10 and (k + 1) % max(1, len(batches) // 10) == 0:
                 log(f"relabel {k + 1}/{len(batches)} batches ({time.time() - t0:.1f}s)")
         for name, b in teacher.named_buffers():
             b.copy_(buffers[name])
         teacher.eval()
-        tensors = dict(index=index.int(), boxes=boxes, flips=flips, partner=partner.short(), cut=cut.short(),
-                       labels=torch.cat(labels).cpu())
+        packed = pack_labels(torch.cat(labels).cpu(), header["label_topk"], header["label_bits"])
+        tensors = dict(index=index.int(), boxes=boxes, flips=flips, partner=partner.short(), cut=cut.short(), labels=packed)
         return cls(header, tensors)
 
     def batch(self, k: int, images_u8: torch.Tensor):
@@ -393,11 +444,10 @@ class SoftLabelCache:
         index, partner = t["index"][s:e].long(), t["partner"][s:e].long()
         box = t["cut"][k].long() if self.header["cutmix"] else None
         x = replay(images_u8, index, t["boxes"][s:e], t["flips"][s:e], partner, box, self.header["image_size"])
-        return x, t["labels"][s:e].float(), index, partner if box is not None else None, box
+        return x, self.probs[s:e].float(), index, partner if box is not None else None, box
 
     def save(self, path) -> int:
-        digest = hashlib.sha256(self.tensors["labels"].numpy().tobytes()).hexdigest()
-        save_atomic({"header": {**self.header, "labels_sha256": digest}, **self.tensors}, path)
+        save_atomic({"header": {**self.header, "sha256": tensors_digest(self.tensors)}, **self.tensors}, path)
         return Path(path).stat().st_size
 
     @classmethod
@@ -412,8 +462,7 @@ class SoftLabelCache:
             raise HaldError(f"cache {path} was made for other settings ({', '.join(changed) or 'images'} differ): "
                             f"pass --rebuild-cache to replace it, or another --cache path")
         tensors = {k: blob[k] for k in cls.TENSORS}
-        labels_ok = hashlib.sha256(tensors["labels"].numpy().tobytes()).hexdigest() == stored.get("labels_sha256")
-        if not labels_ok or len(tensors["index"]) != header["passes"] * header["num_images"]:
+        if tensors_digest(tensors) != stored.get("sha256") or len(tensors["index"]) != header["passes"] * header["num_images"]:
             raise HaldError(f"cache {path} is corrupted (checksum or size mismatch): pass --rebuild-cache")
         return cls(stored, tensors)
 
@@ -760,7 +809,8 @@ def train(cfg: Config, log=print) -> dict:
         header = dict(format=CACHE_FORMAT, classes=classes, num_images=n, ipc=cfg.ipc, slc=cfg.slc, passes=crops_per_image,
                       image_size=size, batch_size=cfg.batch_size, temperature=cfg.temperature, teacher=teacher_id,
                       teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3], cutmix=cfg.cutmix,
-                      seed=cfg.seed, images_sha256=images_fingerprint(images_u8, labels), values="probs-fp16")
+                      seed=cfg.seed, images_sha256=images_fingerprint(images_u8, labels), values="probs",
+                      label_topk=cfg.label_topk, label_bits=cfg.label_bits)
         header["fingerprint"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
         cache_path = Path(cfg.cache or out / "soft_labels.pt")
         if cache_path.exists() and not cfg.rebuild_cache:
@@ -770,9 +820,9 @@ def train(cfg: Config, log=print) -> dict:
             cache = SoftLabelCache.build(teacher, images_u8, header, gens["relabel"], log)
             cache.save(cache_path)
         cache_bytes = cache_path.stat().st_size
-        num_labels = len(cache.tensors["labels"])
+        num_labels = len(cache.probs)
         log(f"soft labels: {num_labels} ({cfg.slc} per class) in {cache_bytes:,} bytes = {cache_bytes / num_labels:.0f} bytes/label")
-        cache.tensors = {k: v.to(device) for k, v in cache.tensors.items()}
+        cache.to(device)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, C, size).to(device)

@@ -182,8 +182,8 @@ def tiny_cache(passes=3, n=10, batch=4, cutmix=True, mode="train"):
     torch.manual_seed(0)
     teacher = hald.build_model("convnet_bn8", 5, 16)
     images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8)
-    header = dict(format=hald.CACHE_FORMAT, num_images=n, passes=passes, image_size=16, batch_size=batch,
-                  temperature=4.0, teacher_mode=mode, crop_scale=0.08, cutmix=cutmix, fingerprint="f" * 64)
+    header = dict(format=hald.CACHE_FORMAT, num_images=n, passes=passes, image_size=16, batch_size=batch, classes=list("abcde"),
+                  temperature=4.0, teacher_mode=mode, crop_scale=0.08, cutmix=cutmix, label_topk=0, label_bits=16, fingerprint="f" * 64)
     return hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(1), log=lambda *_: None), teacher, images
 
 
@@ -191,8 +191,8 @@ def tiny_cache(passes=3, n=10, batch=4, cutmix=True, mode="train"):
 def test_cache_holds_exactly_slc_labels_and_replays_to_the_same_labels(mode):
     cache, teacher, images = tiny_cache(mode=mode)
     t = cache.tensors
-    assert len(t["labels"]) == 3 * 10 and torch.equal(torch.bincount(t["index"].long(), minlength=10), torch.full((10,), 3))
-    torch.testing.assert_close(t["labels"].float().sum(1), torch.ones(30), atol=3e-3, rtol=0)
+    assert len(cache.probs) == 3 * 10 and torch.equal(torch.bincount(t["index"].long(), minlength=10), torch.full((10,), 3))
+    torch.testing.assert_close(cache.probs.float().sum(1), torch.ones(30), atol=3e-3, rtol=0)
     assert [e - s for s, e in cache.batches] == [4, 4, 2] * 3
     hald.bn_train_mode(teacher, mode == "train")
     with torch.no_grad():
@@ -209,7 +209,7 @@ def test_relabel_leaves_the_teacher_unchanged():
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     header = dict(num_images=8, passes=2, image_size=16, batch_size=4, temperature=4.0, teacher_mode="train",
-                  crop_scale=0.08, cutmix=True)
+                  crop_scale=0.08, cutmix=True, classes=list("abcde"), label_topk=0, label_bits=16)
     hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(0), log=lambda *_: None)
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     assert not teacher.training
@@ -221,7 +221,9 @@ def test_cache_round_trip_and_refusals(tmp_path):
     size = cache.save(path)
     assert size == path.stat().st_size and not list(tmp_path.glob(".*tmp"))
     loaded = hald.SoftLabelCache.load(path, cache.header)
-    assert all(torch.equal(loaded.tensors[k], cache.tensors[k]) for k in hald.SoftLabelCache.TENSORS)
+    assert all(torch.equal(loaded.tensors[k], cache.tensors[k]) for k in hald.SoftLabelCache.TENSORS if k != "labels")
+    assert torch.equal(loaded.tensors["labels"]["values"], cache.tensors["labels"]["values"])
+    assert torch.equal(loaded.probs, cache.probs)
     with pytest.raises(hald.HaldError, match="other settings.*temperature"):
         hald.SoftLabelCache.load(path, {**cache.header, "temperature": 3.0, "fingerprint": "0" * 64})
     path.write_bytes(path.read_bytes()[: size // 2])  # truncated
@@ -233,10 +235,33 @@ def test_cache_with_altered_labels_is_detected(tmp_path):
     cache, _, _ = tiny_cache()
     cache.save(tmp_path / "c.pt")
     blob = torch.load(tmp_path / "c.pt", weights_only=True)
-    blob["labels"][0, 0] += 1
+    blob["labels"]["values"][0, 0] += 1
     torch.save(blob, tmp_path / "c.pt")
     with pytest.raises(hald.HaldError, match="corrupted"):
         hald.SoftLabelCache.load(tmp_path / "c.pt", cache.header)
+
+
+@given(L=st.integers(1, 20), C=st.integers(2, 40), k_frac=st.floats(0, 1), bits=st.sampled_from([8, 16]),
+       t=st.floats(0.5, 30), seed=st.integers(0, 10**6))
+def test_label_packing_round_trip(L, C, k_frac, bits, t, seed):
+    probs = F.softmax(torch.randn(L, C, generator=torch.Generator().manual_seed(seed)) * 3 / t, 1)
+    k = round(k_frac * C)
+    back = hald.unpack_labels(hald.pack_labels(probs, k, bits), C)
+    assert back.shape == (L, C) and (back >= 0).all()
+    if 0 < k < C:
+        torch.testing.assert_close(back.sum(1), torch.ones(L), atol=1e-5, rtol=0)
+    kept = probs.topk(k, 1).indices if 0 < k < C else torch.arange(C).expand(L, C)
+    step = (probs.max(1, keepdim=True).values - probs.min(1, keepdim=True).values) / 255 * 1.01 + 2e-3 if bits == 8 else 1e-3
+    assert ((back.gather(1, kept) - probs.gather(1, kept)).abs() <= step).all()
+    if k in (0, C) and bits == 16:
+        assert torch.equal(back, probs.half().float())
+
+
+def test_topk_storage_at_1000_classes_is_under_a_tenth():
+    probs = F.softmax(torch.randn(64, 1000), 1)
+    full = sum(v.numel() * v.element_size() for v in hald.pack_labels(probs).values())
+    top = sum(v.numel() * v.element_size() for v in hald.pack_labels(probs, 10).values())
+    assert top <= 0.1 * full
 
 
 def test_soft_pool_shows_every_batch_once_per_pass():

@@ -76,10 +76,10 @@ def main(argv=None):
         model, teacher = model.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
     opt = hald.make_optimizer(model, 1e-3, 0.01, device)
     header = dict(num_images=n, passes=1, image_size=S, batch_size=B, temperature=20.0, teacher_mode="train",
-                  crop_scale=0.08, cutmix=True)
+                  crop_scale=0.08, cutmix=True, classes=[str(c) for c in range(C)], label_topk=0, label_bits=16)
     gen = torch.Generator().manual_seed(0)
     cache = hald.SoftLabelCache.build(teacher, images, header, gen, log=lambda *_: None)
-    cache.tensors = {k: v.to(device) for k, v in cache.tensors.items()}
+    cache.to(device)
     steps = len(cache)
 
     x_fixed = hald.normalize(images[:B])
