@@ -919,7 +919,7 @@ def plot_curves(history: list[dict], path: Path, log=print) -> None:
         if row["phase"] != "soft":
             ax.axvspan(row["epoch"] - 1, row["epoch"], color="tab:orange" if row["phase"] == "hard" else "tab:purple", alpha=0.15, lw=0)
     ax.plot([r["epoch"] for r in history], [r["loss"] for r in history], color="tab:blue")
-    ax.set(xlabel="epoch (orange: hard phase, white: soft)", ylabel="training loss")
+    ax.set(xlabel="epoch (orange: hard, purple: hybrid, white: soft)", ylabel="training loss (log scale)", yscale="log")
     evals = [r for r in history if "top1" in r]
     ax2 = ax.twinx()
     ax2.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green")

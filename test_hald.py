@@ -491,3 +491,16 @@ def test_bench_smoke(tmp_path):
                 "efficiency_soft", "efficiency_hard", "relabel_ips", "teacher_forward_ips", "replay_ips", "naive_replay_ips"):
         assert key in stored
     assert all(result[k] > 0 for k in result if k.endswith("_ips"))
+
+
+def test_no_argument_demo_in_short(tmp_path):
+    """`python hald.py` runs the bundled demo; here with 4 epochs instead of 300."""
+    assert hald.main(["--epochs", "4", "--eval-every", "2", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= summary.keys() and summary["config"]["data"].endswith("distilled")
+    assert summary["soft_labels_per_class"] == 100 and summary["soft_label_bytes"] > 0
+    assert summary["schedule"] == [["soft", 1], ["hard", 2], ["soft", 1]]
+    for key in ("teacher_crop_trace_mean", "teacher_crop_trace_median", "teacher_crop_mismatch", "student_crop_js_mean"):
+        assert math.isfinite(summary["drift"][key])
+    assert 0 < summary["drift"]["teacher_crop_mismatch"] < 1  # a real teacher on real crops: some drift, mostly right
+    assert summary["final_top1"] > 10  # above chance on 2,000 real CIFAR-10 test images

@@ -73,9 +73,9 @@ def main():
     crops = [int(s) for s in args.crops.split(",")]
     rows = [(label, extra) for label, extra in GROUPS[args.group] if args.only in label]
     jobs, cells = [], {}
-    for label, extra in rows:
-        for s in crops if "hard" not in extra else crops[:1]:  # hard-only uses no soft labels: one column
-            for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seed-major, so an interrupted study still fills every cell once
+        for label, extra in rows:
+            for s in crops if "hard" not in extra else crops[:1]:  # hard-only uses no soft labels: one column
                 out = Path(args.out) / f"{slug(label)}-s{s}-seed{seed}"
                 jobs.append((out, [*common, *extra, "--slc", str(10 * s), "--seed", str(seed)]))
                 cells.setdefault((label, s), []).append(out)
