@@ -739,7 +739,8 @@ def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg:
         order = torch.randperm(n, generator=gens["hard"])
     else:
         chosen = draw_soft_batches(pool, steps, len(cache), gens["pool"])
-    if phase == "hard" or cfg.hybrid_crops == "fresh":  # the epoch's fresh crops and boxes, drawn at once
+    fresh = phase == "hard" or (phase == "hybrid" and cfg.hybrid_crops == "fresh")
+    if fresh:  # the epoch's fresh crops and CutMix boxes, drawn at once
         boxes, flips = sample_crops(steps * B, size, size, gens["hard"], scale=(cfg.crop_scale, 1.0))
         boxes, flips = boxes.to(device), flips.to(device)
         cuts = sample_cutmix_boxes(steps, size, size, gens["hard"]).to(device) if cfg.cutmix else [None] * steps
@@ -750,7 +751,7 @@ def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg:
             index = order[k * B:(k + 1) * B].to(device)
         else:
             x_soft, probs, index, partner, cut = cache.batch(chosen[k], images_u8)
-        if phase == "hard" or (phase == "hybrid" and cfg.hybrid_crops == "fresh"):
+        if fresh:
             cut = cuts[k]
             x_hard, partner = fresh_crops(images_u8, index, boxes[k * B:k * B + len(index)], flips[k * B:k * B + len(index)], cut, size)
         if phase != "soft":  # hybrid on stored crops keeps the stored partner and box
