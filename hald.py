@@ -727,7 +727,7 @@ def fresh_crops(images_u8, index, boxes, flips, cut, size: int):
     return paste_cutmix(x, reverse, cut), reverse
 
 
-def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg: Config, size: int, num_classes: int):
+def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg: Config, size: int, num_classes: int, log=print):
     """One epoch of the soft, hard or hybrid phase; returns the mean loss as a 0-dim tensor.
 
     soft: replay whole stored batches with their teacher labels; hard: fresh crops + CutMix of
@@ -744,8 +744,11 @@ def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg:
         boxes, flips = sample_crops(steps * B, size, size, gens["hard"], scale=(cfg.crop_scale, 1.0))
         boxes, flips = boxes.to(device), flips.to(device)
         cuts = sample_cutmix_boxes(steps, size, size, gens["hard"]).to(device) if cfg.cutmix else [None] * steps
-    total = torch.zeros((), device=device)
+    total, shown = torch.zeros((), device=device), time.time()
     for k in range(steps):
+        if time.time() - shown > 30:  # long epochs (a teacher on a full training set) show progress
+            log(f"  {phase} step {k}/{steps}")
+            shown = time.time()
         x_soft = x_hard = None
         if phase == "hard":
             index = order[k * B:(k + 1) * B].to(device)
@@ -844,7 +847,7 @@ def train(cfg: Config, log=print) -> dict:
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
-        loss = run_epoch(phase, model, opt, images_u8, labels, cache, pool, gens, cfg, size, C).item()
+        loss = run_epoch(phase, model, opt, images_u8, labels, cache, pool, gens, cfg, size, C, log).item()
         if not math.isfinite(loss):
             raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr")
         last = epoch + 1 == len(phases)
