@@ -486,9 +486,9 @@ def load_trusted(path, what: str):
     """torch.load restricted to tensors and plain containers: a file never runs code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, ...
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise HaldError(f"cannot load {what} {path} safely ({first}): it is corrupted or not written by hald.py") from None
+    except Exception as e:  # a truncated zip, a foreign pickle, ...
+        raise HaldError(f"cannot load {what} {path} ({type(e).__name__}): it is truncated, corrupted, or holds Python "
+                        f"objects beyond tensors, which hald.py never unpickles; rewrite it with hald.py") from None
 
 
 # ----------------------------------------------------------------------------- losses
