@@ -348,8 +348,10 @@ def test_every_schedule_runs_end_to_end(tiny, tmp_path, schedule):
 
 
 def test_hybrid_on_stored_crops_and_with_t2(tiny, tmp_path):
-    assert hald.main(tiny_args(tiny, tmp_path, "--schedule", "hybrid", "--hybrid-crops", "stored", "--hybrid-t2")) == 0
-    assert json.loads((tmp_path / "summary.json").read_text())["config"]["hybrid_crops"] == "stored"
+    assert hald.main(tiny_args(tiny, tmp_path, "--schedule", "hybrid", "--hybrid-crops", "stored", "--hybrid-t2",
+                               "--label-smoothing", "0.8")) == 0
+    config = json.loads((tmp_path / "summary.json").read_text())["config"]
+    assert config["hybrid_crops"] == "stored" and config["label_smoothing"] == 0.8  # an explicit value is kept
 
 
 def test_same_seed_same_numbers_and_cache_reuse(tiny, tmp_path):
@@ -505,6 +507,7 @@ def test_no_argument_demo_in_short(tmp_path):
     assert SUMMARY_FIELDS <= summary.keys() and summary["config"]["data"].endswith("distilled")
     assert summary["soft_labels_per_class"] == 100 and summary["soft_label_bytes"] > 0
     assert summary["schedule"] == [["soft", 1], ["hard", 2], ["soft", 1]]
+    assert summary["config"]["label_smoothing"] == 0.1  # the auto rule below 100 classes
     for key in ("teacher_crop_trace_mean", "teacher_crop_trace_median", "teacher_crop_mismatch", "student_crop_js_mean"):
         assert math.isfinite(summary["drift"][key])
     assert 0 < summary["drift"]["teacher_crop_mismatch"] < 1  # a real teacher on real crops: some drift, mostly right
