@@ -10,6 +10,10 @@ hard (label-smoothed) labels, then replays the soft labels again.
     python hald.py --data distilled/ --val val/ --ipc 10 --teacher resnet18
     python hald.py --help                            # every knob with its doc line
 
+Measured (README, 2-core x86_64 CPU): CIFAR-10, IPC 10, ConvNet-3 student, 300 epochs, 3 seeds,
+last-epoch top-1 at 1 / 2 crops per image: soft-only 20.8 / 27.4 %, HALD 31.9 / 31.7 %, hard-only
+33.4 % (label smoothing 0.1); at 10 crops per image soft-only 44.8 % beats HALD.
+
 Sections follow one image from disk to the accuracy figure: config -> data -> crop
 sampler -> CutMix -> soft-label cache (relabel) -> losses -> schedule -> models ->
 diagnostics -> train/eval -> main.
