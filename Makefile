@@ -15,6 +15,7 @@ test: $(VENV)/installed
 	$(PY) -m pytest -q test_hald.py
 
 demo: $(VENV)/installed
+	$(PY) -m pip install --quiet matplotlib  # optional: the training-curve picture
 	$(PY) hald.py
 
 bench: $(VENV)/installed

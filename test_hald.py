@@ -512,3 +512,12 @@ def test_no_argument_demo_in_short(tmp_path):
         assert math.isfinite(summary["drift"][key])
     assert 0 < summary["drift"]["teacher_crop_mismatch"] < 1  # a real teacher on real crops: some drift, mostly right
     assert summary["final_top1"] > 10  # above chance on 2,000 real CIFAR-10 test images
+
+
+def test_torchvision_teacher_with_another_class_count_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    """A torchvision name loads ImageNet weights (1,000 outputs); here a stand-in with 7 outputs,
+    since weights cannot be downloaded in tests."""
+    real = hald.build_model
+    monkeypatch.setattr(hald, "build_model", lambda name, n, size, weights=None: real("convnet8", 7 if weights else n, size))
+    assert hald.main(tiny_args(tiny, tmp_path, "--teacher", "resnet18")) == 2
+    assert "predicts 7 classes but the data has 4" in capsys.readouterr().err
