@@ -83,7 +83,7 @@ def main(argv=None):
     steps = len(cache)
 
     x_fixed = hald.normalize(images[:B])
-    x_fixed = x_fixed.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x_fixed
+    x_fixed = hald.model_layout(x_fixed)
     probs_fixed = torch.softmax(torch.randn(B, C, device=device), 1)
 
     def model_steps():  # the ceiling: forward + backward + step on a pre-built batch, one epoch's worth
