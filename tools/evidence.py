@@ -31,15 +31,16 @@ GROUPS = {
                  ],
     "more": [("soft-only, T 4", ["--schedule", "soft", "--temperature", "4"]),
              ("HALD, label smoothing 0.1, T 4", ["--schedule", "shs", "--label-smoothing", "0.1", "--temperature", "4"]),
-("HALD, teacher eval mode", ["--schedule", "shs", "--teacher-mode", "eval"]),
-             ("soft-only, teacher eval mode", ["--schedule", "soft", "--teacher-mode", "eval"]),
+             ("HALD, top-3 labels (--label-topk 3)", ["--schedule", "shs", "--label-topk", "3"]),
+             ("HALD, teacher eval mode", ["--schedule", "shs", "--teacher-mode", "eval"]),
              ("HALD, crop scale 0.35", ["--schedule", "shs", "--crop-scale", "0.35"]),
-             ("soft-only, crop scale 0.35", ["--schedule", "soft", "--crop-scale", "0.35"]),
              ("HALD, LR cosine to 0 (eta 1)", ["--schedule", "shs", "--eta", "1"]),
              ("HALD, short hard phase (soft 120/hard 60/soft 120)", ["--schedule", "shs", "--soft-epochs", "240"]),
              ("sh (soft 150 -> hard 150)", ["--schedule", "sh"]),
              ("static hybrid, CE on stored crops", ["--schedule", "hybrid", "--hybrid-t2", "--hybrid-crops", "stored"]),
-             ("static hybrid, no T^2", ["--schedule", "hybrid"])],
+             ("static hybrid, no T^2", ["--schedule", "hybrid"]),
+             ("soft-only, teacher eval mode", ["--schedule", "soft", "--teacher-mode", "eval"]),
+             ("soft-only, crop scale 0.35", ["--schedule", "soft", "--crop-scale", "0.35"])],
 }
 
 
