@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -95,7 +96,10 @@ class Config:
     eta: float = arg(2.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); 2 for IPC <= 40, 1 for IPC 50")
     # run
     seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
-    device: str = arg("auto", "auto, cpu or cuda")
+    device: str = arg("auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    compile: bool = arg(False, "torch.compile the student (pays off on long GPU runs; the first steps compile)")
+    cuda_graph: bool = arg(False, "CUDA: replay the student's forward + backward from a CUDA graph per input shape "
+                           "(small batches are launch-bound); with --compile: inductor's CUDA graphs")
     eval_every: int = arg(10, "evaluate every N epochs (and always at the end); 0 = at the end only")
     drift_crops: int = arg(8, "crops per image for the drift diagnostics; 0 turns them off")
     out: str = arg("runs/hald", "output folder: metrics.jsonl, summary.json, the cache by default")
@@ -138,6 +142,8 @@ def check_config(cfg: Config) -> None:
         raise HaldError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise HaldError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
+    if cfg.cuda_graph and (pick_device(cfg.device).type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
 
 
 # ------------------------------------------------------------------------------- data
@@ -227,8 +233,9 @@ def load_val(root, classes: list[str], size: int) -> dict:
     return val
 
 
-def val_batches(val: dict, batch_size: int):
-    for start in range(0, len(val["paths"]), batch_size):
+def val_batches(val: dict, batch_size: int, rank: int = 0, world: int = 1):
+    """(uint8 images, labels) batches; under torchrun rank r takes batches r, r + world, ..."""
+    for start in range(rank * batch_size, len(val["paths"]), world * batch_size):
         end = min(start + batch_size, len(val["paths"]))
         images = val["images"]
         x = images[start:end] if images is not None else decode_images(val["paths"][start:end], val["size"], val["center_crop"])
@@ -427,8 +434,9 @@ class SoftLabelCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, teacher, images_u8, header: dict, gen: torch.Generator, log=print):
-        """Relabel: draw every crop and CutMix, run the teacher on each batch, keep the labels."""
+    def build(cls, teacher, images_u8, header: dict, gen: torch.Generator, log=print, rank: int = 0, world: int = 1):
+        """Relabel: draw every crop and CutMix, run the teacher on each batch, keep the labels.
+        Under torchrun every rank draws the same crops and labels every world-th batch."""
         n, size, B, passes = len(images_u8), header["image_size"], header["batch_size"], header["passes"]
         batches = stored_batches(n, B, passes)
         index = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
@@ -438,18 +446,22 @@ class SoftLabelCache:
         device = next(teacher.parameters()).device
         buffers = {name: b.clone() for name, b in teacher.named_buffers()}  # train-mode BN updates running stats
         bn_train_mode(teacher, header["teacher_mode"] == "train")
-        labels, t0 = [], time.time()
+        probs, t0 = torch.zeros(len(index), len(header["classes"]), device=device), time.time()
         for k, (s, e) in enumerate(batches):
+            if k % world != rank:
+                continue
             x = replay(images_u8, index[s:e], boxes[s:e], flips[s:e], partner[s:e], cut[k] if header["cutmix"] else None, size)
             with autocast(device):
                 logits = teacher(model_layout(x))
-            labels.append(F.softmax(logits.float() / header["temperature"], 1))
+            probs[s:e] = F.softmax(logits.float() / header["temperature"], 1)
             if time.time() - t0 > 10 and (k + 1) % max(1, len(batches) // 10) == 0:
                 log(f"relabel {k + 1}/{len(batches)} batches ({time.time() - t0:.1f}s)")
+        if world > 1:  # each row was labelled by one rank and is zero elsewhere: the sum merges them exactly
+            torch.distributed.all_reduce(probs)
         for name, b in teacher.named_buffers():
             b.copy_(buffers[name])
         teacher.eval()
-        packed = pack_labels(torch.cat(labels).cpu(), header["label_topk"], header["label_bits"])
+        packed = pack_labels(probs.cpu(), header["label_topk"], header["label_bits"])
         tensors = dict(index=index.int(), boxes=boxes, flips=flips, partner=partner.short(), cut=cut.short(), labels=packed)
         return cls(header, tensors)
 
@@ -491,8 +503,10 @@ def save_atomic(obj, path) -> None:
     try:
         if isinstance(obj, str):
             tmp.write_text(obj)
-        else:
-            torch.save(obj, tmp)
+        else:  # through a buffer: the archive inside is then named "archive", not after the temporary file
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            tmp.write_bytes(buffer.getvalue())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -694,7 +708,7 @@ def drift_report(teacher, student, images_u8, labels, k: int, size: int, scale: 
 # -------------------------------------------------------------------------- train/eval
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; a no-op on the CPU (fp32 keeps CPU runs exact and reproducible)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)  # no cache: CUDA graphs
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
@@ -706,20 +720,24 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val: dict, device: torch.device, batch_size: int = 500) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) on the validation set, in batches."""
+def evaluate(model: nn.Module, val: dict, device: torch.device, batch_size: int = 500, rank: int = 0, world: int = 1):
+    """Top-1 and top-5 accuracy (%) on the validation set, in batches (sharded over ranks under torchrun)."""
     model.eval()
-    correct1 = correct5 = torch.zeros((), device=device)
-    for x, y in val_batches(val, batch_size):
+    if world > 1:  # BatchNorm statistics drift apart between ranks after the last broadcast: use rank 0's
+        for b in model.buffers():
+            torch.distributed.broadcast(b, 0)
+    correct = torch.zeros(2, dtype=torch.long, device=device)
+    for x, y in val_batches(val, batch_size, rank, world):
         x, y = normalize(x.to(device, non_blocking=True)), y.to(device)
         with autocast(device):
             logits = model(model_layout(x))
         top = logits.topk(min(5, logits.shape[1]), 1).indices
-        correct1 = correct1 + (top[:, 0] == y).sum()
-        correct5 = correct5 + (top == y[:, None]).any(1).sum()
+        correct += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum()])
+    if world > 1:
+        torch.distributed.all_reduce(correct)
     model.train()
-    n = len(val["labels"])
-    return 100 * correct1.item() / n, 100 * correct5.item() / n
+    top1, top5 = correct.tolist()
+    return 100 * top1 / len(val["labels"]), 100 * top5 / len(val["labels"])
 
 
 def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.Generator) -> list[int]:
@@ -743,12 +761,15 @@ def fresh_crops(images_u8, index, boxes, flips, cut, size: int):
     return paste_cutmix(x, reverse, cut), reverse
 
 
-def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg: Config, size: int, num_classes: int, log=print):
+def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: Config, size: int, num_classes: int,
+              log=print, rank: int = 0, world: int = 1):
     """One epoch of the soft, hard or hybrid phase; returns the mean loss as a 0-dim tensor.
 
     soft: replay whole stored batches with their teacher labels; hard: fresh crops + CutMix of
     a shuffled pass, label-smoothed targets; hybrid: the stored batch with its soft labels plus
-    hard targets on fresh crops of the same images (or on the stored crops themselves)."""
+    hard targets on fresh crops of the same images (or on the stored crops themselves).
+    Under torchrun (net wrapped in DDP) every rank draws the same global batch and trains on its
+    slice, weighted so that the averaged gradient is the one of the whole batch."""
     n, B, device = len(images_u8), cfg.batch_size, images_u8.device
     steps = math.ceil(n / B)  # one pass over the images, whatever the phase
     if phase == "hard":
@@ -765,7 +786,7 @@ def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg:
         if time.time() - shown > 30:  # long epochs (a teacher on a full training set) show progress
             log(f"  {phase} step {k}/{steps}")
             shown = time.time()
-        x_soft = x_hard = None
+        x_soft = x_hard = probs = targets = None
         if phase == "hard":
             index = order[k * B:(k + 1) * B].to(device)
         else:
@@ -776,9 +797,13 @@ def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg:
         if phase != "soft":  # hybrid on stored crops keeps the stored partner and box
             lam = cutmix_lambda(cut, size, size) if cut is not None else 1.0
             targets = mixed_targets(labels[index], num_classes, cfg.label_smoothing, partner, lam)
+        weight = 1.0
+        if world > 1:  # CutMix partners sit anywhere in the global batch, so each rank builds all of it
+            x_soft, probs, x_hard, targets = (t if t is None else t.tensor_split(world)[rank] for t in (x_soft, probs, x_hard, targets))
+            weight = world * len(x_soft if x_soft is not None else x_hard) / len(index)
         x = torch.cat([t for t in (x_soft, x_hard) if t is not None])  # one forward for both terms of the hybrid
         with autocast(device):
-            logits = model(model_layout(x))
+            logits = net(model_layout(x))
         if phase == "soft":
             loss = soft_loss(logits, probs, cfg.temperature)
         elif phase == "hard":
@@ -787,14 +812,59 @@ def run_epoch(phase: str, model, opt, images_u8, labels, cache, pool, gens, cfg:
             soft_logits, hard_logits = logits.split(len(x_soft)) if x_hard is not None else (logits, logits)
             loss = hybrid_loss(soft_logits, probs, cfg.temperature, hard_logits, targets, cfg.hybrid_lambda, cfg.hybrid_t2)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()
         opt.step()
-        total += loss.detach()
-    return total / steps
+        total += loss.detach() * weight
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return total / (steps * world)
 
 
 def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group, NCCL on CUDA and gloo on the CPU, and
+    return (device, rank, world size); a plain run is rank 0 of 1 and touches torch.distributed not at all."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return device, 0, 1
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world
+
+
+class GraphedForward:
+    """The student's forward and backward replayed from a CUDA graph, one per input shape
+    (torch.cuda.make_graphed_callables): at batch 16 an eager step is bound by kernel launches.
+    Loss and AdamW step stay eager. Capture runs warm-up passes that would move BatchNorm
+    statistics; they are put back, so a graphed run trains as an eager one."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.graphs = model, {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape not in self.graphs:
+            saved = [b.clone() for b in self.model.buffers()]
+            with autocast(x.device):  # one wrapper per shape: make_graphed_callables patches its forward
+                self.graphs[x.shape] = torch.cuda.make_graphed_callables(nn.Sequential(self.model), (x.clone(),))
+            for b, value in zip(self.model.buffers(), saved):
+                b.copy_(value)
+        return self.graphs[x.shape](x)
+
+
+def speed_up(model: nn.Module, compile: bool, cuda_graph: bool):
+    """The callable that training runs: torch.compile (with its own CUDA graphs when both are
+    asked), our CUDA graphs alone, or the model as it is."""
+    if compile:
+        return torch.compile(model, mode="reduce-overhead" if cuda_graph else None)
+    return GraphedForward(model) if cuda_graph else model
 
 
 def make_generators(seed: int) -> dict[str, torch.Generator]:
@@ -806,8 +876,9 @@ def make_generators(seed: int) -> dict[str, torch.Generator]:
 def train(cfg: Config, log=print) -> dict:
     """Relabel (or reuse the cache), train through the schedule, evaluate; returns the summary."""
     check_config(cfg)
-    start, device, gens = time.time(), pick_device(cfg.device), make_generators(cfg.seed)
-    out = Path(cfg.out)
+    device, rank, world = init_distributed(pick_device(cfg.device))
+    log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
+    start, gens, out = time.time(), make_generators(cfg.seed), Path(cfg.out)
     images_u8, labels, classes = load_distilled(cfg.data, cfg.ipc, cfg.image_size)
     n, C, size = len(images_u8), len(classes), images_u8.shape[-1]
     # derived settings, resolved here once (summary.json records the resolved config)
@@ -815,6 +886,9 @@ def train(cfg: Config, log=print) -> dict:
         cfg = dataclasses.replace(cfg, label_smoothing=0.8 if C >= SMOOTHING_CLASSES else 0.1)
     if cfg.batch_size > n:
         raise HaldError(f"--batch-size {cfg.batch_size} is larger than the {n} distilled images: lower it")
+    if cfg.batch_size % world or 0 < n % cfg.batch_size < world:
+        raise HaldError(f"--batch-size {cfg.batch_size} is the global batch: with {world} processes it (and the last "
+                        f"batch, {n % cfg.batch_size} images) must split evenly enough: use a multiple of {world}")
     crops_per_image = cfg.slc // cfg.ipc
     schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, crops_per_image)
     val = load_val(cfg.val, classes, size)
@@ -840,9 +914,10 @@ def train(cfg: Config, log=print) -> dict:
             cache = SoftLabelCache.load(cache_path, header)
             log(f"reusing soft-label cache {cache_path}")
         else:
-            cache = SoftLabelCache.build(teacher, images_u8, header, gens["relabel"], log)
-            cache.save(cache_path)
-        cache_bytes = cache_path.stat().st_size
+            cache = SoftLabelCache.build(teacher, images_u8, header, gens["relabel"], log, rank, world)
+            if rank == 0:
+                cache.save(cache_path)
+        cache_bytes = cache_path.stat().st_size if rank == 0 else 0
         num_labels = len(cache.probs)
         log(f"soft labels: {num_labels} ({cfg.slc} per class) in {cache_bytes:,} bytes = {cache_bytes / num_labels:.0f} bytes/label")
         cache.to(device)
@@ -851,6 +926,11 @@ def train(cfg: Config, log=print) -> dict:
     model = build_model(cfg.model, C, size).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    net = model  # what training calls; `model` itself is evaluated and saved
+    if world > 1:  # BatchNorm statistics over the global batch on GPUs, as a single process computes them
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    net = speed_up(net, cfg.compile, cfg.cuda_graph)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     out.mkdir(parents=True, exist_ok=True)
     phases = [phase for phase, count in schedule for _ in range(count)]
@@ -859,27 +939,31 @@ def train(cfg: Config, log=print) -> dict:
     if cfg.resume and (out / "checkpoint.pt").exists():
         first, pool, history = restore_state(out / "checkpoint.pt", run_id, model, opt, gens)
         log(f"resuming after epoch {first} from {out / 'checkpoint.pt'}")
-    save_atomic("".join(json.dumps(row) + "\n" for row in history), out / "metrics.jsonl")
+    if rank == 0:
+        save_atomic("".join(json.dumps(row) + "\n" for row in history), out / "metrics.jsonl")
     model.train()
     for epoch in range(first, len(phases)):
         phase = phases[epoch]
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
-        loss = run_epoch(phase, model, opt, images_u8, labels, cache, pool, gens, cfg, size, C, log).item()
+        loss = run_epoch(phase, net, opt, images_u8, labels, cache, pool, gens, cfg, size, C, log, rank, world).item()
         if not math.isfinite(loss):
             raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr")
         last = epoch + 1 == len(phases)
         row = {"epoch": epoch + 1, "phase": phase, "loss": loss, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            row["top1"], row["top5"] = evaluate(model, val, device)
+            row["top1"], row["top5"] = evaluate(model, val, device, rank=rank, world=world)
         history.append(row)
-        save_state(out / "checkpoint.pt", run_id, model, opt, epoch + 1, pool, gens, history)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if rank == 0:
+            save_state(out / "checkpoint.pt", run_id, model, opt, epoch + 1, pool, gens, history)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
         acc = f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if "top1" in row else ""
         log(f"epoch {epoch + 1:>4}/{len(phases)} {phase:<6} loss {loss:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s{acc}")
 
+    if rank > 0:  # rank 0 writes the results
+        return {}
     evals = [row for row in history if "top1" in row]
     top1, top5 = evals[-1]["top1"], evals[-1]["top5"]
     best = max((row["top1"], row["epoch"]) for row in evals)
@@ -904,7 +988,7 @@ def train(cfg: Config, log=print) -> dict:
 
 def run_fingerprint(cfg: Config) -> str:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
-    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model")}
+    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile", "cuda_graph")}
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
 
 
@@ -964,6 +1048,9 @@ def main(argv=None) -> int:
             raise
         print(f"hald: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

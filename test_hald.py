@@ -485,6 +485,8 @@ def test_untrusted_pickles_and_missing_cuda_are_refused(tiny, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert hald.main(tiny_args(tiny, tmp_path / "out", "--device", "cuda")) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+        assert hald.main(tiny_args(tiny, tmp_path / "out", "--cuda-graph")) == 2
+        assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
 def test_bench_smoke(tmp_path):
@@ -521,3 +523,48 @@ def test_torchvision_teacher_with_another_class_count_is_refused(tiny, tmp_path,
     monkeypatch.setattr(hald, "build_model", lambda name, n, size, weights=None: real("convnet8", 7 if weights else n, size))
     assert hald.main(tiny_args(tiny, tmp_path, "--teacher", "resnet18")) == 2
     assert "predicts 7 classes but the data has 4" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ speed knobs
+def test_compile_trains_like_eager(tiny, tmp_path):
+    """--compile changes how the student runs, not what it computes (here on the CPU, with inductor)."""
+    losses = {}
+    for flags in ((), ("--compile",)):
+        out = tmp_path / ("compiled" if flags else "eager")
+        assert hald.main(tiny_args(tiny, out, "--epochs", "2", "--drift-crops", "0", *flags)) == 0
+        losses[flags] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[()] == pytest.approx(losses[("--compile",)], rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_trains_like_eager(tiny, tmp_path):
+    summaries = []
+    for flags in ((), ("--cuda-graph",)):
+        assert hald.main(tiny_args(tiny, tmp_path / str(len(flags)), "--model", "resnet18", *flags)) == 0
+        summaries.append(json.loads((tmp_path / str(len(flags)) / "summary.json").read_text()))
+    assert summaries[0]["final_top1"] == summaries[1]["final_top1"]
+
+
+# ---------------------------------------------------------------------------- torchrun
+def test_torchrun_two_processes_match_one(tiny, tmp_path):
+    """torchrun --nproc_per_node=2 on the CPU (gloo) against one process: the soft-label cache is
+    byte-identical, the global batch is split (same losses), one summary is written, and the sharded
+    evaluation equals a single-process evaluation of the saved student. The validation set spans
+    two 500-image batches, so both ranks evaluate."""
+    val = write_folder(tmp_path / "val", 4, 130, 16, 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process in both runs: same CPU kernels
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}"
+        args = tiny_args(tiny, out, "--val", str(val), "--epochs", "3", "--save-model", str(out / "student.pt"))
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
+        runs[procs] = subprocess.run([*launch, str(HERE / "hald.py"), *args], capture_output=True, text=True, env=env, timeout=300)
+        assert runs[procs].returncode == 0, runs[procs].stderr[-3000:]
+    assert (tmp_path / "p1" / "soft_labels.pt").read_bytes() == (tmp_path / "p2" / "soft_labels.pt").read_bytes()
+    assert runs[2].stdout.count("final top-1") == 1 and runs[2].stdout.count("soft labels:") == 1  # rank 0 alone speaks
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("p1", "p2")]
+    assert len(losses[1]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    classes = [f"class{c}" for c in range(4)]
+    student, _ = hald.load_teacher(str(tmp_path / "p2" / "student.pt"), classes, 16)
+    assert hald.evaluate(student, hald.load_val(val, classes, 16), torch.device("cpu")) == (summary["final_top1"], summary["final_top5"])

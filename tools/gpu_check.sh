@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The CUDA checks and GPU benchmark of hald.py in one short script, for a GPU that is lent briefly:
+#   OUT=/tmp/gpu bash tools/gpu_check.sh          # bench-*.json and check.log land in $OUT
+# Order: benchmark at the issue's sizes, the bundled demo on CUDA (eager and CUDA graphs), the test
+# suite on CUDA, torch.compile last (it compiles for minutes). Each step has its own time limit.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+log="$OUT/check.log"
+step() { echo "== $*" | tee -a "$log"; }
+
+step "device"
+{ nvidia-smi -L; $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee -a "$log"
+
+bench() {  # name, then bench.py flags
+    local name=$1; shift
+    step "bench $name: $*"
+    timeout "${LIMIT:-90}" $PY tools/bench.py --device cuda --repeats 5 --out "$OUT/bench-$name.json" "$@" 2>&1 | tail -12 | tee -a "$log"
+}
+bench r18-224-b16 --model resnet18 --image-size 224 --batch-size 16 --classes 1000 --ipc 2
+bench r18-224-b16-graph --model resnet18 --image-size 224 --batch-size 16 --classes 1000 --ipc 2 --cuda-graph
+bench r18-224-b128 --model resnet18 --image-size 224 --batch-size 128 --classes 1000 --ipc 2
+bench r18-224-b128-graph --model resnet18 --image-size 224 --batch-size 128 --classes 1000 --ipc 2 --cuda-graph
+bench r18-32-b16 --model resnet18 --image-size 32 --batch-size 16 --classes 100 --ipc 10
+bench r18-32-b16-graph --model resnet18 --image-size 32 --batch-size 16 --classes 100 --ipc 10 --cuda-graph
+
+for flags in "" "--cuda-graph"; do
+    step "demo on CUDA $flags"
+    timeout 120 $PY hald.py --out "/tmp/demo$flags" $flags 2>&1 | grep -E "^hald|soft labels:|epoch +(75|150|225|300)/|drift|final" | tee -a "$log"
+done
+
+step "pytest on CUDA"
+timeout 180 $PY -m pytest -q -p no:cacheprovider test_hald.py 2>&1 | tail -25 | tee -a "$log"
+
+LIMIT=200 bench r18-224-b16-compile-graph --model resnet18 --image-size 224 --batch-size 16 --classes 1000 --ipc 2 --compile --cuda-graph
+
+step "summary"
+$PY - "$OUT" <<'EOF' 2>&1 | tee -a "$log"
+import json, sys
+from pathlib import Path
+keys = ("model_step_ips", "soft_epoch_ips", "hard_epoch_ips", "efficiency_soft", "efficiency_hard",
+        "relabel_vs_teacher_forward", "replay_speedup_vs_naive", "projected_imagenet_ipc10_minutes")
+print("run".ljust(28) + "".join(k[:14].rjust(15) for k in keys))
+for path in sorted(Path(sys.argv[1]).glob("bench-*.json")):
+    r = json.loads(path.read_text())
+    print(path.stem[6:].ljust(28) + "".join(f"{r[k]:15.3f}" for k in keys))
+EOF
