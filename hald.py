@@ -8,6 +8,7 @@ hard (label-smoothed) labels, then replays the soft labels again.
 
     python hald.py                                   # bundled CIFAR-10 demo
     python hald.py --data distilled/ --val val/ --ipc 10 --teacher resnet18
+    torchrun --nproc_per_node=8 hald.py --data ...   # several GPUs (or CPU processes), same flags
     python hald.py --help                            # every knob with its doc line
 
 Measured (README, 2-core x86_64 CPU): CIFAR-10, IPC 10, ConvNet-3 student, 300 epochs, 3 seeds,
@@ -57,8 +58,8 @@ class HaldError(Exception):
 
 
 # ----------------------------------------------------------------------------- config
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -70,13 +71,13 @@ class Config:
     image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image")
     # soft labels
     teacher: str = arg(str(DEMO / "teacher.pt"), "torchvision model name (ImageNet weights) or a hald.py checkpoint")
-    teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics, authors' default) or eval")
+    teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics, authors' default) or eval", ("train", "eval"))
     slc: int = arg(100, "soft labels per class stored (a multiple of --ipc; slc/ipc crops per image)")
     temperature: float = arg(20.0, "softmax temperature of stored labels and of the soft loss")
     crop_scale: float = arg(0.08, "smallest crop area fraction of RandomResizedCrop (upper bound 1)")
     cutmix: bool = arg(True, "apply CutMix to every relabel and hard-phase batch")
     label_topk: int = arg(0, "store only the K largest probabilities per label (0 = all classes)")
-    label_bits: int = arg(16, "precision of stored probabilities: 16 (fp16) or 8 (per-label min-max codes)")
+    label_bits: int = arg(16, "precision of stored probabilities: 16 (fp16) or 8 (per-label min-max codes)", (16, 8))
     cache: str = arg("", "soft-label cache file; default OUT/soft_labels.pt; reused when its fingerprint matches")
     rebuild_cache: bool = arg(False, "rebuild the cache when it exists but was made for other settings")
     # student and schedule
@@ -87,16 +88,16 @@ class Config:
     label_smoothing: float = arg(-1.0, "label smoothing of hard targets (timm convention: off-value smoothing/C); "
                                  "-1 = auto: the authors' 0.8 with >= 100 classes, 0.1 below (measured on CIFAR-10, see README)")
     hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
-    hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops")
+    hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
     # optimisation
-    batch_size: int = arg(16, "images per step (relabel batches have the same size)")
+    batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
     lr: float = arg(1e-3, "AdamW learning rate")
     weight_decay: float = arg(0.01, "AdamW weight decay, applied to weights with ndim > 1 only")
     eta: float = arg(2.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); 2 for IPC <= 40, 1 for IPC 50")
     # run
     seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
-    device: str = arg("auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    device: str = arg("auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)", ("auto", "cpu", "cuda"))
     compile: bool = arg(False, "torch.compile the student (pays off on long GPU runs; the first steps compile)")
     cuda_graph: bool = arg(False, "CUDA: replay the student's forward + backward from a CUDA graph per input shape "
                            "(small batches are launch-bound); with --compile: inductor's CUDA graphs")
@@ -126,20 +127,17 @@ def check_config(cfg: Config) -> None:
         raise HaldError(f"--ipc and --epochs must be >= 1, got {cfg.ipc} and {cfg.epochs}")
     if cfg.batch_size < 2:
         raise HaldError(f"--batch-size must be >= 2 (CutMix mixes images of a batch), got {cfg.batch_size}")
-    if cfg.teacher_mode not in ("train", "eval"):
-        raise HaldError(f"--teacher-mode must be train or eval, got {cfg.teacher_mode!r}")
-    if cfg.hybrid_crops not in ("fresh", "stored"):
-        raise HaldError(f"--hybrid-crops must be fresh or stored, got {cfg.hybrid_crops!r}")
+    for f in dataclasses.fields(cfg):
+        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
+            raise HaldError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, f.metadata['choices']))}, got {getattr(cfg, f.name)!r}")
     if not 0 < cfg.crop_scale <= 1:
         raise HaldError(f"--crop-scale must be in (0, 1], got {cfg.crop_scale}")
     if not (0 <= cfg.label_smoothing < 1 or cfg.label_smoothing == -1):
         raise HaldError(f"--label-smoothing must be in [0, 1) or -1 (auto), got {cfg.label_smoothing}")
     if cfg.temperature <= 0 or cfg.lr <= 0 or cfg.eta <= 0:
         raise HaldError("--temperature, --lr and --eta must be positive")
-    if cfg.label_bits not in (8, 16) or cfg.label_topk < 0:
-        raise HaldError(f"--label-bits must be 8 or 16 and --label-topk >= 0, got {cfg.label_bits} and {cfg.label_topk}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise HaldError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.label_topk < 0:
+        raise HaldError(f"--label-topk must be >= 0 (0 keeps all classes), got {cfg.label_topk}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise HaldError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
     if cfg.cuda_graph and (pick_device(cfg.device).type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
@@ -165,8 +163,8 @@ def list_image_folder(root) -> tuple[list[list[Path]], list[str]]:
     return files, classes
 
 
-def decode_image(path: Path, size: int, center_crop: bool) -> torch.Tensor:
-    """One image as uint8 (3, size, size); grayscale and RGBA become RGB."""
+def decode_image(path: Path, size: int, center_crop: bool = False) -> torch.Tensor:
+    """One image as uint8 (3, size, size) (size 0: as it is); grayscale and RGBA become RGB."""
     from PIL import Image
 
     try:
@@ -181,25 +179,15 @@ def decode_image(path: Path, size: int, center_crop: bool) -> torch.Tensor:
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))
-    elif image.size != (size, size):
+    elif size and image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.size[1], image.size[0], 3).permute(2, 0, 1)
 
 
 def decode_images(paths, size: int, center_crop: bool = False) -> torch.Tensor:
     """Decode many images in threads (PIL releases the GIL) into one uint8 (N, 3, size, size)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return torch.stack(list(pool.map(lambda p: decode_image(p, size, center_crop), paths)))
-
-
-def first_image_height(path: Path) -> int:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.size[1]
-    except (OSError, ValueError) as e:
-        raise HaldError(f"cannot read image {path} ({e}): replace or remove the file") from None
 
 
 def load_distilled(root, ipc: int, size: int = 0):
@@ -210,7 +198,7 @@ def load_distilled(root, ipc: int, size: int = 0):
             raise HaldError(f"class {name!r} in {root} has {len(class_files)} images, fewer than --ipc {ipc}: "
                             f"lower --ipc or add images")
     paths = [p for class_files in files for p in class_files[:ipc]]
-    size = size or first_image_height(paths[0])
+    size = size or decode_image(paths[0], 0).shape[1]
     labels = torch.arange(len(classes)).repeat_interleave(ipc)
     return decode_images(paths, size), labels, classes
 
@@ -303,8 +291,8 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, 
     clamped to the box, as interpolating the cropped image clamps them to its border.
     """
     B, _, H, W = images.shape
-    pixels = boxes.to(images) * torch.tensor([H, W, H, W], dtype=images.dtype, device=images.device)
-    top, left, h, w = pixels.unbind(1)  # each (B,)
+    top, left, h, w = boxes.to(images).unbind(1)  # each (B,); fractions to pixels with Python scalars (no host sync)
+    top, left, h, w = top * H, left * W, h * H, w * W
     t = (torch.arange(size, dtype=images.dtype, device=images.device) + 0.5) / size  # (S,)
     ys = (top[:, None] + t * h[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])  # (B, S)
     xs = (left[:, None] + t * w[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])  # (B, S)
@@ -444,13 +432,14 @@ class SoftLabelCache:
         partner = torch.cat([torch.randperm(e - s, generator=gen) for s, e in batches])
         cut = sample_cutmix_boxes(len(batches), size, size, gen) if header["cutmix"] else torch.full((len(batches), 4), -1)
         device = next(teacher.parameters()).device
+        drawn = [t.to(device) for t in (index, boxes, flips, partner, cut)]  # on the device once: no copy per batch
         buffers = {name: b.clone() for name, b in teacher.named_buffers()}  # train-mode BN updates running stats
         bn_train_mode(teacher, header["teacher_mode"] == "train")
         probs, t0 = torch.zeros(len(index), len(header["classes"]), device=device), time.time()
         for k, (s, e) in enumerate(batches):
             if k % world != rank:
                 continue
-            x = replay(images_u8, index[s:e], boxes[s:e], flips[s:e], partner[s:e], cut[k] if header["cutmix"] else None, size)
+            x = replay(images_u8, *(t[s:e] for t in drawn[:4]), drawn[4][k] if header["cutmix"] else None, size)
             with autocast(device):
                 logits = teacher(model_layout(x))
             probs[s:e] = F.softmax(logits.float() / header["temperature"], 1)
@@ -773,7 +762,7 @@ def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: C
     n, B, device = len(images_u8), cfg.batch_size, images_u8.device
     steps = math.ceil(n / B)  # one pass over the images, whatever the phase
     if phase == "hard":
-        order = torch.randperm(n, generator=gens["hard"])
+        order = torch.randperm(n, generator=gens["hard"]).to(device)
     else:
         chosen = draw_soft_batches(pool, steps, len(cache), gens["pool"])
     fresh = phase == "hard" or (phase == "hybrid" and cfg.hybrid_crops == "fresh")
@@ -788,7 +777,7 @@ def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: C
             shown = time.time()
         x_soft = x_hard = probs = targets = None
         if phase == "hard":
-            index = order[k * B:(k + 1) * B].to(device)
+            index = order[k * B:(k + 1) * B]
         else:
             x_soft, probs, index, partner, cut = cache.batch(chosen[k], images_u8)
         if fresh:

@@ -382,7 +382,8 @@ def test_saved_student_is_a_teacher_and_cache_mismatch_is_refused(tiny, tmp_path
     (["--schedule", "soft:1,hard:1"], "covers 2 epochs"),
     (["--schedule", "banana"], "bad schedule"),
     (["--teacher", "missing.pt"], "does not exist"),
-    (["--teacher-mode", "test"], "--teacher-mode"),
+    (["--teacher-mode", "test"], "--teacher-mode must be one of train, eval"),
+    (["--label-bits", "4"], "--label-bits must be one of 16, 8"),
     (["--model", "nonexistent_net"], "unknown model"),
     (["--lr", "1e9", "--schedule", "hard", "--label-smoothing", "0"], "loss became"),
 ])
