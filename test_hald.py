@@ -368,11 +368,11 @@ def test_same_seed_same_numbers_and_cache_reuse(tiny, tmp_path):
 def test_saved_student_is_a_teacher_and_cache_mismatch_is_refused(tiny, tmp_path, capsys):
     student = tmp_path / "student.pt"
     assert hald.main(tiny_args(tiny, tmp_path / "a", "--save-model", str(student))) == 0
-    assert hald.main(tiny_args(tiny, tmp_path / "b", "--teacher", str(student), "--temperature", "4")) == 0
-    # the cache of run a was made at T = 20 by another teacher: reusing it is refused, then rebuilt on request
-    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "4")) == 2
+    assert hald.main(tiny_args(tiny, tmp_path / "b", "--teacher", str(student), "--temperature", "7")) == 0
+    # the cache of run a was made at T = 4 (auto, 4 classes) by another teacher: reusing it is refused, then rebuilt on request
+    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "7")) == 2
     assert "other settings" in capsys.readouterr().err
-    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "4", "--rebuild-cache")) == 0
+    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "7", "--rebuild-cache")) == 0
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -510,7 +510,7 @@ def test_no_argument_demo_in_short(tmp_path):
     assert SUMMARY_FIELDS <= summary.keys() and summary["config"]["data"].endswith("distilled")
     assert summary["soft_labels_per_class"] == 100 and summary["soft_label_bytes"] > 0
     assert summary["schedule"] == [["soft", 1], ["hard", 2], ["soft", 1]]
-    assert summary["config"]["label_smoothing"] == 0.1  # the auto rule below 100 classes
+    assert summary["config"]["label_smoothing"] == 0.1 and summary["config"]["temperature"] == 4  # the auto rules below 100 classes
     for key in ("teacher_crop_trace_mean", "teacher_crop_trace_median", "teacher_crop_mismatch", "student_crop_js_mean"):
         assert math.isfinite(summary["drift"][key])
     assert 0 < summary["drift"]["teacher_crop_mismatch"] < 1  # a real teacher on real crops: some drift, mostly right
