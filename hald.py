@@ -247,12 +247,6 @@ def model_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
-def images_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    digest = hashlib.sha256(images.contiguous().cpu().numpy().tobytes())
-    digest.update(labels.cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------- crop sampler
 def sample_crops(n: int, height: int, width: int, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop boxes with torchvision's distribution, plus horizontal flips (p = 0.5).
@@ -899,7 +893,7 @@ def train(cfg: Config, log=print) -> dict:
         header = dict(format=CACHE_FORMAT, classes=classes, num_images=n, ipc=cfg.ipc, slc=cfg.slc, passes=crops_per_image,
                       image_size=size, batch_size=cfg.batch_size, temperature=cfg.temperature, teacher=teacher_id,
                       teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3], cutmix=cfg.cutmix,
-                      seed=cfg.seed, images_sha256=images_fingerprint(images_u8, labels), values="probs",
+                      seed=cfg.seed, images_sha256=tensors_digest({"images": images_u8, "labels": labels}), values="probs",
                       label_topk=cfg.label_topk, label_bits=cfg.label_bits)
         header["fingerprint"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
         cache_path = Path(cfg.cache or out / "soft_labels.pt")

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -436,22 +437,23 @@ def test_cli_subprocess_and_help(tiny, tmp_path):
         assert flag in helptext
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path):
-    """Kill a CLI run after some epochs' checkpoints, resume it, and compare bit for bit with an
-    uninterrupted run of the same seed."""
+@pytest.mark.parametrize("procs", [1, 2])
+def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path, procs):
+    """Kill a CLI run (one process, or two under torchrun) after some epochs' checkpoints, resume
+    it, and compare bit for bit with an uninterrupted run of the same seed."""
     args = tiny_args(tiny, tmp_path / "killed", "--epochs", "60", "--eval-every", "20", "--save-model", str(tmp_path / "killed.pt"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(HERE / "hald.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    cli = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if procs > 1 else []), str(HERE / "hald.py")]
+    proc = subprocess.Popen(cli + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
         time.sleep(0.01)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
     proc.wait()
     assert not (tmp_path / "killed" / "summary.json").exists(), "the run ended before it could be killed"
     done = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"]
     assert 5 <= done < 60
     # the same thread count everywhere: CPU kernels may sum in another order with more threads
-    cli = [sys.executable, str(HERE / "hald.py")]
     assert subprocess.run(cli + args + ["--resume"], capture_output=True, env=env).returncode == 0
     whole = tiny_args(tiny, tmp_path / "whole", "--epochs", "60", "--eval-every", "20", "--save-model", str(tmp_path / "whole.pt"))
     assert subprocess.run(cli + whole, capture_output=True, env=env).returncode == 0
