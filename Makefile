@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench evidence clean
+.PHONY: test demo bench gpu-check evidence clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,16 @@ demo: $(VENV)/installed
 bench: $(VENV)/installed
 	$(PY) tools/bench.py
 
+# on a CUDA machine: the benchmark at the GPU sizes, the demo and the tests on CUDA (about 8 min on an H100)
+gpu-check:
+	OUT=runs/gpu-check bash tools/gpu_check.sh
+
 # CIFAR-10 evidence: CIFAR=path/to/cifar10 (ImageFolder with test/); about 1.5 h on 2 CPU cores
 CIFAR ?= ../shared/data/cifar10
 evidence: $(VENV)/installed
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group main --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group suspects --crops 1,2 --jobs 2
+	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --crops 1,2 --jobs 2
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis __pycache__

@@ -63,6 +63,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile the student, as hald.py --compile")
     parser.add_argument("--cuda-graph", action="store_true", help="CUDA graphs for the student, as hald.py --cuda-graph")
+    parser.add_argument("--profile", action="store_true", help="also print where a soft and a hard epoch spend their time")
     parser.add_argument("--out", default=str(ROOT / "bench.json"))
     args = parser.parse_args(argv)
     device = hald.pick_device(args.device)
@@ -129,6 +130,13 @@ def main(argv=None):
     for k, v in result.items():
         print(f"{k:<28} {v:,.3f}" if isinstance(v, float) else f"{k:<28} {v}")
     Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.profile:  # operator self-times over one soft and one hard epoch: model vs data path vs optimizer
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+            epoch["soft"](), epoch["hard"]()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=45))
     return result
 
 
