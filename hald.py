@@ -874,8 +874,8 @@ def train(cfg: Config, log=print) -> dict:
     if cfg.batch_size > n:
         raise HaldError(f"--batch-size {cfg.batch_size} is larger than the {n} distilled images: lower it")
     if cfg.batch_size % world or 0 < n % cfg.batch_size < world:
-        raise HaldError(f"--batch-size {cfg.batch_size} is the global batch: with {world} processes it (and the last "
-                        f"batch, {n % cfg.batch_size} images) must split evenly enough: use a multiple of {world}")
+        raise HaldError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of the {world} processes, and "
+                        f"the last batch of a pass ({n % cfg.batch_size} images) at least {world}: change --batch-size or --nproc_per_node")
     crops_per_image = cfg.slc // cfg.ipc
     schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, crops_per_image)
     val = load_val(cfg.val, classes, size)
@@ -1033,7 +1033,8 @@ def main(argv=None) -> int:
     except HaldError as e:
         if cfg.debug:
             raise
-        print(f"hald: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
+            print(f"hald: error: {e}", file=sys.stderr)
         return 2
     finally:
         if "torch.distributed" in sys.modules and torch.distributed.is_initialized():

@@ -571,3 +571,6 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
     classes = [f"class{c}" for c in range(4)]
     student, _ = hald.load_teacher(str(tmp_path / "p2" / "student.pt"), classes, 16)
     assert hald.evaluate(student, hald.load_val(val, classes, 16), torch.device("cpu")) == (summary["final_top1"], summary["final_top5"])
+    bad = subprocess.run([*launch, str(HERE / "hald.py"), *tiny_args(tiny, tmp_path / "bad", "--batch-size", "3")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.count("hald: error: --batch-size 3 is the global batch") == 1  # said once
