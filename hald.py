@@ -782,10 +782,8 @@ def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: C
         if phase != "soft":  # hybrid on stored crops keeps the stored partner and box
             lam = cutmix_lambda(cut, size, size) if cut is not None else 1.0
             targets = mixed_targets(labels[index], num_classes, cfg.label_smoothing, partner, lam)
-        weight = 1.0
         if world > 1:  # CutMix partners sit anywhere in the global batch, so each rank builds all of it
             x_soft, probs, x_hard, targets = (t if t is None else t.tensor_split(world)[rank] for t in (x_soft, probs, x_hard, targets))
-            weight = world * len(x_soft if x_soft is not None else x_hard) / len(index)
         x = torch.cat([t for t in (x_soft, x_hard) if t is not None])  # one forward for both terms of the hybrid
         with autocast(device):
             logits = net(model_layout(x))
@@ -796,10 +794,12 @@ def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: C
         else:
             soft_logits, hard_logits = logits.split(len(x_soft)) if x_hard is not None else (logits, logits)
             loss = hybrid_loss(soft_logits, probs, cfg.temperature, hard_logits, targets, cfg.hybrid_lambda, cfg.hybrid_t2)
+        if world > 1:  # DDP averages over ranks: weight each slice by its share of the global batch
+            loss = loss * (world * len(x_soft if x_soft is not None else x_hard) / len(index))
         opt.zero_grad(set_to_none=True)
-        (loss * weight).backward()
+        loss.backward()
         opt.step()
-        total += loss.detach() * weight
+        total += loss.detach()
     if world > 1:
         torch.distributed.all_reduce(total)
     return total / (steps * world)
