@@ -739,11 +739,8 @@ def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.G
 def fresh_crops(images_u8, index, boxes, flips, cut, size: int):
     """Hard-phase batch: new crops + flips of the images, CutMix with the batch in reverse
     order (timm's partner). Returns crops (B, 3, S, S) and the partner (None without CutMix)."""
-    x = crop_resize(normalize(images_u8[index.to(images_u8.device)]), boxes, flips, size)
-    if cut is None:
-        return x, None
-    reverse = torch.arange(len(index) - 1, -1, -1, device=x.device)
-    return paste_cutmix(x, reverse, cut), reverse
+    reverse = None if cut is None else torch.arange(len(index) - 1, -1, -1, device=images_u8.device)
+    return replay(images_u8, index, boxes, flips, reverse, cut, size), reverse
 
 
 def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: Config, size: int, num_classes: int,
