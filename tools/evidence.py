@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Settings are pinned where the defaults have moved since a row was measured (T 20 and label
 # smoothing 0.8 were the defaults of the main table), so every row reproduces its README figure.
 T20, LS08 = ["--temperature", "20"], ["--label-smoothing", "0.8"]
+T4, LS01 = ["--temperature", "4"], ["--label-smoothing", "0.1"]
 GROUPS = {
     "main": [("soft-only", ["--schedule", "soft", *T20]), ("HALD (shs)", ["--schedule", "shs", *LS08, *T20]),
              ("hard-only", ["--schedule", "hard", *LS08]),
@@ -34,6 +35,8 @@ GROUPS = {
     "more": [("soft-only, T 4", ["--schedule", "soft", "--temperature", "4"]),
              ("HALD, label smoothing 0.1, T 4", ["--schedule", "shs", "--label-smoothing", "0.1", "--temperature", "4"]),
              ("HALD, top-3 labels (--label-topk 3)", ["--schedule", "shs", "--label-topk", "3", *T20]),
+             ("HALD, top-3 labels, T 4", ["--schedule", "shs", "--label-topk", "3", *LS01, *T4]),
+             ("HALD, LR cosine to 0 (eta 1), T 4", ["--schedule", "shs", "--eta", "1", *LS01, *T4]),
              ("HALD, teacher eval mode", ["--schedule", "shs", "--teacher-mode", "eval", *T20]),
              ("HALD, crop scale 0.35", ["--schedule", "shs", "--crop-scale", "0.35", *T20]),
              ("HALD, LR cosine to 0 (eta 1)", ["--schedule", "shs", "--eta", "1", *T20]),
