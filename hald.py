@@ -238,9 +238,11 @@ def _mean_std(device: torch.device):  # built once per device, not copied to the
 
 
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (B, 3, H, W) with ImageNet mean and std."""
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) with ImageNet mean and std.
+    In place on one new tensor: a fresh large tensor per operation costs the CPU page faults
+    (measured 20 ms against 0.8 ms for 16 images of 224 px; README, Benchmark)."""
     mean, std = _mean_std(images_u8.device)
-    return (images_u8.float() / 255 - mean) / std
+    return images_u8.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
 
 
 def model_layout(x: torch.Tensor) -> torch.Tensor:
@@ -318,13 +320,17 @@ def cutmix_lambda(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def paste_cutmix(images: torch.Tensor, partner: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """Paste the box of images[partner] into each image. images (B, C, H, W); partner (B,); box (4,)."""
-    H, W = images.shape[-2:]
-    rows = torch.arange(H, device=images.device)
-    cols = torch.arange(W, device=images.device)
-    box = box.to(images.device)
-    mask = ((rows >= box[0]) & (rows < box[1]))[:, None] & ((cols >= box[2]) & (cols < box[3]))[None, :]  # (H, W)
-    return torch.where(mask, images[partner.to(images.device)], images)
+    """Paste the box of images[partner] into each image, in place; returns images.
+    images (B, C, H, W); partner (B,); box (4,) (y0, y1, x0, x1)."""
+    partner = partner.to(images.device)
+    if images.is_cuda:  # a mask keeps the box on the device: no host sync
+        H, W = images.shape[-2:]
+        rows, cols, box = torch.arange(H, device=images.device), torch.arange(W, device=images.device), box.to(images.device)
+        mask = ((rows >= box[0]) & (rows < box[1]))[:, None] & ((cols >= box[2]) & (cols < box[3]))[None, :]  # (H, W)
+        return torch.where(mask, images[partner], images, out=images)
+    y0, y1, x0, x1 = box.tolist()  # on the CPU: copy the box only (indexing with partner copies before writing)
+    images[:, :, y0:y1, x0:x1] = images[partner, :, y0:y1, x0:x1]
+    return images
 
 
 # ------------------------------------------------------------- soft-label cache (relabel)

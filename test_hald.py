@@ -130,7 +130,7 @@ def test_cutmix_paste_is_exact_and_lambda_is_the_kept_area(h, w, seed):
     assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
     images = torch.stack([torch.zeros(3, h, w), torch.ones(3, h, w) * 2, torch.ones(3, h, w) * 5])
     partner = torch.tensor([1, 2, 0])
-    mixed = hald.paste_cutmix(images, partner, box)
+    mixed = hald.paste_cutmix(images.clone(), partner, box)
     inside = torch.zeros(h, w, dtype=torch.bool)
     inside[y0:y1, x0:x1] = True
     for i in range(3):
@@ -497,12 +497,13 @@ def test_bench_smoke(tmp_path):
     import bench
 
     result = bench.main(["--model", "convnet8", "--image-size", "16", "--classes", "3", "--ipc", "4", "--batch-size", "4",
-                         "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "bench.json")])
+                         "--repeats", "1", "--device", "cpu", "--replay-sizes", "24", "--out", str(tmp_path / "bench.json")])
     stored = json.loads((tmp_path / "bench.json").read_text())
     for key in ("device", "model", "batch_size", "image_size", "model_step_ips", "soft_epoch_ips", "hard_epoch_ips",
                 "efficiency_soft", "efficiency_hard", "relabel_ips", "teacher_forward_ips", "replay_ips", "naive_replay_ips"):
         assert key in stored
     assert all(result[k] > 0 for k in result if k.endswith("_ips"))
+    assert stored["replay_by_image_size"]["24"]["replay_speedup_vs_naive"] > 0
 
 
 def test_no_argument_demo_in_short(tmp_path):
