@@ -238,9 +238,8 @@ def _mean_std(device: torch.device):  # built once per device, not copied to the
 
 
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (B, 3, H, W) with ImageNet mean and std.
-    In place on one new tensor: a fresh large tensor per operation costs the CPU page faults
-    (measured 20 ms against 0.8 ms for 16 images of 224 px; README, Benchmark)."""
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) with ImageNet mean and std, in place on one new
+    tensor: each fresh batch-sized tensor costs the CPU page faults (README, Benchmark)."""
     mean, std = _mean_std(images_u8.device)
     return images_u8.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
 
@@ -319,7 +318,7 @@ def cutmix_lambda(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return 1 - ((y1 - y0) * (x1 - x0)).float() / (height * width)
 
 
-def paste_cutmix(images: torch.Tensor, partner: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+def paste_cutmix_(images: torch.Tensor, partner: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     """Paste the box of images[partner] into each image, in place; returns images.
     images (B, C, H, W); partner (B,); box (4,) (y0, y1, x0, x1)."""
     partner = partner.to(images.device)
@@ -343,7 +342,7 @@ def stored_batches(num_images: int, batch_size: int, passes: int) -> list[tuple[
 def replay(images_u8: torch.Tensor, index, boxes, flips, partner, box, size: int) -> torch.Tensor:
     """Rebuild a batch of crops exactly: gather, normalize, crop + flip, CutMix. -> (B, 3, S, S)."""
     x = crop_resize(normalize(images_u8[index.to(images_u8.device)]), boxes, flips, size)
-    return paste_cutmix(x, partner, box) if box is not None else x
+    return paste_cutmix_(x, partner, box) if box is not None else x
 
 
 def bn_train_mode(model: nn.Module, batch_statistics: bool) -> nn.Module:

@@ -130,7 +130,9 @@ def test_cutmix_paste_is_exact_and_lambda_is_the_kept_area(h, w, seed):
     assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
     images = torch.stack([torch.zeros(3, h, w), torch.ones(3, h, w) * 2, torch.ones(3, h, w) * 5])
     partner = torch.tensor([1, 2, 0])
-    mixed = hald.paste_cutmix(images.clone(), partner, box)
+    batch = images.clone()
+    mixed = hald.paste_cutmix_(batch, partner, box)
+    assert mixed is batch  # in place, as the underscore says
     inside = torch.zeros(h, w, dtype=torch.bool)
     inside[y0:y1, x0:x1] = True
     for i in range(3):
