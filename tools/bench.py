@@ -112,10 +112,10 @@ def main(argv=None):
 
     # the ceilings run pre-built batches of the epoch's own sizes (100 images at batch 16: 6 x 16 + 4),
     # so that a smaller last batch costs the ceiling what it costs the epoch
-    sizes = [e - s for s, e in cache.batches]
+    batch_sizes = [e - s for s, e in cache.batches]
 
     def model_steps():  # the ceiling: forward + backward + step on pre-built batches, one epoch's worth
-        for b in sizes:
+        for b in batch_sizes:
             with hald.autocast(device):
                 loss = hald.soft_loss(net(x_fixed[:b]), probs_fixed[:b], 20.0)
             opt.zero_grad(set_to_none=True)
@@ -128,7 +128,7 @@ def main(argv=None):
     @torch.no_grad()
     def teacher_forward():
         hald.bn_train_mode(teacher, True)
-        for b in sizes:
+        for b in batch_sizes:
             with hald.autocast(device):
                 teacher(x_fixed[:b])
         teacher.eval()
@@ -148,8 +148,8 @@ def main(argv=None):
               "replay_speedup_vs_naive": ips["replay_ips"] / ips["naive_replay_ips"],
               # the authors' ImageNet-1K recipe at these speeds: 150 soft + 150 hard epochs of 10,000 images, 100,000 crops relabelled
               "projected_imagenet_ipc10_minutes": (1.5e6 / ips["soft_epoch_ips"] + 1.5e6 / ips["hard_epoch_ips"] + 1e5 / ips["relabel_ips"]) / 60}
-    sizes = [int(s) for s in args.replay_sizes.split(",") if s and int(s) != S]
-    result["replay_by_image_size"] = {s: replay_at_size(s, n, C, B, device, args.repeats) for s in sizes}
+    other_sizes = [int(s) for s in args.replay_sizes.split(",") if s and int(s) != S]
+    result["replay_by_image_size"] = {s: replay_at_size(s, n, C, B, device, args.repeats) for s in other_sizes}
     for k, v in result.items():
         if k == "replay_by_image_size":
             for s, r in v.items():
