@@ -1033,16 +1033,18 @@ def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
         train(cfg)
+        code = 0
     except HaldError as e:
         if cfg.debug:
             raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
             print(f"hald: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+        code = 2
+    if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
+        if code == 0:  # the other ranks wait while rank 0 writes the results: a rank that left the group
+            torch.distributed.barrier()  # early made gloo abort the run about once in 30 runs
+        torch.distributed.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
