@@ -122,18 +122,19 @@ def test_batched_crop_equals_per_image_resized_crop(b, h, w, size, seed):
 
 
 # ------------------------------------------------------------------------------ CutMix
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))  # two code paths
 @given(h=st.integers(2, 64), w=st.integers(2, 64), seed=st.integers(0, 10**6))
-def test_cutmix_paste_is_exact_and_lambda_is_the_kept_area(h, w, seed):
+def test_cutmix_paste_is_exact_and_lambda_is_the_kept_area(device, h, w, seed):
     g = torch.Generator().manual_seed(seed)
     box = hald.sample_cutmix_boxes(1, h, w, g)[0]
     y0, y1, x0, x1 = box.tolist()
     assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
-    images = torch.stack([torch.zeros(3, h, w), torch.ones(3, h, w) * 2, torch.ones(3, h, w) * 5])
-    partner = torch.tensor([1, 2, 0])
+    images = torch.stack([torch.zeros(3, h, w), torch.ones(3, h, w) * 2, torch.ones(3, h, w) * 5]).to(device)
+    partner = torch.tensor([1, 2, 0], device=device)
     batch = images.clone()
     mixed = hald.paste_cutmix_(batch, partner, box)
     assert mixed is batch  # in place, as the underscore says
-    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside = torch.zeros(h, w, dtype=torch.bool, device=device)
     inside[y0:y1, x0:x1] = True
     for i in range(3):
         assert torch.equal(mixed[i][:, inside], images[partner[i]][:, inside])
