@@ -25,12 +25,13 @@ bench: $(VENV)/installed
 gpu-check:
 	OUT=runs/gpu-check bash tools/gpu_check.sh
 
-# CIFAR-10 evidence: CIFAR=path/to/cifar10 (ImageFolder with test/); about 4 h on 2 CPU cores
+# CIFAR-10 evidence: CIFAR=path/to/cifar10 (ImageFolder with test/); about 4.5 h on 2 CPU cores
 CIFAR ?= ../shared/data/cifar10
 evidence: $(VENV)/installed
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group main --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group suspects --crops 1,2 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --crops 1,2 --jobs 2
+	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --only "soft-only, T 4|label smoothing 0.1, T 4" --crops 10 --jobs 2
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis __pycache__

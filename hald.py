@@ -23,7 +23,6 @@ diagnostics -> train/eval -> main.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import functools
 import hashlib

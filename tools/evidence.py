@@ -74,7 +74,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    parser.add_argument("--only", default="", help="run only rows whose label contains this text")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this text (or one of several, split by |)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "evidence"))
     args = parser.parse_args()
     if not (Path(args.cifar) / "test").is_dir():
@@ -82,7 +82,7 @@ def main():
     common = ["--data", str(ROOT / "demo" / "distilled"), "--val", str(Path(args.cifar) / "test"), "--teacher",
               str(ROOT / "demo" / "teacher.pt"), "--ipc", "10", "--epochs", str(args.epochs), "--eval-every", "0"]
     crops = [int(s) for s in args.crops.split(",")]
-    rows = [(label, extra) for label, extra in GROUPS[args.group] if args.only in label]
+    rows = [(label, extra) for label, extra in GROUPS[args.group] if any(part in label for part in args.only.split("|"))]
     jobs, cells = [], {}
     for seed in range(args.seeds):  # seed-major, so an interrupted study still fills every cell once
         for label, extra in rows:
@@ -94,7 +94,7 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         for i, (out, status) in enumerate(pool.map(run_one, jobs)):
             print(f"[{i + 1}/{len(jobs)}] {out.name}: {status} ({time.time() - start:.0f}s)", flush=True)
-    table = [f"| setting | " + " | ".join(f"s={s} (SLC {10 * s})" for s in crops) + " |", "|---" * (len(crops) + 1) + "|"]
+    table = ["| setting | " + " | ".join(f"s={s} (SLC {10 * s})" for s in crops) + " |", "|---" * (len(crops) + 1) + "|"]
     for label, extra in rows:
         line = []
         for s in crops:
