@@ -17,6 +17,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 ROOT = Path(__file__).resolve().parent.parent
+T = 20.0  # temperature of the synthetic soft labels and of the soft loss
 sys.path.insert(0, str(ROOT))
 import hald  # noqa: E402
 
@@ -61,12 +62,17 @@ def replay_vs_naive(images, cache, size: int, device, repeats: int) -> tuple[flo
     return len(images) / statistics.median(r[0] for r in rounds), len(images) / statistics.median(r[1] for r in rounds)
 
 
+def cache_header(n: int, size: int, batch_size: int, classes: int) -> dict:
+    """A soft-label cache header for n synthetic images: one pass, T 20, CutMix, full fp16 labels."""
+    return dict(num_images=n, passes=1, image_size=size, batch_size=batch_size, temperature=T, teacher_mode="train",
+                crop_scale=0.08, cutmix=True, classes=[str(c) for c in range(classes)], label_topk=0, label_bits=16)
+
+
 def replay_at_size(size: int, n: int, classes: int, batch_size: int, device, repeats: int) -> dict:
     """Replay vs per-image loop alone at another image size (a small ConvNet labels the cache)."""
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
-    header = dict(num_images=n, passes=1, image_size=size, batch_size=batch_size, temperature=20.0, teacher_mode="train",
-                  crop_scale=0.08, cutmix=True, classes=[str(c) for c in range(classes)], label_topk=0, label_bits=16)
     teacher = hald.build_model("convnet8", classes, size).to(device)
+    header = cache_header(n, size, batch_size, classes)
     cache = hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(0), log=lambda *_: None).to(device)
     ours, naive = replay_vs_naive(images, cache, size, device, repeats)
     return {"replay_ips": ours, "naive_replay_ips": naive, "replay_speedup_vs_naive": ours / naive}
@@ -93,18 +99,16 @@ def main(argv=None):
     n = C * args.ipc
     images = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8, device=device)
     labels = torch.arange(C, device=device).repeat_interleave(args.ipc)
-    cfg = hald.Config(batch_size=B, ipc=args.ipc, slc=args.ipc)
+    # settings given outright: the -1 (auto) defaults are resolved by hald.train, which the bench does not call
+    cfg = hald.Config(batch_size=B, ipc=args.ipc, slc=args.ipc, temperature=T, label_smoothing=0.8)
     model = hald.build_model(args.model, C, S).to(device)
     teacher = hald.build_model(args.model, C, S).to(device).eval()
     if device.type == "cuda":
         model, teacher = model.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
     opt = hald.make_optimizer(model, 1e-3, 0.01, device)
     net = hald.speed_up(model, args.compile, args.cuda_graph)  # what the ceiling and the epochs both run
-    header = dict(num_images=n, passes=1, image_size=S, batch_size=B, temperature=20.0, teacher_mode="train",
-                  crop_scale=0.08, cutmix=True, classes=[str(c) for c in range(C)], label_topk=0, label_bits=16)
-    gen = torch.Generator().manual_seed(0)
-    cache = hald.SoftLabelCache.build(teacher, images, header, gen, log=lambda *_: None)
-    cache.to(device)
+    header = cache_header(n, S, B, C)
+    cache = hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(0), log=lambda *_: None).to(device)
 
     x_fixed = hald.normalize(images[:B])
     x_fixed = hald.model_layout(x_fixed)
@@ -117,7 +121,7 @@ def main(argv=None):
     def model_steps():  # the ceiling: forward + backward + step on pre-built batches, one epoch's worth
         for b in batch_sizes:
             with hald.autocast(device):
-                loss = hald.soft_loss(net(x_fixed[:b]), probs_fixed[:b], 20.0)
+                loss = hald.soft_loss(net(x_fixed[:b]), probs_fixed[:b], T)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
