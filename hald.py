@@ -141,8 +141,6 @@ def check_config(cfg: Config) -> None:
         raise HaldError(f"--label-topk must be >= 0 (0 keeps all classes), got {cfg.label_topk}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise HaldError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
-    if cfg.cuda_graph and (pick_device(cfg.device).type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
 
 
 # ------------------------------------------------------------------------------- data
@@ -864,6 +862,8 @@ def train(cfg: Config, log=print) -> dict:
     check_config(cfg)
     device, rank, world = init_distributed(pick_device(cfg.device))
     log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
+    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
+        raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
     start, gens, out = time.time(), make_generators(cfg.seed), Path(cfg.out)
     images_u8, labels, classes = load_distilled(cfg.data, cfg.ipc, cfg.image_size)
     n, C, size = len(images_u8), len(classes), images_u8.shape[-1]
