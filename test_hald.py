@@ -451,16 +451,20 @@ def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path, procs):
     metrics = tmp_path / "killed" / "metrics.jsonl"
     while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+    # One process dies by SIGKILL. torchrun starts its workers in sessions of their own, so a SIGKILL of
+    # the launcher would leave them running to the end of the run; SIGTERM (a scheduler's preemption)
+    # makes the launcher kill them (default action: no cleanup either) and wait for them before it exits.
+    os.killpg(proc.pid, signal.SIGTERM if procs > 1 else signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "summary.json").exists(), "the run ended before it could be killed"
     done = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"]
     assert 5 <= done < 60
     # the same thread count everywhere: CPU kernels may sum in another order with more threads
     whole = tiny_args(tiny, tmp_path / "whole", "--epochs", "60", "--eval-every", "20", "--save-model", str(tmp_path / "whole.pt"))
-    for run in (args + ["--resume"], whole):
-        finished = subprocess.run(cli + run, capture_output=True, text=True, env=env)
+    resumed, uninterrupted = (subprocess.run(cli + run, capture_output=True, text=True, env=env) for run in (args + ["--resume"], whole))
+    for finished in (resumed, uninterrupted):
         assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"resuming after epoch {done} " in resumed.stdout, "the checkpoint moved on after the kill: a process survived it"
     a = torch.load(tmp_path / "killed.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "whole.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
