@@ -505,13 +505,31 @@ def test_bench_smoke(tmp_path):
     import bench
 
     result = bench.main(["--model", "convnet8", "--image-size", "16", "--classes", "3", "--ipc", "4", "--batch-size", "4",
-                         "--repeats", "1", "--device", "cpu", "--replay-sizes", "24", "--out", str(tmp_path / "bench.json")])
+                         "--repeats", "1", "--device", "cpu", "--replay-sizes", "24", "--whole-step-graph", "--out", str(tmp_path / "bench.json")])
     stored = json.loads((tmp_path / "bench.json").read_text())
     for key in ("device", "model", "batch_size", "image_size", "model_step_ips", "soft_epoch_ips", "hard_epoch_ips",
                 "efficiency_soft", "efficiency_hard", "relabel_ips", "teacher_forward_ips", "replay_ips", "naive_replay_ips"):
         assert key in stored
     assert all(result[k] > 0 for k in result if k.endswith("_ips"))
     assert stored["replay_by_image_size"]["24"]["replay_speedup_vs_naive"] > 0
+    assert "whole_step_graph_error" not in stored and stored["efficiency_soft_whole_graph"] > 0
+
+
+def test_bench_device_indexed_replay_equals_cache_batch():
+    """The whole-step-graph experiment picks stored batches with device tensors (capturable): the
+    crops and labels must be cache.batch's."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import bench
+
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cache = hald.SoftLabelCache.build(hald.build_model("convnet8", 3, 16), images, bench.cache_header(10, 16, 4, 3),
+                                      torch.Generator().manual_seed(0), log=lambda *_: None)
+    full = bench.full_batches(cache, images.device)
+    assert full[0].tolist() == [0, 1]  # 10 images = 4 + 4 + 2: the last batch is not full
+    for j, k in enumerate(full[0].tolist()):
+        x, probs = bench.replay_on_device(cache, images, full, torch.tensor([j]))
+        ref, ref_probs, *_ = cache.batch(k, images)
+        assert torch.equal(x, ref) and torch.equal(probs, ref_probs)
 
 
 def test_no_argument_demo_in_short(tmp_path):
