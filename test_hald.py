@@ -358,6 +358,20 @@ def test_hybrid_on_stored_crops_and_with_t2(tiny, tmp_path):
     assert config["hybrid_crops"] == "stored" and config["label_smoothing"] == 0.8  # an explicit value is kept
 
 
+def test_compact_labels_end_to_end(tiny, tmp_path, capsys):
+    """--label-topk and --label-bits reach the cache, whose header records the format; it trains and is reused."""
+    flags = ("--label-topk", "2", "--label-bits", "8")
+    assert hald.main(tiny_args(tiny, tmp_path, *flags)) == 0
+    blob = torch.load(tmp_path / "soft_labels.pt", weights_only=True)
+    assert blob["header"]["label_topk"] == 2 and blob["header"]["label_bits"] == 8
+    assert set(blob["labels"]) == {"indices", "codes", "lo", "hi"} and blob["labels"]["codes"].shape == (16, 2)
+    capsys.readouterr()
+    assert hald.main(tiny_args(tiny, tmp_path, *flags)) == 0
+    assert "reusing soft-label cache" in capsys.readouterr().out
+    assert hald.main(tiny_args(tiny, tmp_path, "--label-topk", "3")) == 2  # another format is another cache
+    assert "label_topk, label_bits differ" in capsys.readouterr().err
+
+
 def test_same_seed_same_numbers_and_cache_reuse(tiny, tmp_path):
     runs = []
     for name in ("a", "b", "a"):  # the second "a" reuses the cache of the first
