@@ -39,6 +39,8 @@ GROUPS = {
              ("HALD, LR cosine to 0 (eta 1), T 4", ["--schedule", "shs", "--eta", "1", *LS01, *T4]),
              ("HALD, top-5 labels, T 4", ["--schedule", "shs", "--label-topk", "5", *LS01, *T4]),
              ("HALD, 8-bit labels, T 4", ["--schedule", "shs", "--label-bits", "8", *LS01, *T4]),
+             ("sh (soft 150 -> hard 150), T 4", ["--schedule", "sh", *LS01, *T4]),
+             ("HALD, crop scale 0.35, T 4", ["--schedule", "shs", "--crop-scale", "0.35", *LS01, *T4]),
              ("HALD, teacher eval mode", ["--schedule", "shs", "--teacher-mode", "eval", *T20]),
              ("HALD, crop scale 0.35", ["--schedule", "shs", "--crop-scale", "0.35", *T20]),
              ("HALD, LR cosine to 0 (eta 1)", ["--schedule", "shs", "--eta", "1", *T20]),
