@@ -41,6 +41,8 @@ GROUPS = {
              ("HALD, 8-bit labels, T 4", ["--schedule", "shs", "--label-bits", "8", *LS01, *T4]),
              ("sh (soft 150 -> hard 150), T 4", ["--schedule", "sh", *LS01, *T4]),
              ("HALD, crop scale 0.35, T 4", ["--schedule", "shs", "--crop-scale", "0.35", *LS01, *T4]),
+             ("HALD, teacher eval mode, T 4", ["--schedule", "shs", "--teacher-mode", "eval", *LS01, *T4]),
+             ("HALD, short hard phase (soft 120/hard 60/soft 120), T 4", ["--schedule", "shs", "--soft-epochs", "240", *LS01, *T4]),
              ("HALD, teacher eval mode", ["--schedule", "shs", "--teacher-mode", "eval", *T20]),
              ("HALD, crop scale 0.35", ["--schedule", "shs", "--crop-scale", "0.35", *T20]),
              ("HALD, LR cosine to 0 (eta 1)", ["--schedule", "shs", "--eta", "1", *T20]),
