@@ -41,6 +41,7 @@ GROUPS = {
              ("HALD, 8-bit labels, T 4", ["--schedule", "shs", "--label-bits", "8", *LS01, *T4]),
              ("sh (soft 150 -> hard 150), T 4", ["--schedule", "sh", *LS01, *T4]),
              ("HALD, crop scale 0.35, T 4", ["--schedule", "shs", "--crop-scale", "0.35", *LS01, *T4]),
+             ("static hybrid (KL*T^2 + CE on fresh crops), T 4", ["--schedule", "hybrid", "--hybrid-t2", *LS01, *T4]),
              ("HALD, teacher eval mode, T 4", ["--schedule", "shs", "--teacher-mode", "eval", *LS01, *T4]),
              ("HALD, short hard phase (soft 120/hard 60/soft 120), T 4", ["--schedule", "shs", "--soft-epochs", "240", *LS01, *T4]),
              ("HALD, teacher eval mode", ["--schedule", "shs", "--teacher-mode", "eval", *T20]),
