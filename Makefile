@@ -25,7 +25,7 @@ bench: $(VENV)/installed
 gpu-check:
 	OUT=runs/gpu-check bash tools/gpu_check.sh
 
-# CIFAR-10 evidence: CIFAR=path/to/cifar10 (ImageFolder with test/); about 5 h on 2 CPU cores
+# CIFAR-10 evidence: CIFAR=path/to/cifar10 (ImageFolder with test/); about 5.5 h on 2 CPU cores
 CIFAR ?= ../shared/data/cifar10
 evidence: $(VENV)/installed
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group main --jobs 2
