@@ -21,7 +21,7 @@ demo: $(VENV)/installed
 bench: $(VENV)/installed
 	$(PY) tools/bench.py
 
-# on a CUDA machine: the benchmark at the GPU sizes, the demo and the tests on CUDA (about 8 min on an H100)
+# on a CUDA machine: the benchmark at the GPU sizes, the demo and the tests on CUDA (about 8 min on an H100 before the whole-step experiment and the profile were added)
 gpu-check:
 	OUT=runs/gpu-check bash tools/gpu_check.sh
 
