@@ -42,6 +42,7 @@ GROUPS = {
              ("sh (soft 150 -> hard 150), T 4", ["--schedule", "sh", *LS01, *T4]),
              ("HALD, crop scale 0.35, T 4", ["--schedule", "shs", "--crop-scale", "0.35", *LS01, *T4]),
              ("static hybrid (KL*T^2 + CE on fresh crops), T 4", ["--schedule", "hybrid", "--hybrid-t2", *LS01, *T4]),
+             ("soft-only, crop scale 0.35, T 4", ["--schedule", "soft", "--crop-scale", "0.35", *T4]),
              ("HALD, teacher eval mode, T 4", ["--schedule", "shs", "--teacher-mode", "eval", *LS01, *T4]),
              ("HALD, short hard phase (soft 120/hard 60/soft 120), T 4", ["--schedule", "shs", "--soft-epochs", "240", *LS01, *T4]),
              ("HALD, teacher eval mode", ["--schedule", "shs", "--teacher-mode", "eval", *T20]),
