@@ -31,7 +31,7 @@ evidence: $(VENV)/installed
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group main --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group suspects --crops 1,2 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --crops 1,2 --jobs 2
-	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --only "soft-only, T 4|label smoothing 0.1, T 4" --crops 10 --jobs 2
+	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --only "soft-only, T 4|label smoothing 0.1, T 4|soft-only, crop scale 0.35, T 4" --crops 10 --jobs 2
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis __pycache__
