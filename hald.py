@@ -1029,7 +1029,7 @@ def plot_curves(history: list[dict], path: Path, log=print) -> None:
 
 # ------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    cfg = parse_config(argv)
+    cfg, code = parse_config(argv), 2
     try:
         train(cfg)
         code = 0
@@ -1038,11 +1038,11 @@ def main(argv=None) -> int:
             raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
             print(f"hald: error: {e}", file=sys.stderr)
-        code = 2
-    if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
-        if code == 0:  # the other ranks wait while rank 0 writes the results: a rank that left the group
-            torch.distributed.barrier()  # early made gloo abort the run about once in 30 runs
-        torch.distributed.destroy_process_group()
+    finally:  # also after --debug or an unexpected exception
+        if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
+            if code == 0:  # the other ranks wait while rank 0 writes the results: a rank that left the group
+                torch.distributed.barrier()  # early made gloo abort the run about once in 30 runs
+            torch.distributed.destroy_process_group()
     return code
 
 

@@ -120,6 +120,7 @@ def whole_step_graph(model_name: str, images, cache, classes: int, device, repea
     timing means nothing there."""
     B, S, cuda = cache.header["batch_size"], cache.header["image_size"], device.type == "cuda"
     full = full_batches(cache, device)
+    steps = len(full[0])  # full batches, one graph replay each
 
     def make_step(replayed: bool):
         torch.manual_seed(0)
@@ -130,7 +131,7 @@ def whole_step_graph(model_name: str, images, cache, classes: int, device, repea
 
         def step():
             if replayed:
-                x, probs = replay_on_device(cache, images, full, step_no.remainder(len(full[0])))  # (1,): no host sync
+                x, probs = replay_on_device(cache, images, full, step_no.remainder(steps))  # (1,): no host sync
             else:
                 x, probs = x_fixed, probs_fixed
             opt.zero_grad(set_to_none=True)  # under capture: the backward writes fresh gradients at every replay
@@ -145,7 +146,6 @@ def whole_step_graph(model_name: str, images, cache, classes: int, device, repea
     out = {}
     for name, replayed in (("model_step", False), ("soft_epoch", True)):
         step = make_step(replayed)
-        steps = len(full[0])
         out[f"whole_graph_{name}_ips"] = steps * B / timed(lambda: [step() for _ in range(steps)], device, repeats)
     out["efficiency_soft_whole_graph"] = out["whole_graph_soft_epoch_ips"] / out["whole_graph_model_step_ips"]
     return out
