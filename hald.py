@@ -49,7 +49,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_FORMAT = "hald-soft-labels-v1"
 MODEL_FORMAT = "hald-model-v1"
-MAX_VAL_BYTES = 2 * 1024**3  # keep the decoded validation set in memory below this
 AUTHORS_CLASSES = 100  # from this many classes on, the authors' label smoothing 0.8 and T 20 are the defaults
 
 
@@ -65,12 +64,19 @@ def arg(default, help, choices=None):
 @dataclass
 class Config:
     # data
-    data: str = arg(str(DEMO / "distilled"), "ImageFolder of the distilled images (one folder per class)")
-    val: str = arg(str(DEMO / "val"), "ImageFolder of real validation images with the same class names")
+    data: str = arg("", "ImageFolder of the distilled images (one folder per class); not given: the bundled CIFAR-10 demo")
+    val: str = arg("", "ImageFolder of real validation images, its classes paired with --data's by sorted folder position "
+                   "(new000 -> n01440764, ...); required with --data")
     ipc: int = arg(10, "images per class used from --data (the first IPC files of each class, sorted)")
     image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image")
+    val_storage: str = arg("auto", "where the validation set is kept, decoded once as uint8: auto (the GPU if it fits, else host "
+                           "memory within half of what is available, else a memory-mapped file in --out), device, memory or file",
+                           ("auto", "device", "memory", "file"))
     # soft labels
-    teacher: str = arg(str(DEMO / "teacher.pt"), "torchvision model name (ImageNet weights) or a hald.py checkpoint")
+    teacher: str = arg("", "hald.py checkpoint, or a torchvision ImageNet model as name[:weights] (resnet18, "
+                       "resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); required with --data for soft phases")
+    check_teacher: bool = arg(True, "before training, measure the teacher's agreement with --data's folder labels and its "
+                              "accuracy on --val, and stop when either is near chance (a class order that does not match)")
     teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics, authors' default) or eval", ("train", "eval"))
     slc: int = arg(100, "soft labels per class stored (a multiple of --ipc; slc/ipc crops per image)")
     temperature: float = arg(-1.0, "softmax temperature of stored labels and of the soft loss; -1 = auto: the authors' 20 "
@@ -189,44 +195,101 @@ def decode_images(paths, size: int, center_crop: bool = False) -> torch.Tensor:
         return torch.stack(list(pool.map(lambda p: decode_image(p, size, center_crop), paths)))
 
 
-def load_distilled(root, ipc: int, size: int = 0):
+def load_distilled(root, ipc: int, size: int = 0, log=print):
     """The first `ipc` images of each class as uint8 (N, 3, S, S), labels (N,) and class names."""
     files, classes = list_image_folder(root)
     for name, class_files in zip(classes, files):
         if len(class_files) < ipc:
             raise HaldError(f"class {name!r} in {root} has {len(class_files)} images, fewer than --ipc {ipc}: "
                             f"lower --ipc or add images")
+    note_numeric_order(classes, f"--data {root}", log)
     paths = [p for class_files in files for p in class_files[:ipc]]
     size = size or decode_image(paths[0], 0).shape[1]
     labels = torch.arange(len(classes)).repeat_interleave(ipc)
     return decode_images(paths, size), labels, classes
 
 
-def load_val(root, classes: list[str], size: int) -> dict:
-    """Validation files and labels; the decoded images too when they fit in memory."""
+def note_numeric_order(classes: list[str], where: str, log=print) -> None:
+    """Unpadded numbers as folder names sort as text (0, 1, 10, 11, ..., 2), like torchvision's ImageFolder."""
+    if all(c.isdigit() for c in classes) and classes != sorted(classes, key=int):
+        log(f"note: the class folders of {where} are unpadded numbers, paired in text order ({', '.join(classes[:4])}, ...), "
+            f"as torchvision's ImageFolder orders them; zero-pad the names if their order should be numeric")
+
+
+def pair_classes(classes: list[str], other: list[str], what: str, log=print) -> None:
+    """Classes are paired by sorted folder position, the order of torchvision's ImageFolder, in which the
+    authors' code and SRe2L, FADRM, LPLD evaluate (distilled folders new000... against ImageNet's n01440764...):
+    the counts must agree, the names may differ. The teacher check finds an order that does not match."""
+    if len(other) != len(classes):
+        raise HaldError(f"{what} has {len(other)} classes but --data has {len(classes)}: "
+                        f"both must hold the same classes, paired by sorted folder position")
+    if other != classes:
+        pairs = ", ".join(f"{a} -> {b}" for a, b in zip(classes[:3], other[:3]))
+        log(f"note: classes of --data paired with {what} by sorted position: {pairs}, ...")
+
+
+def host_memory_budget() -> int:
+    """Bytes of host memory a decoded validation set may take: half of what the machine has available
+    (shared by the processes of this machine under torchrun)."""
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 if hasattr(os, "sysconf") else 2 * 1024**3
+    return available // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def val_storage_for(nbytes: int, device: torch.device) -> str:
+    """Where a decoded validation set of nbytes goes: the GPU when it takes under half its free memory,
+    else host memory within host_memory_budget(), else a uint8 file (memory-mapped)."""
+    if device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+        return "device"
+    return "memory" if nbytes <= host_memory_budget() else "file"
+
+
+def decode_into(out: torch.Tensor, paths, size: int, center_crop: bool, chunk: int = 1024) -> torch.Tensor:
+    """Decode images chunk by chunk into a preallocated uint8 (N, 3, S, S) on any device or in a mapped file."""
+    for start in range(0, len(paths), chunk):
+        out[start:start + chunk] = decode_images(paths[start:start + chunk], size, center_crop).to(out.device)
+    return out
+
+
+def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), storage: str = "auto", spill_dir=None, log=print) -> dict:
+    """The validation set decoded once as uint8 (N, 3, S, S): on the device, in host memory, or in a
+    memory-mapped file in spill_dir (reused while the files are unchanged), so evaluation never decodes."""
     files, val_classes = list_image_folder(root)
-    if val_classes != classes:
-        missing, extra = sorted(set(classes) - set(val_classes)), sorted(set(val_classes) - set(classes))
-        raise HaldError(f"class folders of --val {root} differ from --data (missing {missing[:5]}, extra {extra[:5]}): "
-                        f"both need the same class names")
+    pair_classes(classes, val_classes, f"--val {root}", log)
+    note_numeric_order(val_classes, f"--val {root}", log)
     paths = [p for class_files in files for p in class_files]
     if not paths:
         raise HaldError(f"--val {root} holds no images")
     labels = torch.cat([torch.full((len(f),), c) for c, f in enumerate(files)])
     center_crop = size > 64  # ImageNet-style evaluation; small images are used as they are
-    val = {"paths": paths, "labels": labels, "size": size, "center_crop": center_crop, "images": None}
-    if len(paths) * 3 * size * size <= MAX_VAL_BYTES:
-        val["images"] = decode_images(paths, size, center_crop)
-    return val
+    shape, t0 = (len(paths), 3, size, size), time.time()
+    storage = val_storage_for(math.prod(shape), device) if storage == "auto" else storage
+    if storage == "file":
+        key = hashlib.sha256(json.dumps([size, center_crop] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]).encode())
+        path = Path(spill_dir or ".") / f"val-{key.hexdigest()[:16]}.u8"
+        if not (path.exists() and path.stat().st_size == math.prod(shape)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                decode_into(torch.from_file(str(tmp), shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape), paths, size, center_crop)
+                os.replace(tmp, path)  # a complete file or none
+            finally:
+                tmp.unlink(missing_ok=True)
+        images = torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=torch.uint8).view(shape)  # copy-on-write map
+    else:
+        images = decode_into(torch.empty(shape, dtype=torch.uint8, device=device if storage == "device" else "cpu"), paths, size, center_crop)
+    log(f"validation: {len(paths):,} images of {root} decoded to {size} px uint8 in {time.time() - t0:.1f}s, "
+        f"kept {'on the device' if storage == 'device' else 'in host memory' if storage == 'memory' else f'in {path}'} ({math.prod(shape) / 1e9:.2f} GB)")
+    return {"images": images, "labels": labels, "classes": val_classes, "storage": storage}
 
 
 def val_batches(val: dict, batch_size: int, rank: int = 0, world: int = 1):
     """(uint8 images, labels) batches; under torchrun rank r takes batches r, r + world, ..."""
-    for start in range(rank * batch_size, len(val["paths"]), world * batch_size):
-        end = min(start + batch_size, len(val["paths"]))
-        images = val["images"]
-        x = images[start:end] if images is not None else decode_images(val["paths"][start:end], val["size"], val["center_crop"])
-        yield x, val["labels"][start:end]
+    for start in range(rank * batch_size, len(val["labels"]), world * batch_size):
+        yield val["images"][start:start + batch_size], val["labels"][start:start + batch_size]
 
 
 @functools.lru_cache(maxsize=None)
@@ -624,30 +687,85 @@ def save_checkpoint(model: nn.Module, arch: str, classes: list[str], image_size:
     save_atomic({"format": MODEL_FORMAT, "arch": arch, "classes": classes, "image_size": image_size, "state_dict": state}, path)
 
 
-def load_teacher(spec: str, classes: list[str], image_size: int) -> tuple[nn.Module, str]:
-    """A hald.py checkpoint (file) or a torchvision ImageNet model (name). Returns model and identity."""
+def torchvision_weights(spec: str):
+    """'resnet50:IMAGENET1K_V1' -> ('resnet50', its weights enum). Without a tag: IMAGENET1K_V1, the
+    weights the authors used (torchvision's DEFAULT is a later recipe for some models), else DEFAULT."""
+    import torchvision
+
+    name, _, tag = spec.partition(":")
+    try:
+        weights = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise HaldError(f"teacher {spec!r} is neither a file nor a torchvision model name (such as resnet18 or "
+                        f"resnet50:IMAGENET1K_V1): check the path or the name") from None
+    tags = [w.name for w in weights]
+    tag = tag or ("IMAGENET1K_V1" if "IMAGENET1K_V1" in tags else "DEFAULT")
+    if tag != "DEFAULT" and tag not in tags:
+        raise HaldError(f"torchvision has no weights {tag!r} for {name}: use one of {', '.join(tags)}")
+    return name, weights.DEFAULT if tag == "DEFAULT" else weights[tag]
+
+
+def load_teacher(spec: str, classes: list[str], image_size: int, log=print) -> tuple[nn.Module, str, list[str] | None]:
+    """A hald.py checkpoint (file) or a torchvision ImageNet model (name[:weights]).
+    Returns the model, its identity (recorded in the cache fingerprint) and its class names (None for torchvision)."""
     if Path(spec).is_file():
         blob = load_trusted(spec, "teacher checkpoint")
         if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
             raise HaldError(f"{spec} is not a checkpoint written by hald.py --save-model")
-        if blob["classes"] != classes:
-            raise HaldError(f"teacher {spec} was trained on other classes or another class order "
-                            f"({blob['classes'][:3]}... vs {classes[:3]}...): use a teacher trained on these class folders")
+        pair_classes(classes, blob["classes"], f"teacher {spec}", log)
         if blob["image_size"] != image_size:
             raise HaldError(f"teacher {spec} expects {blob['image_size']} px images, the data gives {image_size} px: "
                             f"pass --image-size {blob['image_size']}")
         teacher = build_model(blob["arch"], len(classes), image_size)
         teacher.load_state_dict(blob["state_dict"])
-        return teacher, "sha256:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest()
+        return teacher, "sha256:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest(), blob["classes"]
     if spec.endswith((".pt", ".pth")):
         raise HaldError(f"teacher checkpoint {spec} does not exist: check the path")
-    teacher = build_model(spec, len(classes), image_size, weights="DEFAULT").eval()
+    name, weights = torchvision_weights(spec)
+    teacher = build_model(name, len(classes), image_size, weights=weights).eval()
     with torch.no_grad():
         n_out = teacher(torch.zeros(1, 3, image_size, image_size)).shape[1]
     if n_out != len(classes):
         raise HaldError(f"teacher {spec} predicts {n_out} classes but the data has {len(classes)}: "
                         f"use a teacher trained on these classes (hald.py --schedule hard --save-model)")
-    return teacher, f"torchvision:{spec}:DEFAULT"
+    return teacher, f"torchvision:{name}:{weights.name}", None
+
+
+@torch.no_grad()
+def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, min_val: int = 5000) -> dict:
+    """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%)
+    with the folder labels of the distilled images, and its top-1 and top-5 (%) on the validation set
+    (all of it, or every k-th image, at least min_val, when larger). A class order of --data or --val that
+    does not match the teacher's drops the figure concerned to about 100 / C."""
+    teacher.eval()
+    agree = 0
+    for s in range(0, len(images_u8), 256):
+        with autocast(device):
+            agree += (teacher(model_layout(normalize(images_u8[s:s + 256]))).argmax(1) == labels[s:s + 256]).sum().item()
+    step = max(1, len(val["labels"]) // min_val)
+    sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
+    top1, top5 = evaluate(teacher, sample, device)
+    return {"teacher_agreement": 100 * agree / len(images_u8), "teacher_top1": top1, "teacher_top5": top5,
+            "teacher_check_val_images": len(sample["labels"])}
+
+
+def chance_floor(num_classes: int) -> float:
+    """Below this (%), a teacher's top-1 is near chance: twice chance, at least chance + 0.25 points (a
+    permuted order at 1,000 classes gives 0.1 +- 0.05 % on 5,000 images), at most halfway to 100 %.
+    Measured with the bundled demo (10 classes): 86 % agreement and 78 % top-1 in the right order,
+    2-3 % agreement with --data reversed or shuffled, 1.6 % top-1 with --val rotated (README)."""
+    chance = 100 / num_classes
+    return min(max(2 * chance, chance + 0.25), (chance + 100) / 2)
+
+
+def refuse_mismatched_order(check: dict, num_classes: int) -> None:
+    floor = chance_floor(num_classes)
+    bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < floor]
+    if bad:
+        raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (teacher agreement with --data "
+                        f"{check['teacher_agreement']:.1f} %, top-1 on --val {check['teacher_top1']:.1f} %, chance {100 / num_classes:.1f} %): "
+                        f"classes are paired by sorted folder position, so name the folders to sort in the teacher's class order "
+                        f"(or pass --no-check-teacher to train anyway)")
 
 
 # ------------------------------------------------------------------------ diagnostics
@@ -709,6 +827,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
 @torch.no_grad()
 def evaluate(model: nn.Module, val: dict, device: torch.device, batch_size: int = 500, rank: int = 0, world: int = 1):
     """Top-1 and top-5 accuracy (%) on the validation set, in batches (sharded over ranks under torchrun)."""
+    was_training = model.training
     model.eval()
     if world > 1:  # BatchNorm statistics drift apart between ranks after the last broadcast: use rank 0's
         for b in model.buffers():
@@ -722,7 +841,7 @@ def evaluate(model: nn.Module, val: dict, device: torch.device, batch_size: int 
         correct += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum()])
     if world > 1:
         torch.distributed.all_reduce(correct)
-    model.train()
+    model.train(was_training)
     top1, top5 = correct.tolist()
     return 100 * top1 / len(val["labels"]), 100 * top5 / len(val["labels"])
 
@@ -857,70 +976,90 @@ def make_generators(seed: int) -> dict[str, torch.Generator]:
     return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(("relabel", "pool", "hard", "drift"))}
 
 
-def train(cfg: Config, log=print) -> dict:
-    """Relabel (or reuse the cache), train through the schedule, evaluate; returns the summary."""
-    check_config(cfg)
-    device, rank, world = init_distributed(pick_device(cfg.device))
-    log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
-    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
-        raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
-    start, gens, out = time.time(), make_generators(cfg.seed), Path(cfg.out)
-    images_u8, labels, classes = load_distilled(cfg.data, cfg.ipc, cfg.image_size)
-    n, C, size = len(images_u8), len(classes), images_u8.shape[-1]
-    # derived settings, resolved here once (summary.json records the resolved config)
-    # -1 = auto. Below 100 classes (measured on CIFAR-10, README): smoothing 0.8 flattens 10-class targets to
-    # on/off 3.5 (250 at 1,000 classes), and T 4 trained better HALD students than T 20
-    few = C < AUTHORS_CLASSES
+def resolve_settings(cfg: Config, num_classes: int) -> Config:
+    """The -1 = auto values, resolved once (summary.json records the resolved config).
+    Below 100 classes (measured on CIFAR-10, README): smoothing 0.8 flattens 10-class targets to
+    on/off 3.5 (250 at 1,000 classes), and T 4 trained better HALD students than T 20."""
+    few = num_classes < AUTHORS_CLASSES
     auto = {"label_smoothing": 0.1 if few else 0.8, "temperature": 4.0 if few else 20.0}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
-    if cfg.batch_size > n:
-        raise HaldError(f"--batch-size {cfg.batch_size} is larger than the {n} distilled images: lower it")
-    if cfg.batch_size % world or 0 < n % cfg.batch_size < world:
-        raise HaldError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of the {world} processes, and "
-                        f"the last batch of a pass ({n % cfg.batch_size} images) at least {world}: change --batch-size or --nproc_per_node")
-    crops_per_image = cfg.slc // cfg.ipc
-    schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, crops_per_image)
-    val = load_val(cfg.val, classes, size)
-    log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes | "
-        f"{len(val['labels'])} validation images | schedule {schedule}")
-    images_u8, labels = images_u8.to(device), labels.to(device)
+    return dataclasses.replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
 
-    teacher, cache, cache_bytes = None, None, 0
-    if any(phase != "hard" for phase, _ in schedule):  # only soft labels need the teacher
-        if cfg.slc < 1 or cfg.slc % cfg.ipc:
-            raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: each image gets slc/ipc crops; "
-                            f"use e.g. --slc {max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc}")
-        teacher, teacher_id = load_teacher(cfg.teacher, classes, size)
-        teacher = teacher.to(device).eval()
-        header = dict(format=CACHE_FORMAT, classes=classes, num_images=n, ipc=cfg.ipc, slc=cfg.slc, passes=crops_per_image,
-                      image_size=size, batch_size=cfg.batch_size, temperature=cfg.temperature, teacher=teacher_id,
-                      teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3], cutmix=cfg.cutmix,
-                      seed=cfg.seed, images_sha256=tensors_digest({"images": images_u8, "labels": labels}), values="probs",
-                      label_topk=cfg.label_topk, label_bits=cfg.label_bits)
-        header["fingerprint"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
-        cache_path = Path(cfg.cache or out / "soft_labels.pt")
-        if cache_path.exists() and not cfg.rebuild_cache:
-            cache = SoftLabelCache.load(cache_path, header)
-            log(f"reusing soft-label cache {cache_path}")
-        else:
-            cache = SoftLabelCache.build(teacher, images_u8, header, gens["relabel"], log, rank, world)
-            if rank == 0:
-                cache.save(cache_path)
-        cache_bytes = cache_path.stat().st_size if rank == 0 else 0
-        num_labels = len(cache.probs)
-        log(f"soft labels: {num_labels} ({cfg.slc} per class) in {cache_bytes:,} bytes = {cache_bytes / num_labels:.0f} bytes/label")
-        cache.to(device)
 
+def with_demo_defaults(cfg: Config) -> Config:
+    """The bundled demo's files only when --data is not given: a user's own data never meets the demo's
+    teacher or validation images by accident."""
+    if not cfg.data:
+        return dataclasses.replace(cfg, data=str(DEMO / "distilled"), val=cfg.val or str(DEMO / "val"),
+                                   teacher=cfg.teacher or str(DEMO / "teacher.pt"))
+    if not cfg.val:
+        raise HaldError("--val is missing: with --data, give the real validation set as an ImageFolder "
+                        "(its class folders are paired with --data's by sorted position)")
+    return cfg
+
+
+def check_run(cfg: Config, schedule, world: int) -> None:
+    """Checks of the settings that need the schedule but no image."""
+    soft = any(phase != "hard" for phase, _ in schedule)
+    if soft and not cfg.teacher:
+        raise HaldError(f"--teacher is missing: the schedule {cfg.schedule} has soft phases, whose labels a teacher gives "
+                        f"(a hald.py checkpoint or a torchvision name such as resnet18); --schedule hard needs none")
+    if soft and (cfg.slc < 1 or cfg.slc % cfg.ipc):
+        raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: each image gets slc/ipc crops; "
+                        f"use e.g. --slc {max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc}")
+    if cfg.batch_size % world:
+        raise HaldError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of the {world} processes: "
+                        f"change --batch-size or --nproc_per_node")
+
+
+def soft_labels(cfg: Config, images_u8, labels, classes, val, device, gens, rank, world, log=print):
+    """Teacher loaded and checked against the data, then the soft-label cache built or reused.
+    Returns teacher, cache, its size in bytes and the teacher check's figures."""
+    size, out = images_u8.shape[-1], Path(cfg.out)
+    teacher, teacher_id, teacher_classes = load_teacher(cfg.teacher, classes, size, log)
+    teacher = teacher.to(device).eval()
+    check = {}
+    if cfg.check_teacher:
+        check = teacher_check(teacher, images_u8, labels, val, device)
+        log(f"teacher check: agrees with the folder labels of --data on {check['teacher_agreement']:.1f} % of the "
+            f"{len(images_u8)} images; top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on "
+            f"{check['teacher_check_val_images']:,} of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")
+        refuse_mismatched_order(check, len(classes))
+    header = dict(format=CACHE_FORMAT, classes=classes, num_images=len(images_u8), ipc=cfg.ipc, slc=cfg.slc,
+                  passes=cfg.slc // cfg.ipc, image_size=size, batch_size=cfg.batch_size, temperature=cfg.temperature,
+                  teacher=teacher_id, teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3],
+                  cutmix=cfg.cutmix, seed=cfg.seed, images_sha256=tensors_digest({"images": images_u8, "labels": labels}),
+                  values="probs", label_topk=cfg.label_topk, label_bits=cfg.label_bits)
+    header["fingerprint"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+    header.update(teacher_classes=teacher_classes, val_classes=val["classes"])  # for the reader, not the fingerprint
+    cache_path = Path(cfg.cache or out / "soft_labels.pt")
+    if cache_path.exists() and not cfg.rebuild_cache:
+        cache = SoftLabelCache.load(cache_path, header)
+        log(f"reusing soft-label cache {cache_path}")
+    else:
+        cache = SoftLabelCache.build(teacher, images_u8, header, gens["relabel"], log, rank, world)
+        if rank == 0:
+            cache.save(cache_path)
+    cache_bytes = cache_path.stat().st_size if rank == 0 else 0
+    log(f"soft labels: {len(cache.probs)} ({cfg.slc} per class) in {cache_bytes:,} bytes = {cache_bytes / len(cache.probs):.0f} bytes/label")
+    return teacher, cache.to(device), cache_bytes, check
+
+
+def build_student(cfg: Config, num_classes: int, size: int, device, world: int):
+    """The student (evaluated and saved), what training calls (DDP, compiled or graphed) and its optimizer."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, C, size).to(device)
+    model = build_model(cfg.model, num_classes, size).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    net = model  # what training calls; `model` itself is evaluated and saved
+    net = model
     if world > 1:  # BatchNorm statistics over the global batch on GPUs, as a single process computes them
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    net = speed_up(net, cfg.compile, cfg.cuda_graph)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    return model, speed_up(net, cfg.compile, cfg.cuda_graph), make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+
+
+def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log=print) -> list[dict]:
+    """The schedule, epoch by epoch, with a checkpoint after each (resumable) and evaluations; returns the history."""
+    out, size, C = Path(cfg.out), images_u8.shape[-1], len(val["classes"])
     out.mkdir(parents=True, exist_ok=True)
     phases = [phase for phase, count in schedule for _ in range(count)]
     run_id = run_fingerprint(cfg)
@@ -950,9 +1089,51 @@ def train(cfg: Config, log=print) -> dict:
                 f.write(json.dumps(row) + "\n")
         acc = f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if "top1" in row else ""
         log(f"epoch {epoch + 1:>4}/{len(phases)} {phase:<6} loss {loss:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s{acc}")
+    return history
 
+
+def train(cfg: Config, log=print) -> dict:
+    """The pipeline: settings checked, data loaded, soft labels built or reused (teacher checked), student
+    built, schedule run, results written. Returns the summary."""
+    cfg = with_demo_defaults(cfg)
+    check_config(cfg)
+    device, rank, world = init_distributed(pick_device(cfg.device))
+    log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
+    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
+        raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
+    schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, cfg.slc // cfg.ipc)
+    check_run(cfg, schedule, world)
+    start, gens = time.time(), make_generators(cfg.seed)
+
+    images_u8, labels, classes = load_distilled(cfg.data, cfg.ipc, cfg.image_size, log)
+    n, C, size = len(images_u8), len(classes), images_u8.shape[-1]
+    cfg = resolve_settings(cfg, C)
+    if cfg.batch_size > n:
+        raise HaldError(f"--batch-size {cfg.batch_size} is larger than the {n} distilled images: lower it")
+    if 0 < n % cfg.batch_size < world:
+        raise HaldError(f"the last batch of a pass ({n % cfg.batch_size} images) must hold at least one image per process "
+                        f"({world}): change --batch-size or --nproc_per_node")
+    soft = any(phase != "hard" for phase, _ in schedule)
+    log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes from {cfg.data} | "
+        f"schedule {schedule} | " + (f"teacher {cfg.teacher} | T {cfg.temperature:g} | " if soft else "")
+        + f"label smoothing {cfg.label_smoothing:g}")
+    val = load_val(cfg.val, classes, size, device, cfg.val_storage, Path(cfg.out), log)
+    images_u8, labels = images_u8.to(device), labels.to(device)
+    teacher, cache, cache_bytes, check = None, None, 0, {}
+    if soft:
+        teacher, cache, cache_bytes, check = soft_labels(cfg, images_u8, labels, classes, val, device, gens, rank, world, log)
+    model, net, opt = build_student(cfg, C, size, device, world)
+    history = fit(cfg, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log)
     if rank > 0:  # rank 0 writes the results
         return {}
+    return write_results(cfg, schedule, history, model, teacher, images_u8, labels, classes, val, cache, cache_bytes, check,
+                         gens, device, start, log)
+
+
+def write_results(cfg, schedule, history, model, teacher, images_u8, labels, classes, val, cache, cache_bytes, check,
+                  gens, device, start, log=print) -> dict:
+    """Drift diagnostics, the saved student, summary.json and curves.png."""
+    out, C, size = Path(cfg.out), len(classes), images_u8.shape[-1]
     evals = [row for row in history if "top1" in row]
     top1, top5 = evals[-1]["top1"], evals[-1]["top5"]
     best = max((row["top1"], row["epoch"]) for row in evals)
@@ -965,7 +1146,8 @@ def train(cfg: Config, log=print) -> dict:
     summary = {"final_top1": top1, "final_top5": top5, "best_top1": best[0], "best_epoch": best[1],
                "schedule": [list(p) for p in schedule], "soft_labels_per_class": cfg.slc if cache else 0,
                "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
-               "drift": drift, "seconds": time.time() - start, "config": dataclasses.asdict(cfg),
+               **check, "drift": drift, "seconds": time.time() - start, "config": dataclasses.asdict(cfg),
+               "classes": {"data": classes, "val": val["classes"], "teacher": cache.header.get("teacher_classes") if cache else None},
                "versions": {"python": platform.python_version(), "torch": torch.__version__},
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
     save_atomic(json.dumps(summary, indent=2), out / "summary.json")
@@ -977,7 +1159,7 @@ def train(cfg: Config, log=print) -> dict:
 
 def run_fingerprint(cfg: Config) -> str:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
-    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile", "cuda_graph")}
+    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile", "cuda_graph", "check_teacher", "val_storage")}
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
 
 

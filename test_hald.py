@@ -316,11 +316,11 @@ def write_folder(root: Path, classes: int, per_class: int, size: int, seed: int,
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """4 classes x 3 images of 16 px to distil from, 4 x 4 validation images, and a teacher
-    trained by hald.py itself with --schedule hard."""
+    trained by hald.py itself with --schedule hard (20 epochs: far above chance, which the teacher check needs)."""
     root = tmp_path_factory.mktemp("tiny")
     data, val = write_folder(root / "data", 4, 3, 16, 0), write_folder(root / "val", 4, 4, 16, 1)
     teacher = root / "teacher.pt"
-    assert hald.main(["--data", str(data), "--val", str(val), "--ipc", "3", "--schedule", "hard", "--epochs", "3",
+    assert hald.main(["--data", str(data), "--val", str(val), "--ipc", "3", "--schedule", "hard", "--epochs", "20",
                       "--model", "convnet_bn8", "--batch-size", "4", "--out", str(root / "t"), "--save-model", str(teacher),
                       "--drift-crops", "0"]) == 0
     return {"data": data, "val": val, "teacher": teacher, "root": root}
@@ -386,7 +386,7 @@ def test_same_seed_same_numbers_and_cache_reuse(tiny, tmp_path):
 def test_saved_student_is_a_teacher_and_cache_mismatch_is_refused(tiny, tmp_path, capsys):
     student = tmp_path / "student.pt"
     assert hald.main(tiny_args(tiny, tmp_path / "a", "--save-model", str(student))) == 0
-    assert hald.main(tiny_args(tiny, tmp_path / "b", "--teacher", str(student), "--temperature", "7")) == 0
+    assert hald.main(tiny_args(tiny, tmp_path / "b", "--teacher", str(student), "--temperature", "7", "--no-check-teacher")) == 0
     # the cache of run a was made at T = 4 (auto, 4 classes) by another teacher: reusing it is refused, then rebuilt on request
     assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "7")) == 2
     assert "other settings" in capsys.readouterr().err
@@ -395,7 +395,7 @@ def test_saved_student_is_a_teacher_and_cache_mismatch_is_refused(tiny, tmp_path
 
 @pytest.mark.parametrize("extra, message", [
     (["--slc", "3"], "not a positive multiple of --ipc"),
-    (["--ipc", "5"], "fewer than --ipc 5"),
+    (["--ipc", "5", "--slc", "10"], "fewer than --ipc 5"),
     (["--batch-size", "9"], "larger than the 8 distilled images"),
     (["--schedule", "soft:1,hard:1"], "covers 2 epochs"),
     (["--schedule", "banana"], "bad schedule"),
@@ -413,13 +413,12 @@ def test_bad_input_gives_a_one_line_error(tiny, tmp_path, capsys, extra, message
 
 
 def test_bad_folders(tiny, tmp_path, capsys):
-    write_folder(tmp_path / "other", 4, 2, 16, 2)
-    (tmp_path / "other" / "class0").rename(tmp_path / "other" / "zebra")
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken" / "a").mkdir(parents=True)
     (tmp_path / "broken" / "a" / "0.png").write_bytes(b"not a png")
     (tmp_path / "broken" / "a" / "1.png").write_bytes(b"not a png")
-    cases = [(["--val", str(tmp_path / "other")], "differ from --data"), (["--data", str(tmp_path / "nowhere")], "is not a folder"),
+    write_folder(tmp_path / "five", 5, 2, 16, 2)
+    cases = [(["--val", str(tmp_path / "five")], "has 5 classes but --data has 4"), (["--data", str(tmp_path / "nowhere")], "is not a folder"),
              (["--data", str(tmp_path / "empty")], "no class folders"), (["--data", str(tmp_path / "broken")], "0.png")]
     for extra, message in cases:
         assert hald.main(tiny_args(tiny, tmp_path / "out", *extra)) == 2
@@ -429,7 +428,101 @@ def test_bad_folders(tiny, tmp_path, capsys):
 def test_teacher_with_other_classes_is_refused(tiny, tmp_path, capsys):
     data = write_folder(tmp_path / "five", 5, 2, 16, 3)
     assert hald.main(tiny_args(tiny, tmp_path / "out", "--data", str(data), "--val", str(data))) == 2
-    assert "other classes" in capsys.readouterr().err
+    assert f"teacher {tiny['teacher']} has 4 classes but --data has 5" in capsys.readouterr().err
+
+
+def renamed_copy(src: Path, dst: Path, names: list[str]) -> Path:
+    """The class folders of src (in sorted order) copied under new names."""
+    for old, name in zip(sorted(d.name for d in src.iterdir()), names):
+        (dst / name).mkdir(parents=True)
+        for f in (src / old).iterdir():
+            (dst / name / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("naming", [[f"new{c:03d}" for c in range(4)], [f"{c:05d}" for c in range(4)]])
+def test_released_distilled_layouts_pair_by_position(tiny, tmp_path, capsys, naming):
+    """SRe2L/FADRM (new000...) and RDED (00000...) folders against validation folders named like ImageNet's,
+    with a teacher that learned a third naming (class0...): paired by position, the note shows it, and it trains."""
+    data = renamed_copy(tiny["data"], tmp_path / "data", naming)
+    val = renamed_copy(tiny["val"], tmp_path / "val", ["n01440764", "n01443537", "n01484850", "n01491361"])
+    assert hald.main(tiny_args(tiny, tmp_path / "out", "--data", str(data), "--val", str(val))) == 0
+    out = capsys.readouterr().out
+    assert f"classes of --data paired with --val {val} by sorted position: {naming[0]} -> n01440764, {naming[1]} -> n01443537" in out
+    assert f"paired with teacher {tiny['teacher']} by sorted position: {naming[0]} -> class0" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["classes"] == {"data": naming, "val": sorted(d.name for d in val.iterdir()), "teacher": [f"class{c}" for c in range(4)]}
+    assert summary["teacher_agreement"] >= hald.chance_floor(4) and summary["teacher_top1"] >= hald.chance_floor(4)
+    header = torch.load(tmp_path / "out" / "soft_labels.pt", weights_only=True)["header"]
+    assert header["classes"] == naming and header["val_classes"] == summary["classes"]["val"]
+    assert header["teacher_classes"] == summary["classes"]["teacher"]
+
+
+@pytest.mark.parametrize("side", ["data", "val"])
+def test_class_order_that_does_not_match_the_teacher_is_refused(tiny, tmp_path, capsys, side):
+    """--data in reversed class order, or --val rotated by one: refused before training, nothing written to --out;
+    --no-check-teacher trains anyway."""
+    names = [f"class{c}" for c in range(4)]
+    order = names[::-1] if side == "data" else names[1:] + names[:1]
+    moved = renamed_copy(tiny[side], tmp_path / side, order)
+    args = tiny_args(tiny, tmp_path / "out", f"--{side}", str(moved))
+    assert hald.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"hald: error: the class order of --{side} does not match the teacher's") and "\n" not in err
+    assert "--no-check-teacher" in err and not (tmp_path / "out").exists()
+    assert hald.main(args + ["--no-check-teacher"]) == 0
+    assert "teacher_agreement" not in json.loads((tmp_path / "out" / "summary.json").read_text())
+
+
+def test_missing_val_or_teacher_with_own_data_is_refused(tiny, tmp_path, capsys):
+    """The bundled demo's validation set and teacher are used only when --data is not given."""
+    base = ["--data", str(tiny["data"]), "--ipc", "2", "--epochs", "2", "--out", str(tmp_path / "out")]
+    assert hald.main(base + ["--teacher", str(tiny["teacher"])]) == 2
+    assert "--val is missing" in capsys.readouterr().err
+    assert hald.main(base + ["--val", str(tiny["val"]), "--slc", "4"]) == 2
+    assert "--teacher is missing" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert hald.main(base + ["--val", str(tiny["val"]), "--schedule", "hard", "--batch-size", "4", "--drift-crops", "0"]) == 0  # no teacher needed
+
+
+def test_unpadded_numeric_folders_get_a_note(tiny, tmp_path, capsys):
+    names = [str(c) for c in (0, 1, 2, 10)]  # sorted as text: 0, 1, 10, 2
+    data = renamed_copy(tiny["data"], tmp_path / "data", sorted(names))
+    hald.load_distilled(data, 2, 16)
+    assert "unpadded numbers, paired in text order (0, 1, 10, 2, ...)" in capsys.readouterr().out
+    hald.load_distilled(tiny["data"], 2, 16)
+    assert "unpadded" not in capsys.readouterr().out
+
+
+def test_validation_storage_modes_give_the_same_accuracy(tiny, tmp_path):
+    """Device, host memory or a memory-mapped file: the same decoded pixels, the same top-1 and top-5; the
+    file is written once and reused."""
+    classes = [f"class{c}" for c in range(4)]
+    student, *_ = hald.load_teacher(str(tiny["teacher"]), classes, 16)
+    results, stored = {}, {}
+    for storage in ("device", "memory", "file", "file"):
+        val = hald.load_val(tiny["val"], classes, 16, torch.device("cpu"), storage, tmp_path / "spill")
+        assert val["storage"] == storage and val["images"].dtype == torch.uint8 and val["images"].shape == (16, 3, 16, 16)
+        results[storage], stored[storage] = hald.evaluate(student, val, torch.device("cpu"), batch_size=5), val["images"].clone()
+    assert results["device"] == results["memory"] == results["file"]
+    assert torch.equal(stored["memory"], stored["file"])
+    assert len(list((tmp_path / "spill").iterdir())) == 1  # one file, no temporary left
+    assert hald.val_storage_for(10, torch.device("cpu")) == "memory" and hald.val_storage_for(2**60, torch.device("cpu")) == "file"
+
+
+def test_torchvision_teacher_weights_tag():
+    assert hald.torchvision_weights("resnet18")[1].name == "IMAGENET1K_V1"  # the authors' weights without a tag
+    assert hald.torchvision_weights("resnet50:IMAGENET1K_V2")[1].name == "IMAGENET1K_V2"
+    assert hald.torchvision_weights("resnet50:DEFAULT")[1].name == "IMAGENET1K_V2"
+    with pytest.raises(hald.HaldError, match="no weights 'V9' for resnet50: use one of IMAGENET1K_V1, IMAGENET1K_V2"):
+        hald.torchvision_weights("resnet50:V9")
+    with pytest.raises(hald.HaldError, match="neither a file nor a torchvision model"):
+        hald.torchvision_weights("nonexistent_net")
+
+
+@given(c=st.integers(2, 2000))
+def test_chance_floor_lies_between_chance_and_certainty(c):
+    assert 100 / c < hald.chance_floor(c) < 100
 
 
 def test_grayscale_rgba_and_resized_images_load(tmp_path):
@@ -519,14 +612,31 @@ def test_bench_smoke(tmp_path):
     import bench
 
     result = bench.main(["--model", "convnet8", "--image-size", "16", "--classes", "3", "--ipc", "4", "--batch-size", "4",
-                         "--repeats", "1", "--device", "cpu", "--replay-sizes", "24", "--whole-step-graph", "--out", str(tmp_path / "bench.json")])
+                         "--repeats", "1", "--device", "cpu", "--replay-sizes", "24", "--whole-step-graph",
+                         "--val-jpegs", "8", "--val-size", "32", "--val-eval-images", "6", "--out", str(tmp_path / "bench.json")])
     stored = json.loads((tmp_path / "bench.json").read_text())
+    terms = [f"projected_minutes_{t}" for t in ("soft", "hard", "relabel", "eval", "val_decode")]
+    ratios = ("efficiency_soft", "efficiency_hard", "relabel_vs_teacher_forward", "efficiency_soft_whole_graph")
     for key in ("device", "model", "batch_size", "image_size", "model_step_ips", "soft_epoch_ips", "hard_epoch_ips",
-                "efficiency_soft", "efficiency_hard", "relabel_ips", "teacher_forward_ips", "replay_ips", "naive_replay_ips"):
+                "efficiency_soft", "efficiency_hard", "relabel_ips", "teacher_forward_ips", "replay_ips", "naive_replay_ips",
+                "eval_ips", "broken", "val_decode_ips", "val_decode_ips_one_thread", "val_eval_seconds_before", "val_eval_seconds_after",
+                "val_eval_seconds_before_50k", "val_eval_seconds_after_50k", *terms, *(f"{r}_spread" for r in ratios)):
         assert key in stored
     assert all(result[k] > 0 for k in result if k.endswith("_ips"))
     assert stored["replay_by_image_size"]["24"]["replay_speedup_vs_naive"] > 0
-    assert "whole_step_graph_error" not in stored and stored["efficiency_soft_whole_graph"] > 0
+    assert "whole_step_graph_error" not in stored and stored["whole_graph_soft_epoch_ips"] > 0
+    for r in ratios:  # a ratio is a number, or None with its reason in broken (a load change the rounds could not absorb)
+        assert (stored[r] is None) == any(line.startswith(f"{r}:") for line in stored["broken"])
+    assert stored["val_jpegs"] == 8 and stored["val_eval_images"] == 6 and stored["val_eval_seconds_before"] > 0
+    assert math.isclose(sum(stored[t] for t in terms), stored["projected_imagenet_ipc10_minutes"])
+    # fabricated rounds: an epoch cannot be faster than its ceiling; above 1.1 the measurement is broken, not a result
+    median, spread, broken = bench.bounded_ratio([1.0, 1.0, 1.0], [1.1, 1.0, 1.25])
+    assert median == 1 / 1.1 and spread == [0.8, 1.0] and not broken
+    median, spread, broken = bench.bounded_ratio([4.0, 5.0, 4.7], [1.0, 1.0, 1.0])
+    assert median == 4.7 and spread == [4.0, 5.0] and broken
+    lines = []
+    assert bench.ratio_keys("efficiency_soft", [4.0, 5.0, 4.7], [1.0, 1.0, 1.0], lines) == {"efficiency_soft": None, "efficiency_soft_spread": [4.0, 5.0]}
+    assert len(lines) == 1 and lines[0].startswith("efficiency_soft: median per-round ratio 4.70")
 
 
 def test_bench_device_indexed_replay_equals_cache_batch():
@@ -558,6 +668,7 @@ def test_no_argument_demo_in_short(tmp_path):
         assert math.isfinite(summary["drift"][key])
     assert 0 < summary["drift"]["teacher_crop_mismatch"] < 1  # a real teacher on real crops: some drift, mostly right
     assert summary["final_top1"] > 10  # above chance on 2,000 real CIFAR-10 test images
+    assert summary["teacher_agreement"] > 60 and summary["teacher_top1"] > 60  # the bundled teacher on its own data
 
 
 def test_torchvision_teacher_with_another_class_count_is_refused(tiny, tmp_path, capsys, monkeypatch):
@@ -567,6 +678,18 @@ def test_torchvision_teacher_with_another_class_count_is_refused(tiny, tmp_path,
     monkeypatch.setattr(hald, "build_model", lambda name, n, size, weights=None: real("convnet8", 7 if weights else n, size))
     assert hald.main(tiny_args(tiny, tmp_path, "--teacher", "resnet18")) == 2
     assert "predicts 7 classes but the data has 4" in capsys.readouterr().err
+
+
+def test_torchvision_teacher_is_checked_and_its_weights_recorded(tiny, tmp_path, capsys, monkeypatch):
+    """A stand-in for ImageNet weights with the data's class count: untrained, so the teacher check refuses it
+    (the one check of class order a torchvision teacher gets); without the check it trains and the cache
+    records the weights tag."""
+    real = hald.build_model
+    monkeypatch.setattr(hald, "build_model", lambda name, n, size, weights=None: real("convnet8", n, size))
+    assert hald.main(tiny_args(tiny, tmp_path, "--teacher", "resnet50:IMAGENET1K_V2")) == 2
+    assert "does not match the teacher's" in capsys.readouterr().err
+    assert hald.main(tiny_args(tiny, tmp_path, "--teacher", "resnet50:IMAGENET1K_V2", "--no-check-teacher")) == 0
+    assert torch.load(tmp_path / "soft_labels.pt", weights_only=True)["header"]["teacher"] == "torchvision:resnet50:IMAGENET1K_V2"
 
 
 # ------------------------------------------------------------------------ speed knobs
@@ -610,7 +733,7 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
     assert len(losses[1]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
     classes = [f"class{c}" for c in range(4)]
-    student, _ = hald.load_teacher(str(tmp_path / "p2" / "student.pt"), classes, 16)
+    student, *_ = hald.load_teacher(str(tmp_path / "p2" / "student.pt"), classes, 16)
     assert hald.evaluate(student, hald.load_val(val, classes, 16), torch.device("cpu")) == (summary["final_top1"], summary["final_top5"])
     bad = subprocess.run([*launch, str(HERE / "hald.py"), *tiny_args(tiny, tmp_path / "bad", "--batch-size", "3")],
                          capture_output=True, text=True, env=env, timeout=300)
