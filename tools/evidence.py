@@ -61,14 +61,14 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
 
 
-def run_one(job):
+def run_one(job, threads: int = 1):
     out, args = job
     if (out / "summary.json").exists():
         return out, "cached"
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     with open(out / "log.txt", "w") as log:
-        code = subprocess.call([sys.executable, str(ROOT / "hald.py"), *args, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        code = subprocess.call([sys.executable, os.environ.get("HALD_SCRIPT", str(ROOT / "hald.py")), *args, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT, env=env)
     return out, f"exit {code}"
 
 

@@ -1,0 +1,137 @@
+"""Does HALD beat soft-only at 200 classes? Tiny-ImageNet at 32 px on a CPU.
+
+    python tools/evidence_tiny.py --tiny /tmp/tiny --jobs 2      # the table (skips finished runs)
+    python tools/evidence_tiny.py --tiny /tmp/tiny --teacher-only # the teacher alone
+
+--tiny is the unpacked Tiny-ImageNet-200 (train/<wnid>/, val/<wnid>/; see
+../shared/data/tiny-imagenet/README.md). The distilled set is IPC 10 real training images per
+class drawn at random (random.Random(0).sample of each class's sorted files, classes in sorted
+order), linked into OUT/distilled. The teacher is results/tiny-imagenet/teacher.pt, trained by
+hald.py (TEACHER_ARGS below) when it is missing. Each finished run's summary.json is copied to
+results/tiny-imagenet/runs/<row>-s<s>-seed<seed>.json, which is what the table is made from and
+what makes a run count as done: commit those files and the table is reproduced without rerunning.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "tiny-imagenet"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence import run_one, slug  # noqa: E402
+
+IPC, SIZE = 10, 32
+# the teacher: a BatchNorm ConvNet-3 of width 64 on all 100,000 training images, 16 epochs,
+# crops of at least 35 % of the image, no CutMix, smoothing 0.1, LR cosine to 0 (eta 1)
+TEACHER_ARGS = ["--ipc", "500", "--schedule", "hard", "--model", "convnet_bn64", "--epochs", "16", "--batch-size", "256",
+                "--crop-scale", "0.35", "--no-cutmix", "--eta", "1", "--lr", "2e-3", "--label-smoothing", "0.1",
+                "--eval-every", "4", "--drift-crops", "0", "--seed", "0"]
+AUTHORS, OURS_10 = ["--label-smoothing", "0.8", "--temperature", "20"], ["--label-smoothing", "0.1", "--temperature", "4"]
+# (row label, hald.py arguments, crops per image, seeds), in order of priority: the jobs run seed-major
+# over the s = 1 rows first, so an interrupted study still fills every s = 1 cell once
+ROWS = [
+    ("soft-only (T 20)", ["--schedule", "soft", "--temperature", "20"], 1, 3),
+    ("HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS], 1, 3),
+    ("HALD (0.1, T 4)", ["--schedule", "shs", *OURS_10], 1, 3),
+    ("hard-only (0.8)", ["--schedule", "hard", "--label-smoothing", "0.8"], 1, 3),
+    ("soft-only (T 20)", ["--schedule", "soft", "--temperature", "20"], 2, 3),
+    ("HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS], 2, 3),
+    ("ceiling: soft-only, a fresh label per crop (T 20)", ["--schedule", "soft", "--temperature", "20"], 300, 1),
+    ("soft-only (T 20), width 128", ["--schedule", "soft", "--temperature", "20", "--model", "convnet"], 1, 1),
+    ("HALD (0.8, T 20), width 128", ["--schedule", "shs", *AUTHORS, "--model", "convnet"], 1, 1),
+    ("soft-only (T 20), BatchNorm student", ["--schedule", "soft", "--temperature", "20", "--model", "convnet_bn64"], 1, 1),
+    ("HALD (0.8, T 20), BatchNorm student", ["--schedule", "shs", *AUTHORS, "--model", "convnet_bn64"], 1, 1),
+]
+
+
+def draw_distilled(train: Path, out: Path, ipc: int = IPC, seed: int = 0) -> Path:
+    """IPC random training images per class, linked into out/<wnid>/ (made once)."""
+    if out.is_dir():
+        return out
+    rng, tmp = random.Random(seed), out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for wnid in sorted(d.name for d in train.iterdir() if d.is_dir()):
+        (tmp / wnid).mkdir(parents=True)
+        for f in rng.sample(sorted((train / wnid).iterdir()), ipc):
+            (tmp / wnid / f.name).symlink_to(f.resolve())
+    tmp.rename(out)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", required=True, help="unpacked Tiny-ImageNet-200 with train/ and val/")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "tiny"), help="working folder: caches, checkpoints, logs")
+    parser.add_argument("--teacher-only", action="store_true")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this text (or one of several, split by |)")
+    args = parser.parse_args()
+    tiny, out = Path(args.tiny), Path(args.out)
+    if not (tiny / "train").is_dir() or not (tiny / "val").is_dir():
+        sys.exit(f"evidence_tiny: {tiny}/train or {tiny}/val not found: unpack Tiny-ImageNet-200 there")
+    teacher = RESULTS / "teacher.pt"
+    rows = [r for r in ROWS if any(part in r[0] for part in args.only.split("|"))]
+    if not teacher.exists() and (args.teacher_only or any("hard" not in r[1] for r in rows)):  # hard-only needs none
+        job = (out / "teacher", ["--data", str(tiny / "train"), "--val", str(tiny / "val"), "--image-size", str(SIZE),
+                                 *TEACHER_ARGS, "--save-model", str(teacher)])
+        print(f"training the teacher: {run_one(job, threads=os.cpu_count())[1]}", flush=True)
+        shutil.copy(out / "teacher" / "summary.json", RESULTS / "teacher-summary.json")
+    if args.teacher_only:
+        return
+    distilled = draw_distilled(tiny / "train", out / f"distilled-ipc{IPC}-seed0")
+    common = ["--data", str(distilled), "--val", str(tiny / "val"), "--teacher", str(teacher), "--ipc", str(IPC),
+              "--image-size", str(SIZE), "--model", "convnet64", "--epochs", "300", "--eval-every", "25"]
+    jobs = []
+    for seed in range(3):
+        for label, extra, s, seeds in rows:
+            if seed < seeds:
+                name = f"{slug(label)}-s{s}-seed{seed}"
+                jobs.append((name, (out / name, [*common, *extra, "--slc", str(IPC * s), "--seed", str(seed)])))
+
+    def run(named):
+        name, job = named
+        done = RESULTS / "runs" / f"{name}.json"
+        if done.exists():
+            return name, "done"
+        status = run_one(job)[1]
+        if (job[0] / "summary.json").exists():
+            done.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(job[0] / "summary.json", done)
+        return name, status
+
+    start = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for i, (name, status) in enumerate(pool.map(run, jobs)):
+            print(f"[{i + 1}/{len(jobs)}] {name}: {status} ({time.time() - start:.0f}s)", flush=True)
+    print(table())
+
+
+def table() -> str:
+    """Last-epoch top-1 mean +- std (n, median minutes) per row and crops per image, from the committed summaries."""
+    columns = sorted({s for _, _, s, _ in ROWS})
+    lines = ["| setting | " + " | ".join(f"s={s} (SLC {IPC * s})" for s in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label in dict.fromkeys(r[0] for r in ROWS):
+        cells = []
+        for s in columns:
+            found = sorted((RESULTS / "runs").glob(f"{slug(label)}-s{s}-seed*.json"))
+            summaries = [json.loads(f.read_text()) for f in found]
+            if not summaries:
+                cells.append("")
+                continue
+            top1 = [x["final_top1"] for x in summaries]
+            std = statistics.stdev(top1) if len(top1) > 1 else 0.0
+            minutes = statistics.median(x["seconds"] for x in summaries) / 60
+            cells.append(f"{statistics.mean(top1):.1f} +- {std:.1f} (n={len(top1)}, {minutes:.0f} min)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
