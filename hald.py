@@ -61,6 +61,12 @@ def arg(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+GROUPS = {"data": "data", "teacher": "soft labels", "model": "student and schedule", "batch_size": "optimisation", "seed": "run"}
+# `python hald.py` with no --data: the bundled CIFAR-10 demo at a budget where HALD should help (2 crops per
+# image), against soft-only from the same cache. Flags given on the command line win.
+DEMO_FLAGS = {"schedule": "shs soft", "slc": 20}
+
+
 @dataclass
 class Config:
     # data
@@ -70,7 +76,7 @@ class Config:
     ipc: int = arg(10, "images per class used from --data (the first IPC files of each class, sorted)")
     image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image")
     val_storage: str = arg("auto", "where the validation set is kept, decoded once as uint8: auto (the GPU if it fits, else host "
-                           "memory within half of what is available, else a memory-mapped file in --out), device, memory or file",
+                           "memory within half of what is available, else a memory-mapped file in --out), or one of these",
                            ("auto", "device", "memory", "file"))
     # soft labels
     teacher: str = arg("", "hald.py checkpoint, or a torchvision ImageNet model as name[:weights] (resnet18, "
@@ -89,7 +95,9 @@ class Config:
     rebuild_cache: bool = arg(False, "rebuild the cache when it exists but was made for other settings")
     # student and schedule
     model: str = arg("convnet", "student: convnet (ConvNet-3, instance norm), convnet_bn, resnet18 (CIFAR stem <= 64 px) or a torchvision name")
-    schedule: str = arg("shs", "shs (HALD), soft, hard, hs, sh, hsh, alt-hard-n, alt-hard-2n, alt-soft-n, alt-soft-2n, hybrid, or phase:epochs,...")
+    schedule: str = arg("shs", "shs (HALD), soft, hard, hs, sh, hsh, alt-hard-n, alt-hard-2n, alt-soft-n, alt-soft-2n, hybrid, or "
+                        "phase:epochs,...; several separated by spaces ('shs soft') train from one soft-label cache, each "
+                        "into OUT/<schedule>/, and end with a comparison (the demo's: 'shs soft' at --slc 20)")
     epochs: int = arg(300, "training epochs in all")
     soft_epochs: int = arg(-1, "soft epochs of the presets (HALD: half before, half after the hard phase); -1 = epochs // 2, the authors' 150 of 300")
     label_smoothing: float = arg(-1.0, "label smoothing of hard targets (timm convention: off-value smoothing/C); "
@@ -111,21 +119,30 @@ class Config:
     eval_every: int = arg(20, "evaluate every N epochs (and always at the end); 0 = at the end only")
     drift_crops: int = arg(8, "crops per image for the drift diagnostics; 0 turns them off")
     out: str = arg("runs/hald", "output folder: metrics.jsonl, summary.json, the cache by default")
+    overwrite: bool = arg(False, "replace the results of a finished or unfinished run in --out (refused otherwise)")
     save_model: str = arg("", "write the trained student here (usable as --teacher)")
     resume: bool = arg(False, "continue from OUT/checkpoint.pt (written after every epoch) with the same settings")
     debug: bool = arg(False, "show tracebacks instead of one-line errors")
 
 
 def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The CLI, built from Config: one argparse group per section, the demo's flags when --data is not given."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
+        flag, choices = "--" + f.name.replace("_", "-"), f.metadata["choices"]
+        shown = (f.default if f.default != "" else "none") if isinstance(f.default, str) else f.default
+        demo = f"; the demo without --data: {DEMO_FLAGS[f.name]}" if f.name in DEMO_FLAGS else ""
+        help = f.metadata["help"] + (f" (one of: {', '.join(map(str, choices))})" if choices else "") + f" [default: {shown}{demo}]"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    return Config(**vars(parser.parse_args(argv)))
+            group.add_argument(flag, type=kind, metavar=f.name.upper(), help=help)
+    given = vars(parser.parse_args(argv))
+    if "data" not in given:
+        given = {**DEMO_FLAGS, **given}
+    return Config(**given)
 
 
 def check_config(cfg: Config) -> None:
@@ -163,6 +180,10 @@ def list_image_folder(root) -> tuple[list[list[Path]], list[str]]:
         entries = sorted(p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith("."))
         files.append([p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS])
         ignored += len(entries) - len(files[-1])
+    nested = [name for name, f in zip(classes, files) if not f and any(p.is_dir() for p in (root / name).iterdir())]
+    if nested:  # a dataset root (train/, val/) instead of an ImageFolder
+        raise HaldError(f"{root}/{nested[0]} holds folders, not images: an ImageFolder has one folder of images per class; "
+                        f"did you mean {root / nested[0]}?")
     if ignored:
         print(f"note: ignored {ignored} non-image files in {root}")
     return files, classes
@@ -203,6 +224,10 @@ def load_distilled(root, ipc: int, size: int = 0, log=print):
             raise HaldError(f"class {name!r} in {root} has {len(class_files)} images, fewer than --ipc {ipc}: "
                             f"lower --ipc or add images")
     note_numeric_order(classes, f"--data {root}", log)
+    typical = sorted(map(len, files))[len(files) // 2]
+    if typical > 2 * ipc:
+        log(f"note: --ipc {ipc} uses the first {ipc} of about {typical} images per class in {root}: a distilled set holds "
+            f"IPC images per class; give --ipc {typical} to use them all")
     paths = [p for class_files in files for p in class_files[:ipc]]
     size = size or decode_image(paths[0], 0).shape[1]
     labels = torch.arange(len(classes)).repeat_interleave(ipc)
@@ -981,7 +1006,7 @@ def resolve_settings(cfg: Config, num_classes: int) -> Config:
     Below 100 classes (measured on CIFAR-10, README): smoothing 0.8 flattens 10-class targets to
     on/off 3.5 (250 at 1,000 classes), and T 4 trained better HALD students than T 20."""
     few = num_classes < AUTHORS_CLASSES
-    auto = {"label_smoothing": 0.1 if few else 0.8, "temperature": 4.0 if few else 20.0}
+    auto = {"label_smoothing": 0.1 if few else 0.8, "temperature": 4.0 if few else 20.0, "soft_epochs": cfg.epochs // 2}
     return dataclasses.replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
 
 
@@ -995,6 +1020,18 @@ def with_demo_defaults(cfg: Config) -> Config:
         raise HaldError("--val is missing: with --data, give the real validation set as an ImageFolder "
                         "(its class folders are paired with --data's by sorted position)")
     return cfg
+
+
+def check_out(cfg: Config) -> None:
+    """No silent overwrite: an --out that holds a finished run, or an unfinished one, is refused unless told."""
+    out = Path(cfg.out)
+    if cfg.overwrite or cfg.resume:
+        return
+    if (out / "summary.json").exists():
+        raise HaldError(f"--out {out} holds a finished run (summary.json): pass --overwrite to replace it, or another --out")
+    if (out / "checkpoint.pt").exists():
+        raise HaldError(f"--out {out} holds an unfinished run (checkpoint.pt): pass --resume to continue it, "
+                        f"--overwrite to start again, or another --out")
 
 
 def check_run(cfg: Config, schedule, world: int) -> None:
@@ -1070,6 +1107,7 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
     if rank == 0:
         save_atomic("".join(json.dumps(row) + "\n" for row in history), out / "metrics.jsonl")
     model.train()
+    started = time.time()
     for epoch in range(first, len(phases)):
         phase = phases[epoch]
         t0 = time.time()
@@ -1088,7 +1126,10 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         acc = f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if "top1" in row else ""
-        log(f"epoch {epoch + 1:>4}/{len(phases)} {phase:<6} loss {loss:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s{acc}")
+        elapsed = time.time() - started
+        left = elapsed / (epoch + 1 - first) * (len(phases) - epoch - 1)
+        log(f"epoch {epoch + 1:>4}/{len(phases)} {phase:<6} loss {loss:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s | "
+            f"{elapsed / 60:.1f} min, {left / 60:.1f} min left{acc}")
     return history
 
 
@@ -1097,6 +1138,7 @@ def train(cfg: Config, log=print) -> dict:
     built, schedule run, results written. Returns the summary."""
     cfg = with_demo_defaults(cfg)
     check_config(cfg)
+    check_out(cfg)
     device, rank, world = init_distributed(pick_device(cfg.device))
     log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
     if cfg.cuda_graph and (device.type != "cuda" or world > 1):
@@ -1130,6 +1172,38 @@ def train(cfg: Config, log=print) -> dict:
                          gens, device, start, log)
 
 
+def train_all(cfg: Config, log=print) -> list[dict]:
+    """One run per schedule in --schedule ('shs soft'): from one soft-label cache, each into OUT/<schedule>/,
+    then a side-by-side comparison (printed and written to OUT/comparison.json). One schedule: train()."""
+    schedules = cfg.schedule.split()
+    if len(schedules) < 2:
+        return [train(cfg, log)]
+    out = Path(cfg.out)
+    runs = [dataclasses.replace(cfg, schedule=spec, out=str(out / re.sub(r"[^\w.-]+", "-", spec)),
+                                cache=cfg.cache or str(out / "soft_labels.pt")) for spec in schedules]
+    for run in runs:  # before any work: a refusal never comes after the first run
+        check_out(run)
+    summaries = [train(run, log) for run in runs]
+    if summaries[0]:  # rank 0
+        table = comparison(schedules, summaries)
+        save_atomic(json.dumps({"schedules": schedules, "summaries": [str(Path(r.out) / "summary.json") for r in runs],
+                                "table": table}, indent=2), out / "comparison.json")
+        log(table)
+    return summaries
+
+
+def comparison(schedules: list[str], summaries: list[dict]) -> str:
+    """Last-epoch top-1 of each schedule, its difference to the first, soft-label storage and time."""
+    first = summaries[0]["final_top1"]
+    lines = [f"comparison on the same soft-label cache ({summaries[0]['config']['slc']} labels per class, "
+             f"{summaries[0]['config']['slc'] // summaries[0]['config']['ipc']} per image):",
+             f"  {'schedule':<24} {'top-1 %':>8} {'vs ' + schedules[0]:>10} {'best %':>8} {'label bytes':>12} {'minutes':>8}"]
+    for spec, s in zip(schedules, summaries):
+        diff = f"{s['final_top1'] - first:+.2f}" if s is not summaries[0] else ""
+        lines.append(f"  {spec:<24} {s['final_top1']:>8.2f} {diff:>10} {s['best_top1']:>8.2f} {s['soft_label_bytes']:>12,} {s['seconds'] / 60:>8.1f}")
+    return "\n".join(lines)
+
+
 def write_results(cfg, schedule, history, model, teacher, images_u8, labels, classes, val, cache, cache_bytes, check,
                   gens, device, start, log=print) -> dict:
     """Drift diagnostics, the saved student, summary.json and curves.png."""
@@ -1151,7 +1225,9 @@ def write_results(cfg, schedule, history, model, teacher, images_u8, labels, cla
                "versions": {"python": platform.python_version(), "torch": torch.__version__},
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
     save_atomic(json.dumps(summary, indent=2), out / "summary.json")
-    plot_curves(history, out / "curves.png", log)
+    phases = " / ".join(f"{phase} {n}" for phase, n in schedule)
+    budget = f" | SLC {cfg.slc} ({cfg.slc // cfg.ipc} per image)" if cache else ""
+    plot_curves(history, out / "curves.png", f"{cfg.schedule}: {phases}{budget} | final top-1 {top1:.2f} %", log)
     log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | "
         f"soft labels {cache_bytes:,} bytes | {summary['seconds']:.0f}s | outputs in {out}/")
     return summary
@@ -1159,7 +1235,7 @@ def write_results(cfg, schedule, history, model, teacher, images_u8, labels, cla
 
 def run_fingerprint(cfg: Config) -> str:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
-    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile", "cuda_graph", "check_teacher", "val_storage")}
+    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile", "cuda_graph", "check_teacher", "val_storage", "overwrite")}
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
 
 
@@ -1182,8 +1258,9 @@ def restore_state(path, run_id: str, model, opt, gens: dict):
     return state["epoch"], state["pool"].tolist(), json.loads(state["history"])
 
 
-def plot_curves(history: list[dict], path: Path, log=print) -> None:
-    """Validation accuracy and training loss per epoch, phases shaded (needs matplotlib)."""
+def plot_curves(history: list[dict], path: Path, title: str = "", log=print) -> None:
+    """Two panels over the epochs, phases shaded: validation top-1, and the training loss of each phase on
+    its own axis (a soft KL near 0.05 and a hard cross-entropy near 2 do not share a scale). Needs matplotlib."""
     try:
         import matplotlib
 
@@ -1192,16 +1269,23 @@ def plot_curves(history: list[dict], path: Path, log=print) -> None:
     except ImportError:
         log("note: pip install matplotlib to get the training-curve picture")
         return
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for row in history:
-        if row["phase"] != "soft":
-            ax.axvspan(row["epoch"] - 1, row["epoch"], color="tab:orange" if row["phase"] == "hard" else "tab:purple", alpha=0.15, lw=0)
-    ax.plot([r["epoch"] for r in history], [r["loss"] for r in history], color="tab:blue")
-    ax.set(xlabel="epoch (orange: hard, purple: hybrid, white: soft)", ylabel="training loss (log scale)", yscale="log")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    colours = {"soft": "tab:blue", "hard": "tab:orange", "hybrid": "tab:purple"}
+    for ax in (top, bottom):
+        for row in history:
+            if row["phase"] != "soft":
+                ax.axvspan(row["epoch"] - 1, row["epoch"], color=colours[row["phase"]], alpha=0.12, lw=0)
     evals = [r for r in history if "top1" in r]
-    ax2 = ax.twinx()
-    ax2.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green")
-    ax2.set_ylabel("validation top-1 (%)", color="tab:green")
+    top.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green", ms=3)
+    top.set(ylabel="validation top-1 (%)", title=title)
+    phases = list(dict.fromkeys(r["phase"] for r in history))
+    other = bottom.twinx() if "soft" in phases and len(phases) > 1 else bottom  # soft on the left, the rest on the right
+    for phase in phases:
+        ax = bottom if phase == "soft" else other
+        rows = [r for r in history if r["phase"] == phase]
+        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase])
+        ax.set_ylabel(f"{'soft (KL)' if phase == 'soft' else ' / '.join(p for p in phases if p != 'soft')} loss", color=colours[phase])
+    bottom.set_xlabel("epoch (shaded: orange hard, purple hybrid; white soft)")
     fig.tight_layout()
     tmp = path.with_name("." + path.name)
     fig.savefig(tmp, dpi=100, format="png")
@@ -1213,7 +1297,7 @@ def plot_curves(history: list[dict], path: Path, log=print) -> None:
 def main(argv=None) -> int:
     cfg, code = parse_config(argv), 2
     try:
-        train(cfg)
+        train_all(cfg)
         code = 0
     except HaldError as e:
         if cfg.debug:

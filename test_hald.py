@@ -366,16 +366,16 @@ def test_compact_labels_end_to_end(tiny, tmp_path, capsys):
     assert blob["header"]["label_topk"] == 2 and blob["header"]["label_bits"] == 8
     assert set(blob["labels"]) == {"indices", "codes", "lo", "hi"} and blob["labels"]["codes"].shape == (16, 2)
     capsys.readouterr()
-    assert hald.main(tiny_args(tiny, tmp_path, *flags)) == 0
+    assert hald.main(tiny_args(tiny, tmp_path, *flags, "--overwrite")) == 0
     assert "reusing soft-label cache" in capsys.readouterr().out
-    assert hald.main(tiny_args(tiny, tmp_path, "--label-topk", "3")) == 2  # another format is another cache
+    assert hald.main(tiny_args(tiny, tmp_path, "--label-topk", "3", "--overwrite")) == 2  # another format is another cache
     assert "label_topk, label_bits differ" in capsys.readouterr().err
 
 
 def test_same_seed_same_numbers_and_cache_reuse(tiny, tmp_path):
     runs = []
     for name in ("a", "b", "a"):  # the second "a" reuses the cache of the first
-        assert hald.main(tiny_args(tiny, tmp_path / name, "--save-model", str(tmp_path / f"{name}.pt"), "--seed", "3")) == 0
+        assert hald.main(tiny_args(tiny, tmp_path / name, "--save-model", str(tmp_path / f"{name}.pt"), "--seed", "3", "--overwrite")) == 0
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         runs.append((summary["final_top1"], summary["drift"], torch.load(tmp_path / f"{name}.pt", weights_only=True)["state_dict"]))
     for other in runs[1:]:
@@ -388,9 +388,9 @@ def test_saved_student_is_a_teacher_and_cache_mismatch_is_refused(tiny, tmp_path
     assert hald.main(tiny_args(tiny, tmp_path / "a", "--save-model", str(student))) == 0
     assert hald.main(tiny_args(tiny, tmp_path / "b", "--teacher", str(student), "--temperature", "7", "--no-check-teacher")) == 0
     # the cache of run a was made at T = 4 (auto, 4 classes) by another teacher: reusing it is refused, then rebuilt on request
-    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "7")) == 2
+    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "7", "--overwrite")) == 2
     assert "other settings" in capsys.readouterr().err
-    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "7", "--rebuild-cache")) == 0
+    assert hald.main(tiny_args(tiny, tmp_path / "a", "--temperature", "7", "--rebuild-cache", "--overwrite")) == 0
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -656,19 +656,68 @@ def test_bench_device_indexed_replay_equals_cache_batch():
         assert torch.equal(x, ref) and torch.equal(probs, ref_probs)
 
 
-def test_no_argument_demo_in_short(tmp_path):
-    """`python hald.py` runs the bundled demo; here with 4 epochs instead of 300."""
+def test_no_argument_demo_in_short(tmp_path, capsys):
+    """`python hald.py` runs the bundled demo: HALD and soft-only at 2 crops per image from one cache, then a
+    comparison; here with 4 epochs instead of 300."""
     assert hald.main(["--epochs", "4", "--eval-every", "2", "--out", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    out = capsys.readouterr().out
+    summaries = {s: json.loads((tmp_path / s / "summary.json").read_text()) for s in ("shs", "soft")}
+    table = out[out.index("comparison on the same soft-label cache (20 labels per class, 2 per image):"):].splitlines()
+    for line, (spec, summary) in zip(table[2:4], summaries.items()):
+        assert line.split()[:2] == [spec, f"{summary['final_top1']:.2f}"]
+    assert table[3].split()[2] == f"{summaries['soft']['final_top1'] - summaries['shs']['final_top1']:+.2f}"
+    assert json.loads((tmp_path / "comparison.json").read_text())["schedules"] == ["shs", "soft"]
+    assert out.count("reusing soft-label cache") == 1 and (tmp_path / "soft_labels.pt").exists()  # one cache for both
+    summary = summaries["shs"]
     assert SUMMARY_FIELDS <= summary.keys() and summary["config"]["data"].endswith("distilled")
-    assert summary["soft_labels_per_class"] == 100 and summary["soft_label_bytes"] > 0
-    assert summary["schedule"] == [["soft", 1], ["hard", 2], ["soft", 1]]
+    assert summary["soft_labels_per_class"] == 20 and summary["soft_label_bytes"] > 0
+    assert summary["schedule"] == [["soft", 1], ["hard", 2], ["soft", 1]] and summaries["soft"]["schedule"] == [["soft", 4]]
     assert summary["config"]["label_smoothing"] == 0.1 and summary["config"]["temperature"] == 4  # the auto rules below 100 classes
+    assert summary["config"]["soft_epochs"] == 2  # resolved
     for key in ("teacher_crop_trace_mean", "teacher_crop_trace_median", "teacher_crop_mismatch", "student_crop_js_mean"):
         assert math.isfinite(summary["drift"][key])
     assert 0 < summary["drift"]["teacher_crop_mismatch"] < 1  # a real teacher on real crops: some drift, mostly right
     assert summary["final_top1"] > 10  # above chance on 2,000 real CIFAR-10 test images
     assert summary["teacher_agreement"] > 60 and summary["teacher_top1"] > 60  # the bundled teacher on its own data
+    assert hald.main(["--epochs", "4", "--out", str(tmp_path)]) == 2  # a second demo into the same folder
+    assert f"--out {tmp_path / 'shs'} holds a finished run" in capsys.readouterr().err
+
+
+def test_finished_or_unfinished_out_is_not_overwritten(tiny, tmp_path, capsys):
+    args = tiny_args(tiny, tmp_path, "--epochs", "2", "--drift-crops", "0")
+    assert hald.main(args) == 0
+    first = (tmp_path / "summary.json").read_text()
+    assert hald.main(args + ["--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path} holds a finished run (summary.json): pass --overwrite" in err
+    assert (tmp_path / "summary.json").read_text() == first
+    assert hald.main(args + ["--resume"]) == 0  # --resume is unaffected
+    (tmp_path / "summary.json").unlink()  # as if the run had been interrupted
+    assert hald.main(args + ["--seed", "1"]) == 2
+    assert "holds an unfinished run (checkpoint.pt): pass --resume" in capsys.readouterr().err
+    assert hald.main(args + ["--seed", "1", "--overwrite"]) == 2  # the cache is another matter: it names its own flag
+    assert "other settings (seed differ): pass --rebuild-cache" in capsys.readouterr().err
+    assert hald.main(args + ["--seed", "1", "--overwrite", "--rebuild-cache"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["seed"] == 1
+
+
+def test_help_is_grouped_and_shows_no_checkout_path():
+    helptext = subprocess.run([sys.executable, str(HERE / "hald.py"), "--help"], capture_output=True, text=True).stdout
+    for group in ("data:", "soft labels:", "student and schedule:", "optimisation:", "run:"):
+        assert f"\n{group}\n" in helptext
+    assert str(HERE) not in helptext and "(default: )" not in helptext
+    words = " ".join(helptext.split())  # argparse wraps lines
+    assert "(one of: train, eval)" in words and "[default: 100; the demo without --data: 20]" in words
+
+
+def test_full_training_set_and_dataset_root_are_pointed_out(tiny, tmp_path, capsys):
+    hald.load_distilled(tiny["val"], 1, 16)  # 4 images per class, 1 used
+    assert "--ipc 1 uses the first 1 of about 4 images per class" in capsys.readouterr().out
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "train").symlink_to(tiny["data"])
+    (tmp_path / "root" / "val").symlink_to(tiny["val"])
+    assert hald.main(tiny_args(tiny, tmp_path / "out", "--data", str(tmp_path / "root"))) == 2
+    assert f"{tmp_path / 'root' / 'train'} holds folders, not images" in capsys.readouterr().err
 
 
 def test_torchvision_teacher_with_another_class_count_is_refused(tiny, tmp_path, capsys, monkeypatch):
