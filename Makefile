@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench gpu-check evidence clean
+.PHONY: test demo bench gpu-check evidence evidence-tiny clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ evidence: $(VENV)/installed
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group suspects --crops 1,2 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --crops 1,2 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --only "soft-only, T 4|label smoothing 0.1, T 4|soft-only, crop scale 0.35, T 4" --crops 10 --jobs 2
+
+# Tiny-ImageNet (200 classes) at 32 px: TINY=unpacked root with train/ and val/ (../shared/data/tiny-imagenet/README.md);
+# runs missing from results/tiny-imagenet/runs/ (about 25 min each, two at a time), then the table
+TINY ?= /tmp/tiny
+evidence-tiny: $(VENV)/installed
+	$(PY) tools/evidence_tiny.py --tiny $(TINY) --jobs 2
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis __pycache__

@@ -72,6 +72,14 @@ def run_one(job, threads: int = 1):
     return out, f"exit {code}"
 
 
+def cell(summaries: list[dict]) -> str:
+    """Last-epoch top-1 over seeds: mean +- std (n, median minutes per run)."""
+    top1 = [x["final_top1"] for x in summaries]
+    std = statistics.stdev(top1) if len(top1) > 1 else 0.0
+    minutes = statistics.median(x["seconds"] for x in summaries) / 60
+    return f"{statistics.mean(top1):.1f} +- {std:.1f} (n={len(top1)}, {minutes:.1f} min)"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cifar", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 root with test/")
@@ -105,13 +113,7 @@ def main():
         line = []
         for s in crops:
             summaries = [json.loads((o / "summary.json").read_text()) for o in cells.get((label, s), []) if (o / "summary.json").exists()]
-            if not summaries:
-                line.append("-" if "hard" in extra else "missing")
-                continue
-            top1 = [x["final_top1"] for x in summaries]
-            std = statistics.stdev(top1) if len(top1) > 1 else 0.0
-            minutes = statistics.median(x["seconds"] for x in summaries) / 60
-            line.append(f"{statistics.mean(top1):.1f} +- {std:.1f} (n={len(top1)}, {minutes:.1f} min)")
+            line.append(cell(summaries) if summaries else "-" if "hard" in extra else "missing")
         table.append(f"| {label} | " + " | ".join(line) + " |")
     text = "\n".join(table)
     print(text)

@@ -2,6 +2,7 @@
 
     python tools/evidence_tiny.py --tiny /tmp/tiny --jobs 2      # the table (skips finished runs)
     python tools/evidence_tiny.py --tiny /tmp/tiny --teacher-only # the teacher alone
+    python tools/evidence_tiny.py --table-only                   # the table from the committed summaries
 
 --tiny is the unpacked Tiny-ImageNet-200 (train/<wnid>/, val/<wnid>/; see
 ../shared/data/tiny-imagenet/README.md). The distilled set is IPC 10 real training images per
@@ -16,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "tiny-imagenet"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import run_one, slug  # noqa: E402
+from evidence import cell, run_one, slug  # noqa: E402
 
 IPC, SIZE = 10, 32
 # the teacher: a BatchNorm ConvNet-3 of width 64 on all 100,000 training images, 16 epochs,
@@ -67,12 +67,17 @@ def draw_distilled(train: Path, out: Path, ipc: int = IPC, seed: int = 0) -> Pat
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", required=True, help="unpacked Tiny-ImageNet-200 with train/ and val/")
+    parser.add_argument("--tiny", help="unpacked Tiny-ImageNet-200 with train/ and val/")
+    parser.add_argument("--table-only", action="store_true", help="print the table from the committed summaries, run nothing")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "tiny"), help="working folder: caches, checkpoints, logs")
     parser.add_argument("--teacher-only", action="store_true")
     parser.add_argument("--only", default="", help="run only rows whose label contains this text (or one of several, split by |)")
     args = parser.parse_args()
+    if args.table_only:
+        return print(table())
+    if not args.tiny:
+        sys.exit("evidence_tiny: --tiny is required (the unpacked Tiny-ImageNet-200)")
     tiny, out = Path(args.tiny), Path(args.out)
     if not (tiny / "train").is_dir() or not (tiny / "val").is_dir():
         sys.exit(f"evidence_tiny: {tiny}/train or {tiny}/val not found: unpack Tiny-ImageNet-200 there")
@@ -110,6 +115,7 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         for i, (name, status) in enumerate(pool.map(run, jobs)):
             print(f"[{i + 1}/{len(jobs)}] {name}: {status} ({time.time() - start:.0f}s)", flush=True)
+    (RESULTS / "table.md").write_text(table() + "\n")
     print(table())
 
 
@@ -120,15 +126,8 @@ def table() -> str:
     for label in dict.fromkeys(r[0] for r in ROWS):
         cells = []
         for s in columns:
-            found = sorted((RESULTS / "runs").glob(f"{slug(label)}-s{s}-seed*.json"))
-            summaries = [json.loads(f.read_text()) for f in found]
-            if not summaries:
-                cells.append("")
-                continue
-            top1 = [x["final_top1"] for x in summaries]
-            std = statistics.stdev(top1) if len(top1) > 1 else 0.0
-            minutes = statistics.median(x["seconds"] for x in summaries) / 60
-            cells.append(f"{statistics.mean(top1):.1f} +- {std:.1f} (n={len(top1)}, {minutes:.0f} min)")
+            summaries = [json.loads(f.read_text()) for f in sorted((RESULTS / "runs").glob(f"{slug(label)}-s{s}-seed*.json"))]
+            cells.append(cell(summaries) if summaries else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
