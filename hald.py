@@ -6,8 +6,8 @@ fixed budget of random crops of the distilled images (SLC soft labels per class)
 student replays those crops with their soft labels, then trains on fresh crops with
 hard (label-smoothed) labels, then replays the soft labels again.
 
-    python hald.py                                   # bundled CIFAR-10 demo
-    python hald.py --data distilled/ --val val/ --ipc 10 --teacher resnet18
+    python hald.py                                   # demo: HALD vs soft-only on bundled CIFAR-10 files
+    python hald.py --data distilled/ --val val/ --ipc 10 --teacher resnet18 --schedule "shs soft"
     torchrun --nproc_per_node=8 hald.py --data ...   # several GPUs (or CPU processes), same flags
     python hald.py --help                            # every knob with its doc line
 

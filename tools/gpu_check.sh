@@ -30,10 +30,12 @@ bench r18-224-b128 --model resnet18 --image-size 224 --batch-size 128 --classes 
 bench r18-224-b128-graph --model resnet18 --image-size 224 --batch-size 128 --classes 1000 --ipc 2 --cuda-graph
 bench r18-32-b16 --model resnet18 --image-size 32 --batch-size 16 --classes 100 --ipc 10
 LIMIT=150 bench r18-32-b16-graph --model resnet18 --image-size 32 --batch-size 16 --classes 100 --ipc 10 --cuda-graph --whole-step-graph
+# the validation path at ImageNet size: JPEG decode rate, and an evaluation decoding again vs kept decoded as uint8
+LIMIT=240 bench val-224 --model resnet18 --image-size 224 --batch-size 16 --classes 1000 --ipc 2 --val-jpegs 3000 --val-eval-images 3000
 
 for flags in "" "--cuda-graph"; do
     step "demo on CUDA $flags"
-    timeout 120 $PY hald.py --out "/tmp/demo$flags" $flags 2>&1 | grep -E "^hald|soft labels:|epoch +(75|150|225|300)/|drift|final" | tee -a "$log"
+    timeout 150 $PY hald.py --overwrite --out "/tmp/demo$flags" $flags 2>&1 | grep -E "^hald|^validation|teacher check|soft labels:|final|comparison|^  " | tee -a "$log"
 done
 
 step "pytest on CUDA"
@@ -47,7 +49,8 @@ import json, sys
 from pathlib import Path
 keys = ("model_step_ips", "soft_epoch_ips", "hard_epoch_ips", "efficiency_soft", "efficiency_hard",
         "relabel_vs_teacher_forward", "replay_speedup_vs_naive", "projected_imagenet_ipc10_minutes",
-        "whole_graph_model_step_ips", "whole_graph_soft_epoch_ips", "efficiency_soft_whole_graph")
+        "whole_graph_model_step_ips", "whole_graph_soft_epoch_ips", "efficiency_soft_whole_graph",
+        "val_decode_ips", "val_eval_seconds_before_50k", "val_eval_seconds_after_50k")
 print("run".ljust(28) + "".join(k[:14].rjust(15) for k in keys))
 for path in sorted(Path(sys.argv[1]).glob("bench-*.json")):
     r = json.loads(path.read_text())
