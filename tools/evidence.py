@@ -12,6 +12,7 @@ after an interruption; each run's outputs stay in OUT/<name>-s<crops>-seed<seed>
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,13 @@ GROUPS = {
              ("static hybrid, no T^2", ["--schedule", "hybrid", *T20]),
              ("soft-only, teacher eval mode", ["--schedule", "soft", "--teacher-mode", "eval", *T20]),
              ("soft-only, crop scale 0.35", ["--schedule", "soft", "--crop-scale", "0.35", *T20])],
+    # the student question: the paper's BatchNorm students at the defaults for 10 classes (--crops 1,2,10)
+    "students": [(f"{name}: {label}", ["--model", model, *extra]) for name, model in (("ConvNet-3 BN", "convnet_bn"), ("ResNet-18", "resnet18"))
+                 for label, extra in (("soft-only, T 4", ["--schedule", "soft", *T4]), ("HALD (0.1, T 4)", ["--schedule", "shs", *LS01, *T4]),
+                                      ("hard-only (0.1)", ["--schedule", "hard", *LS01]))],
+    # the unlimited-label ceiling: a fresh soft label for every crop the student sees (--crops 300 = epochs)
+    "ceiling": [(f"ceiling, soft-only, T 4, {name}", ["--schedule", "soft", "--model", model, *T4])
+                for name, model in (("ConvNet-3", "convnet"), ("ConvNet-3 BN", "convnet_bn"), ("ResNet-18", "resnet18"))],
 }
 
 
@@ -104,9 +112,16 @@ def main():
                 out = Path(args.out) / f"{slug(label)}-s{s}-seed{seed}"
                 jobs.append((out, [*common, *extra, "--slc", str(10 * s), "--seed", str(seed)]))
                 cells.setdefault((label, s), []).append(out)
+    def run_and_keep(job):  # each finished run's summary.json is copied to results/cifar10/runs/, small and committed
+        out, status = run_one(job)
+        if (out / "summary.json").exists():
+            (ROOT / "results" / "cifar10" / "runs").mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / "summary.json", ROOT / "results" / "cifar10" / "runs" / f"{out.name}.json")
+        return out, status
+
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
-        for i, (out, status) in enumerate(pool.map(run_one, jobs)):
+        for i, (out, status) in enumerate(pool.map(run_and_keep, jobs)):
             print(f"[{i + 1}/{len(jobs)}] {out.name}: {status} ({time.time() - start:.0f}s)", flush=True)
     table = ["| setting | " + " | ".join(f"s={s} (SLC {10 * s})" for s in crops) + " |", "|---" * (len(crops) + 1) + "|"]
     for label, extra in rows:
