@@ -61,7 +61,7 @@ GROUPS = {
                                       ("hard-only (0.1)", ["--schedule", "hard", *LS01]))],
     # the unlimited-label ceiling: a fresh soft label for every crop the student sees (--crops 300 = epochs)
     "ceiling": [(f"ceiling, soft-only, T 4, {name}", ["--schedule", "soft", "--model", model, *T4])
-                for name, model in (("ConvNet-3", "convnet"), ("ConvNet-3 BN", "convnet_bn"), ("ResNet-18", "resnet18"))],
+                for name, model in (("ConvNet-3 IN", "convnet"), ("ConvNet-3 BN", "convnet_bn"), ("ResNet-18", "resnet18"))],
 }
 
 
