@@ -1041,6 +1041,10 @@ def check_run(cfg: Config, schedule, world: int) -> None:
     if soft and not cfg.teacher:
         raise HaldError(f"--teacher is missing: the schedule {cfg.schedule} has soft phases, whose labels a teacher gives "
                         f"(a hald.py checkpoint or a torchvision name such as resnet18); --schedule hard needs none")
+    if soft and not Path(cfg.teacher).is_file():  # a missing checkpoint or an unknown name, before any image is decoded
+        if cfg.teacher.endswith((".pt", ".pth")):
+            raise HaldError(f"teacher checkpoint {cfg.teacher} does not exist: check the path")
+        torchvision_weights(cfg.teacher)
     if soft and (cfg.slc < 1 or cfg.slc % cfg.ipc):
         raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: each image gets slc/ipc crops; "
                         f"use e.g. --slc {max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc}")

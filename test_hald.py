@@ -481,6 +481,9 @@ def test_missing_val_or_teacher_with_own_data_is_refused(tiny, tmp_path, capsys)
     assert "--val is missing" in capsys.readouterr().err
     assert hald.main(base + ["--val", str(tiny["val"]), "--slc", "4"]) == 2
     assert "--teacher is missing" in capsys.readouterr().err
+    for teacher, message in (("missing.pt", "does not exist"), ("resnet18:V7", "no weights 'V7'")):  # refused before decoding
+        assert hald.main(base + ["--val", str(tmp_path / "nowhere"), "--slc", "4", "--teacher", teacher]) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert hald.main(base + ["--val", str(tiny["val"]), "--schedule", "hard", "--batch-size", "4", "--drift-crops", "0"]) == 0  # no teacher needed
 
