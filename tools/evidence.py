@@ -75,8 +75,10 @@ def run_one(job, threads: int = 1):
         return out, "cached"
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-    with open(out / "log.txt", "w") as log:
-        code = subprocess.call([sys.executable, os.environ.get("HALD_SCRIPT", str(ROOT / "hald.py")), *args, "--out", str(out)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(out / "log.txt", "a") as log:
+        # --resume: an interrupted run continues from its last epoch instead of being refused or restarted
+        code = subprocess.call([sys.executable, os.environ.get("HALD_SCRIPT", str(ROOT / "hald.py")), *args, "--out", str(out), "--resume"],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
     return out, f"exit {code}"
 
 
