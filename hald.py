@@ -292,23 +292,24 @@ def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), st
     labels = torch.cat([torch.full((len(f),), c) for c, f in enumerate(files)])
     center_crop = size > 64  # ImageNet-style evaluation; small images are used as they are
     shape, t0 = (len(paths), 3, size, size), time.time()
-    storage = val_storage_for(math.prod(shape), device) if storage == "auto" else storage
+    nbytes = math.prod(shape)
+    storage = val_storage_for(nbytes, device) if storage == "auto" else storage
     if storage == "file":
         key = hashlib.sha256(json.dumps([size, center_crop] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]).encode())
         path = Path(spill_dir or ".") / f"val-{key.hexdigest()[:16]}.u8"
-        if not (path.exists() and path.stat().st_size == math.prod(shape)):
+        if not (path.exists() and path.stat().st_size == nbytes):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
-                decode_into(torch.from_file(str(tmp), shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape), paths, size, center_crop)
+                decode_into(torch.from_file(str(tmp), shared=True, size=nbytes, dtype=torch.uint8).view(shape), paths, size, center_crop)
                 os.replace(tmp, path)  # a complete file or none
             finally:
                 tmp.unlink(missing_ok=True)
-        images = torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=torch.uint8).view(shape)  # copy-on-write map
+        images = torch.from_file(str(path), shared=False, size=nbytes, dtype=torch.uint8).view(shape)  # copy-on-write map
     else:
         images = decode_into(torch.empty(shape, dtype=torch.uint8, device=device if storage == "device" else "cpu"), paths, size, center_crop)
     log(f"validation: {len(paths):,} images of {root} decoded to {size} px uint8 in {time.time() - t0:.1f}s, "
-        f"kept {'on the device' if storage == 'device' else 'in host memory' if storage == 'memory' else f'in {path}'} ({math.prod(shape) / 1e9:.2f} GB)")
+        f"kept {'on the device' if storage == 'device' else 'in host memory' if storage == 'memory' else f'in {path}'} ({nbytes / 1e9:.2f} GB)")
     return {"images": images, "labels": labels, "classes": val_classes, "storage": storage}
 
 
@@ -718,6 +719,8 @@ def torchvision_weights(spec: str):
     weights the authors used (torchvision's DEFAULT is a later recipe for some models), else DEFAULT."""
     import torchvision
 
+    if spec.endswith((".pt", ".pth")):
+        raise HaldError(f"teacher checkpoint {spec} does not exist: check the path")
     name, _, tag = spec.partition(":")
     try:
         weights = torchvision.models.get_model_weights(name)
@@ -745,8 +748,6 @@ def load_teacher(spec: str, classes: list[str], image_size: int, log=print) -> t
         teacher = build_model(blob["arch"], len(classes), image_size)
         teacher.load_state_dict(blob["state_dict"])
         return teacher, "sha256:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest(), blob["classes"]
-    if spec.endswith((".pt", ".pth")):
-        raise HaldError(f"teacher checkpoint {spec} does not exist: check the path")
     name, weights = torchvision_weights(spec)
     teacher = build_model(name, len(classes), image_size, weights=weights).eval()
     with torch.no_grad():
@@ -764,14 +765,14 @@ def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, min_
     (all of it, or every k-th image, at least min_val, when larger). A class order of --data or --val that
     does not match the teacher's drops the figure concerned to about 100 / C."""
     teacher.eval()
-    agree = 0
+    agree = torch.zeros((), dtype=torch.long, device=labels.device)
     for s in range(0, len(images_u8), 256):
         with autocast(device):
-            agree += (teacher(model_layout(normalize(images_u8[s:s + 256]))).argmax(1) == labels[s:s + 256]).sum().item()
+            agree += (teacher(model_layout(normalize(images_u8[s:s + 256]))).argmax(1) == labels[s:s + 256]).sum()
     step = max(1, len(val["labels"]) // min_val)
     sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
     top1, top5 = evaluate(teacher, sample, device)
-    return {"teacher_agreement": 100 * agree / len(images_u8), "teacher_top1": top1, "teacher_top5": top5,
+    return {"teacher_agreement": 100 * agree.item() / len(images_u8), "teacher_top1": top1, "teacher_top5": top5,
             "teacher_check_val_images": len(sample["labels"])}
 
 
@@ -1042,8 +1043,6 @@ def check_run(cfg: Config, schedule, world: int) -> None:
         raise HaldError(f"--teacher is missing: the schedule {cfg.schedule} has soft phases, whose labels a teacher gives "
                         f"(a hald.py checkpoint or a torchvision name such as resnet18); --schedule hard needs none")
     if soft and not Path(cfg.teacher).is_file():  # a missing checkpoint or an unknown name, before any image is decoded
-        if cfg.teacher.endswith((".pt", ".pth")):
-            raise HaldError(f"teacher checkpoint {cfg.teacher} does not exist: check the path")
         torchvision_weights(cfg.teacher)
     if soft and (cfg.slc < 1 or cfg.slc % cfg.ipc):
         raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: each image gets slc/ipc crops; "
@@ -1072,13 +1071,14 @@ def soft_labels(cfg: Config, images_u8, labels, classes, val, device, gens, rank
                   cutmix=cfg.cutmix, seed=cfg.seed, images_sha256=tensors_digest({"images": images_u8, "labels": labels}),
                   values="probs", label_topk=cfg.label_topk, label_bits=cfg.label_bits)
     header["fingerprint"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
-    header.update(teacher_classes=teacher_classes, val_classes=val["classes"])  # for the reader, not the fingerprint
+    names = dict(teacher_classes=teacher_classes, val_classes=val["classes"])  # for the reader, not the fingerprint
     cache_path = Path(cfg.cache or out / "soft_labels.pt")
     if cache_path.exists() and not cfg.rebuild_cache:
         cache = SoftLabelCache.load(cache_path, header)
+        cache.header.update(names)
         log(f"reusing soft-label cache {cache_path}")
     else:
-        cache = SoftLabelCache.build(teacher, images_u8, header, gens["relabel"], log, rank, world)
+        cache = SoftLabelCache.build(teacher, images_u8, {**header, **names}, gens["relabel"], log, rank, world)
         if rank == 0:
             cache.save(cache_path)
     cache_bytes = cache_path.stat().st_size if rank == 0 else 0
