@@ -40,6 +40,8 @@ ROWS = [
     ("soft-only (T 20)", ["--schedule", "soft", "--temperature", "20"], 1, 3),
     ("HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS], 1, 3),
     ("HALD (0.1, T 4)", ["--schedule", "shs", *OURS_10], 1, 3),
+    ("soft-only (T 4)", ["--schedule", "soft", "--temperature", "4"], 1, 3),
+    ("HALD (0.8, T 4)", ["--schedule", "shs", "--label-smoothing", "0.8", "--temperature", "4"], 1, 1),
     ("hard-only (0.8)", ["--schedule", "hard", "--label-smoothing", "0.8"], 1, 3),
     ("soft-only (T 20)", ["--schedule", "soft", "--temperature", "20"], 2, 3),
     ("HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS], 2, 3),
@@ -73,6 +75,8 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "runs" / "tiny"), help="working folder: caches, checkpoints, logs")
     parser.add_argument("--teacher-only", action="store_true")
     parser.add_argument("--only", default="", help="run only rows whose label contains this text (or one of several, split by |)")
+    parser.add_argument("--seeds", default="0,1,2", help="run only these seeds (comma-separated)")
+    parser.add_argument("--crops", default="", help="run only these crops per image s (comma-separated; default all)")
     args = parser.parse_args()
     if args.table_only:
         return print(table())
@@ -82,7 +86,8 @@ def main():
     if not (tiny / "train").is_dir() or not (tiny / "val").is_dir():
         sys.exit(f"evidence_tiny: {tiny}/train or {tiny}/val not found: unpack Tiny-ImageNet-200 there")
     teacher = RESULTS / "teacher.pt"
-    rows = [r for r in ROWS if any(part in r[0] for part in args.only.split("|"))]
+    crops = {int(s) for s in args.crops.split(",") if s}
+    rows = [r for r in ROWS if any(part in r[0] for part in args.only.split("|")) and (not crops or r[2] in crops)]
     if not teacher.exists() and (args.teacher_only or any("hard" not in r[1] for r in rows)):  # hard-only needs none
         job = (out / "teacher", ["--data", str(tiny / "train"), "--val", str(tiny / "val"), "--image-size", str(SIZE),
                                  *TEACHER_ARGS, "--save-model", str(teacher)])
@@ -94,7 +99,7 @@ def main():
     common = ["--data", str(distilled), "--val", str(tiny / "val"), "--teacher", str(teacher), "--ipc", str(IPC),
               "--image-size", str(SIZE), "--model", "convnet64", "--epochs", "300", "--eval-every", "25"]
     jobs = []
-    for seed in range(3):
+    for seed in [int(s) for s in args.seeds.split(",")]:
         for label, extra, s, seeds in rows:
             if seed < seeds:
                 name = f"{slug(label)}-s{s}-seed{seed}"
