@@ -5,9 +5,13 @@ CIFAR-10 and writes a markdown table of last-epoch top-1 (mean +- std over seeds
     python tools/evidence.py --group suspects --crops 1,2 --jobs 2              # the suspects study
     python tools/evidence.py --group more --crops 1,2 --jobs 2                  # further suspects
 
+    python tools/evidence.py --group students --crops 1,2 --table-only          # a table from the committed runs
+
 The distilled set and teacher are the bundled demo ones (demo/); validation is the full
 10,000-image CIFAR-10 test set. Finished runs are skipped, so the script can be re-run
-after an interruption; each run's outputs stay in OUT/<name>-s<crops>-seed<seed>/.
+after an interruption; each run's outputs stay in OUT/<name>-s<crops>-seed<seed>/, and its
+summary.json is copied to results/cifar10/runs/<name>-s<crops>-seed<seed>.json, from which the
+table is made (runs measured before that copy existed are not there: their group reruns them).
 """
 import argparse
 import json
@@ -21,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+KEPT = ROOT / "results" / "cifar10" / "runs"
 
 # (row label, extra hald.py arguments); every row runs at each crops-per-image value s.
 # Settings are pinned where the defaults have moved since a row was measured (T 20 and label
@@ -100,8 +105,9 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     parser.add_argument("--only", default="", help="run only rows whose label contains this text (or one of several, split by |)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "evidence"))
+    parser.add_argument("--table-only", action="store_true", help="print the table from results/cifar10/runs/, run nothing")
     args = parser.parse_args()
-    if not (Path(args.cifar) / "test").is_dir():
+    if not args.table_only and not (Path(args.cifar) / "test").is_dir():
         sys.exit(f"evidence: {args.cifar}/test not found: pass --cifar with the CIFAR-10 ImageFolder root")
     common = ["--data", str(ROOT / "demo" / "distilled"), "--val", str(Path(args.cifar) / "test"), "--teacher",
               str(ROOT / "demo" / "teacher.pt"), "--ipc", "10", "--epochs", str(args.epochs), "--eval-every", "0"]
@@ -117,23 +123,25 @@ def main():
     def run_and_keep(job):  # each finished run's summary.json is copied to results/cifar10/runs/, small and committed
         out, status = run_one(job)
         if (out / "summary.json").exists():
-            (ROOT / "results" / "cifar10" / "runs").mkdir(parents=True, exist_ok=True)
-            shutil.copy(out / "summary.json", ROOT / "results" / "cifar10" / "runs" / f"{out.name}.json")
+            KEPT.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / "summary.json", KEPT / f"{out.name}.json")
         return out, status
 
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
-        for i, (out, status) in enumerate(pool.map(run_and_keep, jobs)):
+        for i, (out, status) in enumerate(pool.map(run_and_keep, [] if args.table_only else jobs)):
             print(f"[{i + 1}/{len(jobs)}] {out.name}: {status} ({time.time() - start:.0f}s)", flush=True)
     table = ["| setting | " + " | ".join(f"s={s} (SLC {10 * s})" for s in crops) + " |", "|---" * (len(crops) + 1) + "|"]
     for label, extra in rows:
         line = []
         for s in crops:
-            summaries = [json.loads((o / "summary.json").read_text()) for o in cells.get((label, s), []) if (o / "summary.json").exists()]
+            summaries = [json.loads((KEPT / f"{o.name}.json").read_text()) for o in cells.get((label, s), []) if (KEPT / f"{o.name}.json").exists()]
             line.append(cell(summaries) if summaries else "-" if "hard" in extra else "missing")
         table.append(f"| {label} | " + " | ".join(line) + " |")
     text = "\n".join(table)
     print(text)
+    if args.table_only:
+        return
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.group}.md").write_text(text + f"\n\nwall time {time.time() - start:.0f}s with --jobs {args.jobs}\n")
 
