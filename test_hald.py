@@ -173,6 +173,15 @@ def test_smoothed_targets_have_the_authors_values():
     assert t[0, 2].item() == pytest.approx(1 - 0.8 + 0.8 / 1000) and t[0, 0].item() == pytest.approx(0.8 / 1000)
 
 
+@pytest.mark.parametrize("given, resolved", [((-1.0, -1.0, -1), (0.1, 4.0, 5)), ((0.8, 20.0, 4), (0.8, 20.0, 4)),
+                                             ((0.0, -1.0, 0), (0.0, 4.0, 0))])
+def test_auto_settings_fill_only_what_is_left_to_auto(given, resolved):
+    """-1 is replaced (smoothing 0.1, T 4, half the epochs soft) and every explicit value kept, 0 included."""
+    smoothing, temperature, soft_epochs = given
+    cfg = hald.resolve_settings(hald.Config(epochs=10, label_smoothing=smoothing, temperature=temperature, soft_epochs=soft_epochs))
+    assert (cfg.label_smoothing, cfg.temperature, cfg.soft_epochs) == resolved
+
+
 def test_hybrid_loss_terms():
     g = torch.Generator().manual_seed(0)
     s, h, probs = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), F.softmax(torch.randn(4, 6, generator=g), 1)
@@ -675,7 +684,7 @@ def test_no_argument_demo_in_short(tmp_path, capsys):
     assert SUMMARY_FIELDS <= summary.keys() and summary["config"]["data"].endswith("distilled")
     assert summary["soft_labels_per_class"] == 20 and summary["soft_label_bytes"] > 0
     assert summary["schedule"] == [["soft", 1], ["hard", 2], ["soft", 1]] and summaries["soft"]["schedule"] == [["soft", 4]]
-    assert summary["config"]["label_smoothing"] == 0.1 and summary["config"]["temperature"] == 4  # the auto rules below 100 classes
+    assert summary["config"]["label_smoothing"] == 0.1 and summary["config"]["temperature"] == 4  # the auto values
     assert summary["config"]["soft_epochs"] == 2  # resolved
     for key in ("teacher_crop_trace_mean", "teacher_crop_trace_median", "teacher_crop_mismatch", "student_crop_js_mean"):
         assert math.isfinite(summary["drift"][key])
