@@ -33,23 +33,27 @@ IPC, SIZE = 10, 32
 TEACHER_ARGS = ["--ipc", "500", "--schedule", "hard", "--model", "convnet_bn64", "--epochs", "16", "--batch-size", "256",
                 "--crop-scale", "0.35", "--no-cutmix", "--eta", "1", "--lr", "2e-3", "--label-smoothing", "0.1",
                 "--eval-every", "4", "--drift-crops", "0", "--seed", "0"]
-AUTHORS, OURS_10 = ["--label-smoothing", "0.8", "--temperature", "20"], ["--label-smoothing", "0.1", "--temperature", "4"]
+AUTHORS, DEFAULTS = ["--label-smoothing", "0.8", "--temperature", "20"], ["--label-smoothing", "0.1", "--temperature", "4"]
+SOFT_T4, SOFT_T20 = ["--schedule", "soft", "--temperature", "4"], ["--schedule", "soft", "--temperature", "20"]
 # (row label, hald.py arguments, crops per image, seeds), in order of priority: the jobs run seed-major
-# over the s = 1 rows first, so an interrupted study still fills every s = 1 cell once
+# over the s = 1 rows first, so an interrupted study still fills every s = 1 cell once. hald.py's
+# defaults are smoothing 0.1 and T 4 (chosen from the first rows); every row names its values.
 ROWS = [
-    ("soft-only (T 20)", ["--schedule", "soft", "--temperature", "20"], 1, 3),
+    ("soft-only (T 4)", SOFT_T4, 1, 3),
+    ("HALD (0.1, T 4)", ["--schedule", "shs", *DEFAULTS], 1, 3),
+    ("hard-only (0.1)", ["--schedule", "hard", "--label-smoothing", "0.1"], 1, 3),
+    ("soft-only (T 20)", SOFT_T20, 1, 3),
     ("HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS], 1, 3),
-    ("HALD (0.1, T 4)", ["--schedule", "shs", *OURS_10], 1, 3),
-    ("soft-only (T 4)", ["--schedule", "soft", "--temperature", "4"], 1, 3),
     ("HALD (0.8, T 4)", ["--schedule", "shs", "--label-smoothing", "0.8", "--temperature", "4"], 1, 1),
-    ("hard-only (0.8)", ["--schedule", "hard", "--label-smoothing", "0.8"], 1, 3),
-    ("soft-only (T 20)", ["--schedule", "soft", "--temperature", "20"], 2, 3),
-    ("HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS], 2, 3),
-    ("ceiling: soft-only, a fresh label per crop (T 20)", ["--schedule", "soft", "--temperature", "20"], 300, 1),
-    ("soft-only (T 20), width 128", ["--schedule", "soft", "--temperature", "20", "--model", "convnet"], 1, 1),
-    ("HALD (0.8, T 20), width 128", ["--schedule", "shs", *AUTHORS, "--model", "convnet"], 1, 1),
-    ("soft-only (T 20), BatchNorm student", ["--schedule", "soft", "--temperature", "20", "--model", "convnet_bn64"], 1, 1),
-    ("HALD (0.8, T 20), BatchNorm student", ["--schedule", "shs", *AUTHORS, "--model", "convnet_bn64"], 1, 1),
+    ("hard-only (0.8)", ["--schedule", "hard", "--label-smoothing", "0.8"], 1, 2),
+    ("soft-only (T 4)", SOFT_T4, 2, 3),
+    ("HALD (0.1, T 4)", ["--schedule", "shs", *DEFAULTS], 2, 3),
+    ("soft-only (T 20)", SOFT_T20, 2, 1),
+    ("ceiling: soft-only, a fresh label per crop (T 4)", SOFT_T4, 300, 1),
+    ("soft-only (T 4), width 128", [*SOFT_T4, "--model", "convnet"], 1, 1),
+    ("HALD (0.1, T 4), width 128", ["--schedule", "shs", *DEFAULTS, "--model", "convnet"], 1, 1),
+    ("soft-only (T 4), BatchNorm student", [*SOFT_T4, "--model", "convnet_bn64"], 1, 1),
+    ("HALD (0.1, T 4), BatchNorm student", ["--schedule", "shs", *DEFAULTS, "--model", "convnet_bn64"], 1, 1),
 ]
 
 
