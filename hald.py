@@ -15,8 +15,8 @@ Measured (README, 2-core x86_64 CPU): CIFAR-10, IPC 10, ConvNet-3 student, 300 e
 last-epoch top-1 with the defaults (label smoothing 0.1, T 4) at 1 / 2 / 10 crops
 per image: HALD 33.5 / 34.6 / 38.0 %, soft-only 21.0 / 27.6 / 45.0 %, hard-only 33.4 % (smoothing
 0.1): HALD wins when crops per image are few, soft-only when they are many. The gain depends on the
-student: at 1 crop per image 29.8 -> 32.7 % with a BatchNorm ConvNet-3 (3 seeds), 26.6 -> 30.0 % with
-ResNet-18 (one seed); at 200 classes (Tiny-ImageNet, 32 px, 2 seeds) 7.3 -> 13.9 %. At 2 crops per
+student: at 1 crop per image 29.8 -> 32.7 % with a BatchNorm ConvNet-3 (3 seeds), 26.4 -> 29.7 % with
+ResNet-18 (2 seeds); at 200 classes (Tiny-ImageNet, 32 px, 2 seeds) 7.3 -> 13.9 %. At 2 crops per
 image soft-only beat HALD with the BatchNorm ConvNet-3 (35.4 against 33.3 %, 3 seeds).
 
 Sections follow one image from disk to the accuracy figure: config -> data -> crop
