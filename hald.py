@@ -11,13 +11,11 @@ hard (label-smoothed) labels, then replays the soft labels again.
     torchrun --nproc_per_node=8 hald.py --data ...   # several GPUs (or CPU processes), same flags
     python hald.py --help                            # every knob with its doc line
 
-Measured (README, 2-core x86_64 CPU): CIFAR-10, IPC 10, ConvNet-3 student, 300 epochs, 3 seeds,
-last-epoch top-1 with the defaults (label smoothing 0.1, T 4) at 1 / 2 / 10 crops
-per image: HALD 33.5 / 34.6 / 38.0 %, soft-only 21.0 / 27.6 / 45.0 %, hard-only 33.4 % (smoothing
-0.1): HALD wins when crops per image are few, soft-only when they are many. The gain depends on the
-student: at 1 crop per image 29.8 -> 32.7 % with a BatchNorm ConvNet-3 (3 seeds), 26.4 -> 29.7 % with
-ResNet-18 (2 seeds); at 200 classes (Tiny-ImageNet, 32 px, 2 seeds) 7.3 -> 13.9 %. At 2 crops per
-image soft-only beat HALD with the BatchNorm ConvNet-3 (35.4 against 33.3 %, 3 seeds).
+Measured (README, 2-core x86_64 CPU; IPC 10, 300 epochs, smoothing 0.1, T 4, last-epoch top-1): CIFAR-10,
+instance-norm ConvNet-3, 3 seeds, 1 / 2 / 10 crops per image: HALD 33.5 / 34.6 / 38.0 %, soft-only
+21.0 / 27.6 / 45.0 %. Much of that gain is this student's weak soft-only: at 1 crop per image a BatchNorm
+ConvNet-3 goes 29.8 -> 32.7 % (at 2 soft-only wins, 35.4 vs 33.3), ResNet-18 26.4 -> 29.7 % (2 seeds);
+at 200 classes (Tiny-ImageNet, 32 px) 7.3 -> 13.9 %, where a BatchNorm student reached 19.5 % soft-only.
 
 Sections follow one image from disk to the accuracy figure: config -> data -> crop
 sampler -> CutMix -> soft-label cache (relabel) -> losses -> schedule -> models ->

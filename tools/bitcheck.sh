@@ -11,7 +11,7 @@ run demo_s2_hard --slc 20 --schedule hard --data demo/distilled --val demo/val
 run demo_soft_seed1 --slc 20 --schedule soft --seed 1 --data demo/distilled --val demo/val --teacher demo/teacher.pt
 run demo_hybrid --slc 10 --schedule hybrid --model convnet_bn --data demo/distilled --val demo/val --teacher demo/teacher.pt --label-topk 3
 for f in $O/*.pt; do .venv/bin/python -c "
-import torch,hashlib,json,sys
+import torch,hashlib,json
 sd=torch.load('$f',weights_only=True)['state_dict']
 h=hashlib.sha256(b''.join(v.numpy().tobytes() for k,v in sorted(sd.items())))
 s=json.load(open('$f'[:-3]+'/summary.json'))
