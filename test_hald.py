@@ -669,12 +669,12 @@ def test_bench_device_indexed_replay_equals_cache_batch():
 
 
 def test_no_argument_demo_in_short(tmp_path, capsys):
-    """`python hald.py` runs the bundled demo: HALD and soft-only at 2 crops per image from one cache, then a
-    comparison; here with 4 epochs instead of 300."""
+    """`python hald.py` runs the bundled demo: HALD and soft-only at 1 crop per image from one cache, then a
+    comparison; here with 4 epochs instead of 200."""
     assert hald.main(["--epochs", "4", "--eval-every", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     summaries = {s: json.loads((tmp_path / s / "summary.json").read_text()) for s in ("shs", "soft")}
-    table = out[out.index("comparison on the same soft-label cache (20 labels per class, 2 per image):"):].splitlines()
+    table = out[out.index("comparison on the same soft-label cache (10 labels per class, 1 per image):"):].splitlines()
     for line, (spec, summary) in zip(table[2:4], summaries.items()):
         assert line.split()[:2] == [spec, f"{summary['final_top1']:.2f}"]
     assert table[3].split()[2] == f"{summaries['soft']['final_top1'] - summaries['shs']['final_top1']:+.2f}"
@@ -682,7 +682,8 @@ def test_no_argument_demo_in_short(tmp_path, capsys):
     assert out.count("reusing soft-label cache") == 1 and (tmp_path / "soft_labels.pt").exists()  # one cache for both
     summary = summaries["shs"]
     assert SUMMARY_FIELDS <= summary.keys() and summary["config"]["data"].endswith("distilled")
-    assert summary["soft_labels_per_class"] == 20 and summary["soft_label_bytes"] > 0
+    assert summary["soft_labels_per_class"] == 10 and summary["soft_label_bytes"] > 0
+    assert summary["config"]["model"] == "convnet_bn"  # the default student
     assert summary["schedule"] == [["soft", 1], ["hard", 2], ["soft", 1]] and summaries["soft"]["schedule"] == [["soft", 4]]
     assert summary["config"]["label_smoothing"] == 0.1 and summary["config"]["temperature"] == 4  # the auto values
     assert summary["config"]["soft_epochs"] == 2  # resolved
@@ -719,7 +720,7 @@ def test_help_is_grouped_and_shows_no_checkout_path():
         assert f"\n{group}\n" in helptext
     assert str(HERE) not in helptext and "(default: )" not in helptext
     words = " ".join(helptext.split())  # argparse wraps lines
-    assert "(one of: train, eval)" in words and "[default: 100; the demo without --data: 20]" in words
+    assert "(one of: train, eval)" in words and "[default: 100; the demo without --data: 10]" in words
 
 
 def test_full_training_set_and_dataset_root_are_pointed_out(tiny, tmp_path, capsys):
