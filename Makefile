@@ -25,13 +25,16 @@ bench: $(VENV)/installed
 gpu-check:
 	OUT=runs/gpu-check bash tools/gpu_check.sh
 
-# CIFAR-10 evidence: CIFAR=path/to/cifar10 (ImageFolder with test/); about 5.5 h on 2 CPU cores
+# CIFAR-10 evidence: CIFAR=path/to/cifar10 (ImageFolder with test/); about 5.5 h on 2 CPU cores, plus about
+# 6 h for the students (ResNet-18: 20-40 min a run) and the ceilings
 CIFAR ?= ../shared/data/cifar10
 evidence: $(VENV)/installed
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group main --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group suspects --crops 1,2 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --crops 1,2 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --only "soft-only, T 4|label smoothing 0.1, T 4|soft-only, crop scale 0.35, T 4" --crops 10 --jobs 2
+	$(PY) tools/evidence.py --cifar $(CIFAR) --group students --crops 1,2 --jobs 2
+	$(PY) tools/evidence.py --cifar $(CIFAR) --group ceiling --crops 300 --jobs 2
 
 # Tiny-ImageNet (200 classes) at 32 px: TINY=unpacked root with train/ and val/ (../shared/data/tiny-imagenet/README.md);
 # runs missing from results/tiny-imagenet/runs/ (about 25 min each, two at a time), then the table
