@@ -1103,8 +1103,9 @@ def build_student(cfg: Config, num_classes: int, size: int, device, world: int):
     return model, speed_up(net, cfg.compile, cfg.cuda_graph), make_optimizer(model, cfg.lr, cfg.weight_decay, device)
 
 
-def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log=print) -> list[dict]:
-    """The schedule, epoch by epoch, with a checkpoint after each (resumable) and evaluations; returns the history."""
+def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log=print):
+    """The schedule, epoch by epoch, with a checkpoint after each (resumable) and evaluations; returns the history
+    and the number of its epochs trained before a resume."""
     out, size, C = Path(cfg.out), images_u8.shape[-1], len(val["classes"])
     out.mkdir(parents=True, exist_ok=True)
     phases = [phase for phase, count in schedule for _ in range(count)]
@@ -1139,7 +1140,7 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
         left = elapsed / (epoch + 1 - first) * (len(phases) - epoch - 1)
         log(f"epoch {epoch + 1:>4}/{len(phases)} {phase:<6} loss {loss:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s | "
             f"{elapsed / 60:.1f} min, {left / 60:.1f} min left{acc}")
-    return history
+    return history, first
 
 
 def train(cfg: Config, log=print) -> dict:
@@ -1174,9 +1175,10 @@ def train(cfg: Config, log=print) -> dict:
     if soft:
         teacher, cache, cache_bytes, check = soft_labels(cfg, images_u8, labels, classes, val, device, gens, rank, world, log)
     model, net, opt = build_student(cfg, C, size, device, world)
-    history = fit(cfg, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log)
+    history, resumed = fit(cfg, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log)
     if rank > 0:  # rank 0 writes the results
         return {}
+    start -= sum(row["seconds"] for row in history[:resumed])  # summary seconds: with the epochs of earlier starts
     return write_results(cfg, schedule, history, model, teacher, images_u8, labels, classes, val, cache, cache_bytes, check,
                          gens, device, start, log)
 

@@ -576,8 +576,12 @@ def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path, procs):
     os.killpg(proc.pid, signal.SIGTERM if procs > 1 else signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "summary.json").exists(), "the run ended before it could be killed"
-    done = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"]
+    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    done = state["epoch"]
     assert 5 <= done < 60
+    # as if the epochs before the kill had taken 1,000 s each: the resumed run's summary must count them
+    state["history"] = json.dumps([{**row, "seconds": 1000.0} for row in json.loads(state["history"])])
+    torch.save(state, tmp_path / "killed" / "checkpoint.pt")
     # the same thread count everywhere: CPU kernels may sum in another order with more threads
     whole = tiny_args(tiny, tmp_path / "whole", "--epochs", "60", "--eval-every", "20", "--save-model", str(tmp_path / "whole.pt"))
     resumed, uninterrupted = (subprocess.run(cli + run, capture_output=True, text=True, env=env) for run in (args + ["--resume"], whole))
@@ -591,6 +595,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path, procs):
     assert sa["final_top1"] == sb["final_top1"] and sa["best_top1"] == sb["best_top1"]
     rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 61))
+    assert sa["seconds"] > 1000 * done > sb["seconds"]  # the epochs before the kill count too
 
 
 def test_resume_with_other_settings_is_refused_and_nan_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
