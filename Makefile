@@ -1,10 +1,11 @@
 # make test: what CI runs. make demo: the bundled CIFAR-10 demo. make bench / make evidence: measurements.
+# make tables: the README's results tables from the committed per-run summaries.
 # Every target creates .venv from requirements.txt on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench gpu-check evidence evidence-tiny clean
+.PHONY: test demo bench gpu-check evidence evidence-tiny tables clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,14 @@ evidence: $(VENV)/installed
 TINY ?= /tmp/tiny
 evidence-tiny: $(VENV)/installed
 	$(PY) tools/evidence_tiny.py --tiny $(TINY) --jobs 2
+
+# the README's results tables from the committed per-run summaries (results/*/runs/): no data, nothing trained
+tables: $(VENV)/installed
+	$(PY) tools/evidence.py --table-only --group students --crops 1,2
+	$(PY) tools/evidence.py --table-only --group ceiling --crops 300
+	$(PY) tools/evidence.py --table-only --group more --only "soft-only, T 4|HALD, label smoothing 0.1, T 4" --crops 1,2,10
+	$(PY) tools/evidence.py --table-only --group suspects --only "hard-only, label smoothing 0.1" --crops 1
+	$(PY) tools/evidence_tiny.py --table-only
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis __pycache__
