@@ -1090,7 +1090,7 @@ def soft_labels(cfg: Config, images_u8, labels, classes, val, device, gens, rank
     return teacher, cache.to(device), cache_bytes, check
 
 
-def build_student(cfg: Config, num_classes: int, size: int, device, world: int):
+def build_student(cfg: Config, num_classes: int, size: int, device, world: int, log=print):
     """The student (evaluated and saved), what training calls (DDP, compiled or graphed) and its optimizer."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes, size).to(device)
@@ -1099,6 +1099,9 @@ def build_student(cfg: Config, num_classes: int, size: int, device, world: int):
     net = model
     if world > 1:  # BatchNorm statistics over the global batch on GPUs, as a single process computes them
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
+        if device.type == "cpu" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+            log(f"note: on the CPU each of the {world} processes keeps its own BatchNorm statistics (SyncBatchNorm needs "
+                f"CUDA), so this run trains differently from one process; --model convnet has no BatchNorm")
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return model, speed_up(net, cfg.compile, cfg.cuda_graph), make_optimizer(model, cfg.lr, cfg.weight_decay, device)
 
@@ -1174,7 +1177,7 @@ def train(cfg: Config, log=print) -> dict:
     teacher, cache, cache_bytes, check = None, None, 0, {}
     if soft:
         teacher, cache, cache_bytes, check = soft_labels(cfg, images_u8, labels, classes, val, device, gens, rank, world, log)
-    model, net, opt = build_student(cfg, C, size, device, world)
+    model, net, opt = build_student(cfg, C, size, device, world, log)
     history, resumed = fit(cfg, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log)
     if rank > 0:  # rank 0 writes the results
         return {}

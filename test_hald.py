@@ -780,6 +780,16 @@ def test_cuda_graph_trains_like_eager(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------------------- torchrun
+def test_cpu_batchnorm_under_several_processes_is_pointed_out(monkeypatch):
+    """On the CPU SyncBatchNorm is not available: a BatchNorm student under torchrun says that it trains
+    differently from one process; a student without BatchNorm says nothing."""
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: model)
+    for model, noted in (("convnet_bn8", True), ("convnet8", False)):
+        said = []
+        hald.build_student(hald.Config(model=model), 3, 16, torch.device("cpu"), 2, said.append)
+        assert any("own BatchNorm statistics" in line for line in said) == noted
+
+
 def test_torchrun_two_processes_match_one(tiny, tmp_path):
     """torchrun --nproc_per_node=2 on the CPU (gloo) against one process: the soft-label cache is
     byte-identical, the global batch is split (same losses), one summary is written, and the sharded
