@@ -13,7 +13,7 @@ hard (label-smoothed) labels, then replays the soft labels again.
 
 Measured (README, 2-core x86_64 CPU; IPC 10, 300 epochs, smoothing 0.1, T 4, last-epoch top-1, soft-only
 -> HALD): CIFAR-10, BatchNorm ConvNet-3 (the default student), 3 seeds: 29.8 -> 32.7 % at 1 crop per image,
-35.4 -> 33.3 % at 2; ResNet-18: 25.8 -> 29.5 % at 1 (3 seeds), 33.2 -> 30.8 % at 2 (1 seed); instance-norm
+35.4 -> 33.3 % at 2; ResNet-18: 25.8 -> 29.5 % at 1 (3 seeds), 32.4 -> 29.5 % at 2 (2 seeds); instance-norm
 ConvNet-3 at 1: 21.0 -> 33.5 % (a weak soft-only). 200 classes (Tiny-ImageNet, 32 px) at 1: BatchNorm
 19.1 -> 18.7 % (2 seeds), instance norm 7.3 -> 13.9 %. Compare the two on your data: --schedule "shs soft".
 
