@@ -63,7 +63,9 @@ GROUPS = {
     # the student question: the paper's BatchNorm students at the defaults for 10 classes (--crops 1,2,10)
     "students": [(f"{name}: {label}", ["--model", model, *extra]) for name, model in (("ConvNet-3 BN", "convnet_bn"), ("ResNet-18", "resnet18"))
                  for label, extra in (("soft-only, T 4", ["--schedule", "soft", *T4]), ("HALD (0.1, T 4)", ["--schedule", "shs", *LS01, *T4]),
-                                      ("hard-only (0.1)", ["--schedule", "hard", *LS01]))],
+                                      ("hard-only (0.1)", ["--schedule", "hard", *LS01]),
+                                      ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)",
+                                       ["--schedule", "shs", *LS01, *T4, "--soft-epochs", "240"]))],
     # the unlimited-label ceiling: a fresh soft label for every crop the student sees (--crops 300 = epochs)
     "ceiling": [(f"ceiling, soft-only, T 4, {name}", ["--schedule", "soft", "--model", model, *T4])
                 for name, model in (("ConvNet-3 IN", "convnet"), ("ConvNet-3 BN", "convnet_bn"), ("ResNet-18", "resnet18"))],
@@ -103,7 +105,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    parser.add_argument("--only", default="", help="run only rows whose label contains this text (or one of several, split by |)")
+    parser.add_argument("--only", default="", help="run only this row, or the rows whose label contains this text (several split by |)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "evidence"))
     parser.add_argument("--table-only", action="store_true", help="print the table from results/cifar10/runs/, run nothing")
     args = parser.parse_args()
@@ -114,7 +116,9 @@ def main():
     common = ["--data", str(ROOT / "demo" / "distilled"), "--val", str(Path(args.cifar) / "test"), "--teacher",
               str(ROOT / "demo" / "teacher.pt"), "--ipc", "10", "--epochs", str(args.epochs), "--eval-every", "0", "--model", "convnet"]
     crops = [int(s) for s in args.crops.split(",")]
-    rows = [(label, extra) for label, extra in GROUPS[args.group] if any(part in label for part in args.only.split("|"))]
+    labels = {label for label, _ in GROUPS[args.group]}  # a part that is a whole label picks that row alone
+    rows = [(label, extra) for label, extra in GROUPS[args.group]
+            if any(label == part if part in labels else part in label for part in args.only.split("|"))]
     jobs, cells = [], {}
     for seed in range(args.seeds):  # seed-major, so an interrupted study still fills every cell once
         for label, extra in rows:
