@@ -90,11 +90,13 @@ def run_one(job, threads: int = 1):
 
 
 def cell(summaries: list[dict]) -> str:
-    """Last-epoch top-1 over seeds: mean +- std (n, median minutes per run)."""
+    """Last-epoch top-1 over seeds: mean +- std (each seed's figure in seed order; median minutes per run)."""
     top1 = [x["final_top1"] for x in summaries]
-    std = statistics.stdev(top1) if len(top1) > 1 else 0.0
     minutes = statistics.median(x["seconds"] for x in summaries) / 60
-    return f"{statistics.mean(top1):.1f} +- {std:.1f} (n={len(top1)}, {minutes:.1f} min)"
+    seeds = ", ".join(f"{x:.2f}" for x in top1)
+    if len(top1) == 1:
+        return f"{seeds} (n=1, {minutes:.1f} min)"
+    return f"{statistics.mean(top1):.1f} +- {statistics.stdev(top1):.1f} ({seeds}; {minutes:.1f} min)"
 
 
 def main():
