@@ -764,11 +764,12 @@ def load_teacher(spec: str, classes: list[str], image_size: int, log=print) -> t
 
 
 @torch.no_grad()
-def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, min_val: int = 5000) -> dict:
+def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, min_val: int = 5000, rank: int = 0, world: int = 1) -> dict:
     """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%)
     with the folder labels of the distilled images, and its top-1 and top-5 (%) on the validation set
     (all of it, or every k-th image, at least min_val, when larger). A class order of --data or --val that
-    does not match the teacher's drops the figure concerned to about 100 / C."""
+    does not match the teacher's drops the figure concerned to about 100 / C. Under torchrun the validation
+    images are shared out over the ranks."""
     teacher.eval()
     agree = torch.zeros((), dtype=torch.long, device=labels.device)
     for s in range(0, len(images_u8), 256):
@@ -776,7 +777,7 @@ def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, min_
             agree += (teacher(model_layout(normalize(images_u8[s:s + 256]))).argmax(1) == labels[s:s + 256]).sum()
     step = max(1, len(val["labels"]) // min_val)
     sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
-    top1, top5 = evaluate(teacher, sample, device)
+    top1, top5 = evaluate(teacher, sample, device, rank=rank, world=world)
     return {"teacher_agreement": 100 * agree.item() / len(images_u8), "teacher_top1": top1, "teacher_top5": top5,
             "teacher_check_val_images": len(sample["labels"])}
 
@@ -1064,7 +1065,7 @@ def soft_labels(cfg: Config, images_u8, labels, classes, val, device, gens, rank
     teacher = teacher.to(device).eval()
     check = {}
     if cfg.check_teacher:
-        check = teacher_check(teacher, images_u8, labels, val, device)
+        check = teacher_check(teacher, images_u8, labels, val, device, rank=rank, world=world)
         log(f"teacher check: agrees with the folder labels of --data on {check['teacher_agreement']:.1f} % of the "
             f"{len(images_u8)} images; top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on "
             f"{check['teacher_check_val_images']:,} of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")

@@ -792,8 +792,8 @@ def test_cpu_batchnorm_under_several_processes_is_pointed_out(monkeypatch):
 
 def test_torchrun_two_processes_match_one(tiny, tmp_path):
     """torchrun --nproc_per_node=2 on the CPU (gloo) against one process: the soft-label cache is
-    byte-identical, the global batch is split (same losses), one summary is written, and the sharded
-    evaluation equals a single-process evaluation of the saved student. The validation set spans
+    byte-identical, the global batch is split (same losses), one summary is written, the teacher
+    check's figures are the same, and the sharded evaluation equals a single-process evaluation of the saved student. The validation set spans
     two 500-image batches, so both ranks evaluate."""
     val = write_folder(tmp_path / "val", 4, 130, 16, 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process in both runs: same CPU kernels
@@ -808,7 +808,9 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
     assert runs[2].stdout.count("final top-1") == 1 and runs[2].stdout.count("soft labels:") == 1  # rank 0 alone speaks
     losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("p1", "p2")]
     assert len(losses[1]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
-    summary = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    summary, alone = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("p2", "p1"))
+    check = ("teacher_agreement", "teacher_top1", "teacher_top5", "teacher_check_val_images")
+    assert [summary[k] for k in check] == [alone[k] for k in check]  # the teacher check, its val images shared out
     classes = [f"class{c}" for c in range(4)]
     student, *_ = hald.load_teacher(str(tmp_path / "p2" / "student.pt"), classes, 16)
     assert hald.evaluate(student, hald.load_val(val, classes, 16), torch.device("cpu")) == (summary["final_top1"], summary["final_top5"])
