@@ -65,7 +65,9 @@ GROUPS = {
                  for label, extra in (("soft-only, T 4", ["--schedule", "soft", *T4]), ("HALD (0.1, T 4)", ["--schedule", "shs", *LS01, *T4]),
                                       ("hard-only (0.1)", ["--schedule", "hard", *LS01]),
                                       ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)",
-                                       ["--schedule", "shs", *LS01, *T4, "--soft-epochs", "240"]))],
+                                       ["--schedule", "shs", *LS01, *T4, "--soft-epochs", "240"]),
+                                      ("HALD (0.1, T 4), hard phase of 30 (soft 135 / hard 30 / soft 135)",
+                                       ["--schedule", "shs", *LS01, *T4, "--soft-epochs", "270"]))],
     # the unlimited-label ceiling: a fresh soft label for every crop the student sees (--crops 300 = epochs)
     "ceiling": [(f"ceiling, soft-only, T 4, {name}", ["--schedule", "soft", "--model", model, *T4])
                 for name, model in (("ConvNet-3 IN", "convnet"), ("ConvNet-3 BN", "convnet_bn"), ("ResNet-18", "resnet18"))],
