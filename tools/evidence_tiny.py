@@ -49,6 +49,7 @@ ROWS = [
     ("HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS], 1, 1),
     ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)", ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"], 1, 3),
     ("soft-only (T 4)", SOFT_T4, 2, 3),
+    ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)", ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"], 2, 3),
     ("HALD (0.1, T 4)", ["--schedule", "shs", *DEFAULTS], 2, 3),
     ("ceiling: soft-only, a fresh label per crop (T 4)", SOFT_T4, 300, 1),
     ("soft-only (T 4), width 128", [*SOFT_T4, "--model", "convnet_bn"], 1, 1),
