@@ -37,12 +37,13 @@ def test_every_preset_covers_the_epochs(epochs, soft_frac, n, spec):
 
 
 @given(epochs=st.integers(1, 400), soft_frac=st.floats(0, 1))
-def test_shs_is_the_authors_split(epochs, soft_frac):
+def test_shs_splits_the_soft_epochs_around_the_hard_phase(epochs, soft_frac):
     soft = round(epochs * soft_frac)
     plan = hald.build_schedule("shs", epochs, soft, 1)
     expected = [("soft", soft // 2), ("hard", epochs - soft), ("soft", soft - soft // 2)]
     assert plan == [(p, c) for p, c in expected if c > 0]
-    assert hald.build_schedule("shs", 300, -1, 10) == [("soft", 75), ("hard", 150), ("soft", 75)]
+    assert hald.build_schedule("shs", 300, 150, 10) == [("soft", 75), ("hard", 150), ("soft", 75)]  # the authors'
+    assert hald.build_schedule("shs", 300, -1, 10) == [("soft", 120), ("hard", 60), ("soft", 120)]  # auto: 4/5 soft
 
 
 @given(epochs=st.integers(1, 200), n=st.integers(1, 10), start=st.sampled_from(["hard", "soft"]),
@@ -173,10 +174,10 @@ def test_smoothed_targets_have_the_authors_values():
     assert t[0, 2].item() == pytest.approx(1 - 0.8 + 0.8 / 1000) and t[0, 0].item() == pytest.approx(0.8 / 1000)
 
 
-@pytest.mark.parametrize("given, resolved", [((-1.0, -1.0, -1), (0.1, 4.0, 5)), ((0.8, 20.0, 4), (0.8, 20.0, 4)),
+@pytest.mark.parametrize("given, resolved", [((-1.0, -1.0, -1), (0.1, 4.0, 8)), ((0.8, 20.0, 4), (0.8, 20.0, 4)),
                                              ((0.0, -1.0, 0), (0.0, 4.0, 0))])
 def test_auto_settings_fill_only_what_is_left_to_auto(given, resolved):
-    """-1 is replaced (smoothing 0.1, T 4, half the epochs soft) and every explicit value kept, 0 included."""
+    """-1 is replaced (smoothing 0.1, T 4, 4/5 of the epochs soft) and every explicit value kept, 0 included."""
     smoothing, temperature, soft_epochs = given
     cfg = hald.resolve_settings(hald.Config(epochs=10, label_smoothing=smoothing, temperature=temperature, soft_epochs=soft_epochs))
     assert (cfg.label_smoothing, cfg.temperature, cfg.soft_epochs) == resolved
@@ -689,9 +690,9 @@ def test_no_argument_demo_in_short(tmp_path, capsys):
     assert SUMMARY_FIELDS <= summary.keys() and summary["config"]["data"].endswith("distilled")
     assert summary["soft_labels_per_class"] == 10 and summary["soft_label_bytes"] > 0
     assert summary["config"]["model"] == "convnet_bn"  # the default student
-    assert summary["schedule"] == [["soft", 1], ["hard", 2], ["soft", 1]] and summaries["soft"]["schedule"] == [["soft", 4]]
+    assert summary["schedule"] == [["soft", 1], ["hard", 1], ["soft", 2]] and summaries["soft"]["schedule"] == [["soft", 4]]
     assert summary["config"]["label_smoothing"] == 0.1 and summary["config"]["temperature"] == 4  # the auto values
-    assert summary["config"]["soft_epochs"] == 2  # resolved
+    assert summary["config"]["soft_epochs"] == 3  # resolved: 4/5 of 4 epochs
     for key in ("teacher_crop_trace_mean", "teacher_crop_trace_median", "teacher_crop_mismatch", "student_crop_js_mean"):
         assert math.isfinite(summary["drift"][key])
     assert 0 < summary["drift"]["teacher_crop_mismatch"] < 1  # a real teacher on real crops: some drift, mostly right
