@@ -27,7 +27,7 @@ gpu-check:
 	OUT=runs/gpu-check bash tools/gpu_check.sh
 
 # CIFAR-10 evidence: CIFAR=path/to/cifar10 (ImageFolder with test/); about 5.5 h on 2 CPU cores, plus about
-# 6 h for the students (ResNet-18: 20-40 min a run) and the ceilings
+# 8 h for the students (ResNet-18: 20-40 min a run; the BatchNorm ConvNet's splits also at s = 10) and the ceilings
 CIFAR ?= ../shared/data/cifar10
 evidence: $(VENV)/installed
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group main --jobs 2
@@ -35,6 +35,7 @@ evidence: $(VENV)/installed
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --crops 1,2 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --only "soft-only, T 4|label smoothing 0.1, T 4|soft-only, crop scale 0.35, T 4" --crops 10 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group students --crops 1,2 --jobs 2
+	$(PY) tools/evidence.py --cifar $(CIFAR) --group students --crops 10 --jobs 2 --only "ConvNet-3 BN: soft-only, T 4|ConvNet-3 BN: HALD (0.1, T 4)|ConvNet-3 BN: HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)"
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group ceiling --crops 300 --jobs 2
 
 # Tiny-ImageNet (200 classes) at 32 px: TINY=unpacked root with train/ and val/ (../shared/data/tiny-imagenet/README.md);
@@ -45,7 +46,7 @@ evidence-tiny: $(VENV)/installed
 
 # the README's results tables from the committed per-run summaries (results/*/runs/): no data, nothing trained
 tables: $(VENV)/installed
-	$(PY) tools/evidence.py --table-only --group students --crops 1,2
+	$(PY) tools/evidence.py --table-only --group students --crops 1,2,10
 	$(PY) tools/evidence.py --table-only --group ceiling --crops 300
 	$(PY) tools/evidence.py --table-only --group more --only "soft-only, T 4|HALD, label smoothing 0.1, T 4" --crops 1,2,10
 	$(PY) tools/evidence.py --table-only --group suspects --only "hard-only, label smoothing 0.1" --crops 1
