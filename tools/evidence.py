@@ -60,7 +60,9 @@ GROUPS = {
              ("static hybrid, no T^2", ["--schedule", "hybrid", *T20]),
              ("soft-only, teacher eval mode", ["--schedule", "soft", "--teacher-mode", "eval", *T20]),
              ("soft-only, crop scale 0.35", ["--schedule", "soft", "--crop-scale", "0.35", *T20])],
-    # the student question: the paper's BatchNorm students at the defaults for 10 classes (--crops 1,2,10)
+    # the student question: the paper's BatchNorm students at the defaults for 10 classes (--crops 1,2,10).
+    # "HALD (0.1, T 4)" is the authors' split 75 / 150 / 75 (pinned in common); the "short hard phase" row's
+    # 120 / 60 / 120 is hald.py's default split since bc7b2e0 (labels kept: they name the committed summaries)
     "students": [(f"{name}: {label}", ["--model", model, *extra]) for name, model in (("ConvNet-3 BN", "convnet_bn"), ("ResNet-18", "resnet18"))
                  for label, extra in (("soft-only, T 4", ["--schedule", "soft", *T4]), ("HALD (0.1, T 4)", ["--schedule", "shs", *LS01, *T4]),
                                       ("hard-only (0.1)", ["--schedule", "hard", *LS01]),

@@ -41,7 +41,9 @@ IN = ["--model", "convnet64"]
 # normalisation, BatchNorm, at width 64 (convnet_bn64, set in main's common arguments); the last rows
 # are the instance-norm student (convnet64), the default until the BatchNorm rows replaced it.
 # hald.py's defaults are smoothing 0.1 and T 4; every row names its values. HALD's split is pinned (common
-# arguments) to the authors' 75 / 150 / 75 under which the rows were measured, unless a row passes its own.
+# arguments) to the authors' 75 / 150 / 75 under which the rows were measured, unless a row passes its own:
+# the "short hard phase" rows' 120 / 60 / 120 is hald.py's default split since bc7b2e0 (labels kept: they
+# name the committed summaries).
 ROWS = [
     ("soft-only (T 4)", SOFT_T4, 1, 3),
     ("HALD (0.1, T 4)", ["--schedule", "shs", *DEFAULTS], 1, 3),
