@@ -14,8 +14,8 @@ hard (label-smoothed) labels, then replays the soft labels again.
 Measured (README, 2-core x86_64 CPU; IPC 10, 300 epochs, the defaults: HALD soft 120 / hard 60 / soft 120,
 smoothing 0.1, T 4; last-epoch top-1, 3 seeds, soft-only -> HALD), BatchNorm ConvNet-3 (the default student):
 CIFAR-10 29.8 -> 33.8 % at 1 crop per image, 35.4 -> 34.4 % at 2; 200 classes (Tiny-ImageNet, 32 px) at 1:
-18.9 -> 21.3 %. The authors' split (75 / 150 / 75) gave 32.7, 33.3 and 18.9 %, and with ResNet-18 25.8 ->
-29.5 % at 1, 32.4 -> 29.5 % at 2 (2 seeds). Compare the two on your data: --schedule "shs soft".
+18.9 -> 21.3 %. The authors' split (75 / 150 / 75) gave 32.7, 33.3 and 18.9 %; with ResNet-18 it gave
+25.8 -> 29.5 % at 1 (the default split 28.75 %, seed 0), 32.4 -> 29.5 % at 2 (2 seeds). Compare the two on your data: --schedule "shs soft".
 
 Sections follow one image from disk to the accuracy figure: config -> data -> crop
 sampler -> CutMix -> soft-label cache (relabel) -> losses -> schedule -> models ->
@@ -55,7 +55,8 @@ MODEL_FORMAT = "hald-model-v1"
 # the defaults at every class count (RESULTS.md). Not measured at 1,000 classes.
 AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE = 0.1, 4.0
 # -1 = auto for --soft-epochs: 4/5 of the epochs soft, so HALD is soft 120 / hard 60 / soft 120 of 300.
-# The authors' 150 (75 / 150 / 75) trained weaker BatchNorm students at 10 and 200 classes (RESULTS.md).
+# The authors' 150 (75 / 150 / 75) trained weaker BatchNorm ConvNets at 10 and 200 classes, but a better
+# ResNet-18 (one seed) and instance-norm ConvNet (RESULTS.md): pass --soft-epochs 150 for those.
 AUTO_SOFT_SHARE = (4, 5)
 
 
