@@ -15,7 +15,8 @@ Measured (README, 2-core x86_64 CPU; IPC 10, 300 epochs, the defaults: HALD soft
 smoothing 0.1, T 4; last-epoch top-1, 3 seeds, soft-only -> HALD), BatchNorm ConvNet-3 (the default student):
 CIFAR-10 29.8 -> 33.8 % at 1 crop per image, 35.4 -> 34.4 % at 2; 200 classes (Tiny-ImageNet, 32 px) at 1:
 18.9 -> 21.3 %. The authors' split (75 / 150 / 75) gave 32.7, 33.3 and 18.9 %; with ResNet-18 it gave
-25.8 -> 29.5 % at 1 (the default split 28.75 %, seed 0), 32.4 -> 29.5 % at 2 (2 seeds). Compare the two on your data: --schedule "shs soft".
+25.8 -> 29.5 % at 1 (the default split 28.75 %, seed 0), 32.4 -> 29.5 % at 2 (2 seeds). Compare the two
+on your data: --schedule "shs soft".
 
 Sections follow one image from disk to the accuracy figure: config -> data -> crop
 sampler -> CutMix -> soft-label cache (relabel) -> losses -> schedule -> models ->
@@ -645,9 +646,10 @@ PRESETS = ("shs", "soft", "hard", "hs", "sh", "hsh", "hybrid", "alt-hard-n", "al
 def build_schedule(spec: str, epochs: int, soft_epochs: int, crops_per_image: int) -> list[tuple[str, int]]:
     """The training schedule as data: a list of (phase, epochs), phase in soft, hard, hybrid.
 
-    Presets follow the authors' S1-S8: shs = HALD (S6), hs = S1, sh = S8, hsh = S7, the
-    alternating blocks of n = slc/ipc or 2n epochs (S2-S5); soft, hard and hybrid fill every
-    epoch. An explicit spec such as soft:75,hard:150,soft:75 must add up to `epochs`.
+    Presets follow the authors' S1-S8 (at their split, soft_epochs 150 of 300): shs = HALD (S6),
+    hs = S1, sh = S8, hsh = S7, the alternating blocks of n = slc/ipc or 2n epochs (S2-S5); soft,
+    hard and hybrid fill every epoch. soft_epochs -1 = auto (4/5 of the epochs). An explicit spec
+    such as soft:75,hard:150,soft:75 must add up to `epochs`.
     """
     S = auto_soft_epochs(epochs) if soft_epochs == -1 else soft_epochs
     if not 0 <= S <= epochs:
