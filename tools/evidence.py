@@ -93,6 +93,11 @@ def run_one(job, threads: int = 1):
     return out, f"exit {code}"
 
 
+def picked(label: str, only: str, labels: set[str]) -> bool:
+    """--only: a part that is a whole label picks that row alone, any other part every row containing it."""
+    return any(label == part if part in labels else part in label for part in only.split("|"))
+
+
 def cell(summaries: list[dict]) -> str:
     """Last-epoch top-1 over seeds: mean +- std (each seed's figure in seed order; median minutes per run)."""
     top1 = [x["final_top1"] for x in summaries]
@@ -125,9 +130,8 @@ def main():
               str(ROOT / "demo" / "teacher.pt"), "--ipc", "10", "--epochs", str(args.epochs), "--eval-every", "0", "--model", "convnet",
               "--soft-epochs", "150"]
     crops = [int(s) for s in args.crops.split(",")]
-    labels = {label for label, _ in GROUPS[args.group]}  # a part that is a whole label picks that row alone
-    rows = [(label, extra) for label, extra in GROUPS[args.group]
-            if any(label == part if part in labels else part in label for part in args.only.split("|"))]
+    labels = {label for label, _ in GROUPS[args.group]}
+    rows = [(label, extra) for label, extra in GROUPS[args.group] if picked(label, args.only, labels)]
     jobs, cells = [], {}
     for seed in range(args.seeds):  # seed-major, so an interrupted study still fills every cell once
         for label, extra in rows:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "tiny-imagenet"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import cell, run_one, slug  # noqa: E402
+from evidence import cell, picked, run_one, slug  # noqa: E402
 
 IPC, SIZE = 10, 32
 # the teacher: a BatchNorm ConvNet-3 of width 64 on all 100,000 training images, 16 epochs,
@@ -36,6 +36,7 @@ TEACHER_ARGS = ["--ipc", "500", "--schedule", "hard", "--model", "convnet_bn64",
 AUTHORS, DEFAULTS = ["--label-smoothing", "0.8", "--temperature", "20"], ["--label-smoothing", "0.1", "--temperature", "4"]
 SOFT_T4, SOFT_T20 = ["--schedule", "soft", "--temperature", "4"], ["--schedule", "soft", "--temperature", "20"]
 IN = ["--model", "convnet64"]
+SHORT = ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"]  # hald.py's default split, soft 120 / hard 60 / soft 120
 # (row label, hald.py arguments, crops per image, seeds), in order of priority: the jobs run seed-major
 # over the rows, so an interrupted study still fills every cell once. The student is hald.py's default
 # normalisation, BatchNorm, at width 64 (convnet_bn64, set in main's common arguments); the last rows
@@ -49,9 +50,9 @@ ROWS = [
     ("HALD (0.1, T 4)", ["--schedule", "shs", *DEFAULTS], 1, 3),
     ("hard-only (0.1)", ["--schedule", "hard", "--label-smoothing", "0.1"], 1, 3),
     ("HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS], 1, 1),
-    ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)", ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"], 1, 3),
+    ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)", SHORT, 1, 3),
     ("soft-only (T 4)", SOFT_T4, 2, 3),
-    ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)", ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"], 2, 3),
+    ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)", SHORT, 2, 3),
     ("HALD (0.1, T 4)", ["--schedule", "shs", *DEFAULTS], 2, 3),
     ("ceiling: soft-only, a fresh label per crop (T 4)", SOFT_T4, 300, 1),
     ("soft-only (T 4), width 128", [*SOFT_T4, "--model", "convnet_bn"], 1, 1),
@@ -100,9 +101,8 @@ def main():
         sys.exit(f"evidence_tiny: {tiny}/train or {tiny}/val not found: unpack Tiny-ImageNet-200 there")
     teacher = RESULTS / "teacher.pt"
     crops = {int(s) for s in args.crops.split(",") if s}
-    labels = {r[0] for r in ROWS}  # a part that is a whole label picks that row alone, any other part every row containing it
-    rows = [r for r in ROWS if any(r[0] == part if part in labels else part in r[0] for part in args.only.split("|"))
-            and (not crops or r[2] in crops)]
+    labels = {r[0] for r in ROWS}
+    rows = [r for r in ROWS if picked(r[0], args.only, labels) and (not crops or r[2] in crops)]
     if not teacher.exists() and (args.teacher_only or any("hard" not in r[1] for r in rows)):  # hard-only needs none
         job = (out / "teacher", ["--data", str(tiny / "train"), "--val", str(tiny / "val"), "--image-size", str(SIZE),
                                  *TEACHER_ARGS, "--save-model", str(teacher)])
