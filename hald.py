@@ -55,10 +55,6 @@ MODEL_FORMAT = "hald-model-v1"
 # students with 0.1 and T 4 at 10 classes (CIFAR-10, 3 seeds) and at 200 (Tiny-ImageNet), so those are
 # the defaults at every class count (RESULTS.md). Not measured at 1,000 classes.
 AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE = 0.1, 4.0
-# -1 = auto for --soft-epochs: 4/5 of the epochs soft, so HALD is soft 120 / hard 60 / soft 120 of 300.
-# The authors' 150 (75 / 150 / 75) trained weaker BatchNorm ConvNets at 10 and 200 classes, but a better
-# ResNet-18 (one seed) and instance-norm ConvNet (RESULTS.md): pass --soft-epochs 150 for those.
-AUTO_SOFT_SHARE = (4, 5)
 
 
 class HaldError(Exception):
@@ -683,7 +679,10 @@ def build_schedule(spec: str, epochs: int, soft_epochs: int, crops_per_image: in
 
 
 def auto_soft_epochs(epochs: int) -> int:
-    return epochs * AUTO_SOFT_SHARE[0] // AUTO_SOFT_SHARE[1]
+    """-1 = auto for --soft-epochs: 4/5 of the epochs, so HALD is soft 120 / hard 60 / soft 120 of 300. The
+    authors' 150 (75 / 150 / 75) trained weaker BatchNorm ConvNets at 10 and 200 classes, but a better
+    ResNet-18 (one seed) and instance-norm ConvNet (RESULTS.md): pass --soft-epochs 150 for those."""
+    return epochs * 4 // 5
 
 
 def lr_at(epoch: int, lr: float, epochs: int, eta: float) -> float:

@@ -794,8 +794,8 @@ def test_cpu_batchnorm_under_several_processes_is_pointed_out(monkeypatch):
 def test_torchrun_two_processes_match_one(tiny, tmp_path):
     """torchrun --nproc_per_node=2 on the CPU (gloo) against one process: the soft-label cache is
     byte-identical, the global batch is split (same losses), one summary is written, the teacher
-    check's figures are the same, and the sharded evaluation equals a single-process evaluation of the saved student. The validation set spans
-    two 500-image batches, so both ranks evaluate."""
+    check's figures are the same, and the sharded evaluation equals a single-process evaluation of
+    the saved student. The validation set spans two 500-image batches, so both ranks evaluate."""
     val = write_folder(tmp_path / "val", 4, 130, 16, 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process in both runs: same CPU kernels
     runs = {}
