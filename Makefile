@@ -48,7 +48,7 @@ evidence-tiny: $(VENV)/installed
 tables: $(VENV)/installed
 	$(PY) tools/evidence.py --table-only --group students --crops 1,2,10
 	$(PY) tools/evidence.py --table-only --group ceiling --crops 300
-	$(PY) tools/evidence.py --table-only --group more --only "soft-only, T 4|HALD, label smoothing 0.1, T 4" --crops 1,2,10
+	$(PY) tools/evidence.py --table-only --group more --only "soft-only, T 4|HALD, label smoothing 0.1, T 4|HALD, short hard phase (soft 120/hard 60/soft 120), T 4" --crops 1,2,10
 	$(PY) tools/evidence.py --table-only --group suspects --only "hard-only, label smoothing 0.1" --crops 1
 	$(PY) tools/evidence_tiny.py --table-only
 
