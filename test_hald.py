@@ -43,13 +43,14 @@ def test_shs_splits_the_soft_epochs_around_the_hard_phase(epochs, soft_frac):
     expected = [("soft", soft // 2), ("hard", epochs - soft), ("soft", soft - soft // 2)]
     assert plan == [(p, c) for p, c in expected if c > 0]
     assert hald.build_schedule("shs", 300, 150, 10) == [("soft", 75), ("hard", 150), ("soft", 75)]  # the authors'
-    assert hald.build_schedule("shs", 300, -1, 10) == [("soft", 120), ("hard", 60), ("soft", 120)]  # auto: 4/5 soft
+    assert hald.build_schedule("shs", 300, hald.auto_soft_epochs(300, "convnet_bn64"), 10) == [("soft", 120), ("hard", 60), ("soft", 120)]
+    assert hald.auto_soft_epochs(300, "resnet18") == hald.auto_soft_epochs(300, "convnet") == 150  # other students: the authors'
 
 
 @given(epochs=st.integers(1, 200), n=st.integers(1, 10), start=st.sampled_from(["hard", "soft"]),
        double=st.booleans())
 def test_alternating_blocks(epochs, n, start, double):
-    plan = hald.build_schedule(f"alt-{start}-{'2n' if double else 'n'}", epochs, -1, n)
+    plan = hald.build_schedule(f"alt-{start}-{'2n' if double else 'n'}", epochs, 0, n)
     block = n * (2 if double else 1)
     assert all(count == block for _, count in plan[:-1]) and 0 < plan[-1][1] <= block
     other = "soft" if start == "hard" else "hard"
@@ -57,10 +58,10 @@ def test_alternating_blocks(epochs, n, start, double):
 
 
 def test_explicit_schedule_and_bad_specs():
-    assert hald.build_schedule("soft:75,hard:150,soft:75", 300, -1, 1) == [("soft", 75), ("hard", 150), ("soft", 75)]
+    assert hald.build_schedule("soft:75,hard:150,soft:75", 300, 0, 1) == [("soft", 75), ("hard", 150), ("soft", 75)]
     for bad in ["soft:75,hard:100", "soft:10,warm:290", "shs2", "", "soft:-3", "alt-hard-3n", "hard:300,"]:
         with pytest.raises(hald.HaldError):
-            hald.build_schedule(bad, 300, -1, 1)
+            hald.build_schedule(bad, 300, 150, 1)
     with pytest.raises(hald.HaldError, match="soft-epochs"):
         hald.build_schedule("shs", 10, 11, 1)
 
@@ -174,12 +175,14 @@ def test_smoothed_targets_have_the_authors_values():
     assert t[0, 2].item() == pytest.approx(1 - 0.8 + 0.8 / 1000) and t[0, 0].item() == pytest.approx(0.8 / 1000)
 
 
-@pytest.mark.parametrize("given, resolved", [((-1.0, -1.0, -1), (0.1, 4.0, 8)), ((0.8, 20.0, 4), (0.8, 20.0, 4)),
-                                             ((0.0, -1.0, 0), (0.0, 4.0, 0))])
+@pytest.mark.parametrize("given, resolved", [((-1.0, -1.0, -1, "convnet_bn"), (0.1, 4.0, 8)), ((-1.0, -1.0, -1, "resnet18"), (0.1, 4.0, 5)),
+                                             ((0.8, 20.0, 4, "convnet_bn"), (0.8, 20.0, 4)), ((0.0, -1.0, 0, "convnet"), (0.0, 4.0, 0))])
 def test_auto_settings_fill_only_what_is_left_to_auto(given, resolved):
-    """-1 is replaced (smoothing 0.1, T 4, 4/5 of the epochs soft) and every explicit value kept, 0 included."""
-    smoothing, temperature, soft_epochs = given
-    cfg = hald.resolve_settings(hald.Config(epochs=10, label_smoothing=smoothing, temperature=temperature, soft_epochs=soft_epochs))
+    """-1 is replaced (smoothing 0.1, T 4; soft 4/5 of the epochs for BatchNorm ConvNets, else half) and every
+    explicit value kept, 0 included."""
+    smoothing, temperature, soft_epochs, model = given
+    cfg = hald.resolve_settings(hald.Config(epochs=10, label_smoothing=smoothing, temperature=temperature, soft_epochs=soft_epochs,
+                                            model=model))
     assert (cfg.label_smoothing, cfg.temperature, cfg.soft_epochs) == resolved
 
 
