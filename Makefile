@@ -35,7 +35,7 @@ evidence: $(VENV)/installed
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --crops 1,2 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group more --only "soft-only, T 4|label smoothing 0.1, T 4|soft-only, crop scale 0.35, T 4" --crops 10 --jobs 2
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group students --crops 1,2 --jobs 2
-	$(PY) tools/evidence.py --cifar $(CIFAR) --group students --crops 10 --jobs 2 --only "ConvNet-3 BN: soft-only, T 4|ConvNet-3 BN: HALD (0.1, T 4)|ConvNet-3 BN: HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)"
+	$(PY) tools/evidence.py --cifar $(CIFAR) --group students --crops 10 --jobs 2 --only "ConvNet-3 BN: soft-only, T 4|ConvNet-3 BN: HALD, authors' split (soft 75 / hard 150 / soft 75)|ConvNet-3 BN: HALD, soft 120 / hard 60 / soft 120"
 	$(PY) tools/evidence.py --cifar $(CIFAR) --group ceiling --crops 300 --jobs 2
 
 # Tiny-ImageNet (200 classes) at 32 px: TINY=unpacked root with train/ and val/ (../shared/data/tiny-imagenet/README.md);

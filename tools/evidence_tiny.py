@@ -42,26 +42,25 @@ SHORT = ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"]  # hald.py's de
 # normalisation, BatchNorm, at width 64 (convnet_bn64, set in main's common arguments); the last rows
 # are the instance-norm student (convnet64), the default until the BatchNorm rows replaced it.
 # hald.py's defaults are smoothing 0.1 and T 4; every row names its values. HALD's split is pinned (common
-# arguments) to the authors' 75 / 150 / 75 under which the rows were measured, unless a row passes its own:
-# the "short hard phase" rows' 120 / 60 / 120 is hald.py's default split since bc7b2e0 (labels kept: they
-# name the committed summaries).
+# arguments) to the authors' 75 / 150 / 75, unless a row passes its own: the 120 / 60 / 120 rows' split is
+# hald.py's auto split for these BatchNorm students since bc7b2e0.
 ROWS = [
     ("soft-only (T 4)", SOFT_T4, 1, 3),
-    ("HALD (0.1, T 4)", ["--schedule", "shs", *DEFAULTS], 1, 3),
+    ("HALD, authors' split (soft 75 / hard 150 / soft 75)", ["--schedule", "shs", *DEFAULTS], 1, 3),
     ("hard-only (0.1)", ["--schedule", "hard", "--label-smoothing", "0.1"], 1, 3),
-    ("HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS], 1, 1),
-    ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)", SHORT, 1, 3),
+    ("HALD, authors' split, authors' 0.8 / T 20", ["--schedule", "shs", *AUTHORS], 1, 1),
+    ("HALD, soft 120 / hard 60 / soft 120", SHORT, 1, 3),
     ("soft-only (T 4)", SOFT_T4, 2, 3),
-    ("HALD (0.1, T 4), short hard phase (soft 120 / hard 60 / soft 120)", SHORT, 2, 3),
-    ("HALD (0.1, T 4)", ["--schedule", "shs", *DEFAULTS], 2, 3),
+    ("HALD, soft 120 / hard 60 / soft 120", SHORT, 2, 3),
+    ("HALD, authors' split (soft 75 / hard 150 / soft 75)", ["--schedule", "shs", *DEFAULTS], 2, 3),
     ("ceiling: soft-only, a fresh label per crop (T 4)", SOFT_T4, 300, 1),
     ("soft-only (T 4), width 128", [*SOFT_T4, "--model", "convnet_bn"], 1, 1),
-    ("HALD (0.1, T 4), width 128", ["--schedule", "shs", *DEFAULTS, "--model", "convnet_bn"], 1, 1),
+    ("HALD, soft 120 / hard 60 / soft 120, width 128", [*SHORT, "--model", "convnet_bn"], 1, 1),
     ("instance norm: soft-only (T 4)", [*SOFT_T4, *IN], 1, 3),
-    ("instance norm: HALD (0.1, T 4)", ["--schedule", "shs", *DEFAULTS, *IN], 1, 3),
+    ("instance norm: HALD, authors' split", ["--schedule", "shs", *DEFAULTS, *IN], 1, 3),
     ("instance norm: soft-only (T 20)", [*SOFT_T20, *IN], 1, 3),
-    ("instance norm: HALD (0.8, T 20: the authors')", ["--schedule", "shs", *AUTHORS, *IN], 1, 3),
-    ("instance norm: HALD (0.8, T 4)", ["--schedule", "shs", "--label-smoothing", "0.8", "--temperature", "4", *IN], 1, 1),
+    ("instance norm: HALD, authors' split, authors' 0.8 / T 20", ["--schedule", "shs", *AUTHORS, *IN], 1, 3),
+    ("instance norm: HALD, authors' split, 0.8 / T 4", ["--schedule", "shs", "--label-smoothing", "0.8", "--temperature", "4", *IN], 1, 1),
     ("instance norm: hard-only (0.8)", ["--schedule", "hard", "--label-smoothing", "0.8", *IN], 1, 2),
     ("instance norm: soft-only (T 20)", [*SOFT_T20, *IN], 2, 1),
 ]
