@@ -36,7 +36,7 @@ TEACHER_ARGS = ["--ipc", "500", "--schedule", "hard", "--model", "convnet_bn64",
 AUTHORS, DEFAULTS = ["--label-smoothing", "0.8", "--temperature", "20"], ["--label-smoothing", "0.1", "--temperature", "4"]
 SOFT_T4, SOFT_T20 = ["--schedule", "soft", "--temperature", "4"], ["--schedule", "soft", "--temperature", "20"]
 IN = ["--model", "convnet64"]
-SHORT = ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"]  # hald.py's default split, soft 120 / hard 60 / soft 120
+SHORT = ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"]  # soft 120 / hard 60 / soft 120: the auto split of these students
 # (row label, hald.py arguments, crops per image, seeds), in order of priority: the jobs run seed-major
 # over the rows, so an interrupted study still fills every cell once. The student is hald.py's default
 # normalisation, BatchNorm, at width 64 (convnet_bn64, set in main's common arguments); the last rows
