@@ -48,7 +48,7 @@ ROWS = [
     ("soft-only (T 4)", SOFT_T4, 1, 3),
     ("HALD, authors' split (soft 75 / hard 150 / soft 75)", ["--schedule", "shs", *DEFAULTS], 1, 3),
     ("hard-only (0.1)", ["--schedule", "hard", "--label-smoothing", "0.1"], 1, 3),
-    ("HALD, authors' split, authors' 0.8 / T 20", ["--schedule", "shs", *AUTHORS], 1, 1),
+    ("HALD, authors' split, authors' 0.8 / T 20", ["--schedule", "shs", *AUTHORS], 1, 3),
     ("HALD, soft 120 / hard 60 / soft 120", SHORT, 1, 3),
     ("soft-only (T 4)", SOFT_T4, 2, 3),
     ("HALD, soft 120 / hard 60 / soft 120", SHORT, 2, 3),
