@@ -36,7 +36,8 @@ TEACHER_ARGS = ["--ipc", "500", "--schedule", "hard", "--model", "convnet_bn64",
 AUTHORS, DEFAULTS = ["--label-smoothing", "0.8", "--temperature", "20"], ["--label-smoothing", "0.1", "--temperature", "4"]
 SOFT_T4, SOFT_T20 = ["--schedule", "soft", "--temperature", "4"], ["--schedule", "soft", "--temperature", "20"]
 IN = ["--model", "convnet64"]
-SHORT = ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"]  # soft 120 / hard 60 / soft 120: the auto split of these students
+HALD = ["--schedule", "shs", *DEFAULTS]  # the split pinned in main's common arguments: the authors' 75 / 150 / 75
+SHORT = [*HALD, "--soft-epochs", "240"]  # soft 120 / hard 60 / soft 120: the auto split of these students
 # (row label, hald.py arguments, crops per image, seeds), in order of priority: the jobs run seed-major
 # over the rows, so an interrupted study still fills every cell once. The student is hald.py's default
 # normalisation, BatchNorm, at width 64 (convnet_bn64, set in main's common arguments); the last rows
@@ -46,18 +47,18 @@ SHORT = ["--schedule", "shs", *DEFAULTS, "--soft-epochs", "240"]  # soft 120 / h
 # hald.py's auto split for these BatchNorm students since bc7b2e0.
 ROWS = [
     ("soft-only (T 4)", SOFT_T4, 1, 3),
-    ("HALD, authors' split (soft 75 / hard 150 / soft 75)", ["--schedule", "shs", *DEFAULTS], 1, 3),
+    ("HALD, authors' split (soft 75 / hard 150 / soft 75)", HALD, 1, 3),
     ("hard-only (0.1)", ["--schedule", "hard", "--label-smoothing", "0.1"], 1, 3),
     ("HALD, authors' split, authors' 0.8 / T 20", ["--schedule", "shs", *AUTHORS], 1, 3),
     ("HALD, soft 120 / hard 60 / soft 120", SHORT, 1, 3),
     ("soft-only (T 4)", SOFT_T4, 2, 3),
     ("HALD, soft 120 / hard 60 / soft 120", SHORT, 2, 3),
-    ("HALD, authors' split (soft 75 / hard 150 / soft 75)", ["--schedule", "shs", *DEFAULTS], 2, 3),
+    ("HALD, authors' split (soft 75 / hard 150 / soft 75)", HALD, 2, 3),
     ("ceiling: soft-only, a fresh label per crop (T 4)", SOFT_T4, 300, 1),
     ("soft-only (T 4), width 128", [*SOFT_T4, "--model", "convnet_bn"], 1, 3),
     ("HALD, soft 120 / hard 60 / soft 120, width 128", [*SHORT, "--model", "convnet_bn"], 1, 3),
     ("instance norm: soft-only (T 4)", [*SOFT_T4, *IN], 1, 3),
-    ("instance norm: HALD, authors' split", ["--schedule", "shs", *DEFAULTS, *IN], 1, 3),
+    ("instance norm: HALD, authors' split", [*HALD, *IN], 1, 3),
     ("instance norm: soft-only (T 20)", [*SOFT_T20, *IN], 1, 3),
     ("instance norm: HALD, authors' split, authors' 0.8 / T 20", ["--schedule", "shs", *AUTHORS, *IN], 1, 3),
     ("instance norm: HALD, authors' split, 0.8 / T 4", ["--schedule", "shs", "--label-smoothing", "0.8", "--temperature", "4", *IN], 1, 1),
