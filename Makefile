@@ -13,7 +13,7 @@ $(VENV)/installed: requirements.txt
 	touch $@
 
 test: $(VENV)/installed
-	$(PY) -m pytest -q test_hald.py
+	$(PY) -m pytest -q test_hald.py test_tools.py
 
 demo: $(VENV)/installed
 	$(PY) -m pip install --quiet matplotlib  # optional: the training-curve picture

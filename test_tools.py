@@ -1,0 +1,63 @@
+"""Tests of the tools beside hald.py: tools/distill.py (generator-made distilled sets). Run: make test.
+Data: the bundled demo/ files (CIFAR-10 images, BatchNorm teacher) and models made here."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hald
+
+HERE = Path(__file__).resolve().parent
+DEMO = HERE / "demo"
+DISTILL = [sys.executable, str(HERE / "tools" / "distill.py")]
+QUICK = {"recover": ["--iterations", "12", "--ipc", "2"], "select": ["--candidates", "10", "--ipc", "2"]}
+
+
+def distill(kind: str, out: Path, *extra: str, teacher=DEMO / "teacher.pt"):
+    return subprocess.run([*DISTILL, kind, "--train", str(DEMO / "distilled"), "--teacher", str(teacher), "--out", str(out),
+                           *QUICK[kind], *extra], capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "distill.json"}
+
+
+@pytest.mark.parametrize("kind, folder, name, extra", [("recover", "new003", "class003_id001.png", []),
+                                                       ("select", "00003", "class00003_id00001.png", ["--factor", "2"])])
+def test_distill_writes_the_generators_layout_identically_by_seed(tmp_path, kind, folder, name, extra):
+    first, again, other = (distill(kind, tmp_path / d, *extra, *seed) for d, seed in (("a", []), ("b", []), ("c", ["--seed", "1"])))
+    assert first.returncode == again.returncode == other.returncode == 0, first.stderr
+    a = tmp_path / "a"
+    classes = sorted(p.name for p in a.iterdir() if p.is_dir())
+    assert len(classes) == 10 and folder in classes and (a / folder / name).is_file()
+    assert all(len(list((a / c).iterdir())) == 2 for c in classes)
+    images, labels, _ = hald.load_distilled(a, 2)
+    assert images.shape == (20, 3, 32, 32)
+    info = json.loads((a / "distill.json").read_text())
+    assert info["kind"] == kind and info["teacher_agreement"] >= 50  # the teacher calls them their class
+    assert files_of(a) == files_of(tmp_path / "b")  # the same seed: the same bytes
+    assert files_of(a) != files_of(tmp_path / "c")
+    assert (a / "contact.png").is_file() and not (tmp_path / ".a.tmp").exists()
+
+
+def test_recover_refuses_a_teacher_without_batchnorm_and_an_existing_out(tmp_path):
+    teacher = tmp_path / "in.pt"
+    hald.save_checkpoint(hald.build_model("convnet", 10, 32), "convnet", sorted(p.name for p in (DEMO / "distilled").iterdir()), 32, teacher)
+    result = distill("recover", tmp_path / "set", teacher=teacher)
+    assert result.returncode == 2 and "no BatchNorm layer" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "set").exists()
+    (tmp_path / "set").mkdir()
+    result = distill("select", tmp_path / "set")
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+
+
+def test_recovered_set_trains_with_hald_and_passes_the_teacher_check(tmp_path):
+    assert distill("recover", tmp_path / "set").returncode == 0
+    summary = hald.train(hald.Config(data=str(tmp_path / "set"), val=str(DEMO / "val"), teacher=str(DEMO / "teacher.pt"), ipc=2,
+                                     slc=2, epochs=2, schedule="shs", soft_epochs=1, eval_every=0, drift_crops=2, out=str(tmp_path / "run")),
+                         log=lambda *a: None)
+    assert summary["teacher_agreement"] >= 50 and summary["teacher_top1"] > 50
+    assert summary["drift"]["teacher_crop_trace_mean"] >= 0 and 0 <= summary["final_top1"] <= 100
