@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench gpu-check evidence evidence-tiny tables clean
+.PHONY: test demo bench gpu-check evidence evidence-tiny evidence-generated tables clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ TINY ?= /tmp/tiny
 evidence-tiny: $(VENV)/installed
 	$(PY) tools/evidence_tiny.py --tiny $(TINY) --jobs 2
 
+# generator-made sets (sets/, made by tools/distill.py): HALD and soft-only on each, the runs missing from
+# results/*/generated/ (CIFAR-10: about 10 min a run, Tiny-ImageNet at 32 px: about 50), two at a time
+evidence-generated: $(VENV)/installed
+	$(PY) tools/evidence_generated.py --cifar $(CIFAR) --tiny $(TINY) --jobs 2
+
 # the README's results tables from the committed per-run summaries (results/*/runs/): no data, nothing trained
 tables: $(VENV)/installed
 	$(PY) tools/evidence.py --table-only --group students --crops 1,2,10
@@ -51,6 +56,8 @@ tables: $(VENV)/installed
 	$(PY) tools/evidence.py --table-only --group more --only "soft-only, T 4|HALD, label smoothing 0.1, T 4|HALD, short hard phase (soft 120/hard 60/soft 120), T 4" --crops 1,2,10
 	$(PY) tools/evidence.py --table-only --group suspects --only "hard-only, label smoothing 0.1" --crops 1
 	$(PY) tools/evidence_tiny.py --table-only
+	$(PY) tools/evidence_generated.py --table-only
+	$(PY) tools/when_hald_helps.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis __pycache__

@@ -64,7 +64,7 @@ def jobs_for(args) -> list:
     for dataset, model, s, seeds in PLAN:
         if (args.only and args.only not in f"{dataset} {model}") or (crops and s not in crops):
             continue
-        for seed in range(seeds):
+        for seed in [k for k in range(seeds) if not args.seeds or str(k) in args.seeds.split(",")]:
             for kind in KINDS if not args.kind else [args.kind]:
                 jobs.append((dataset, kind, model, s, seed, ["soft"] if s == 300 else ["shs", "soft"]))
     return jobs
@@ -135,6 +135,7 @@ def main():
     parser.add_argument("--tiny", default="/tmp/tiny", help="unpacked Tiny-ImageNet-200 with val/")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     parser.add_argument("--only", default="", help="only the plan lines whose 'dataset student' contains this text")
+    parser.add_argument("--seeds", default="", help="only these seeds (comma-separated; default: each plan line's)")
     parser.add_argument("--kind", default="", choices=("", *KINDS), help="only the sets of this kind")
     parser.add_argument("--crops", default="", help="only these crops per image s (comma-separated; 300 = the ceiling)")
     parser.add_argument("--table-only", action="store_true", help="print the tables from the committed summaries, run nothing")

@@ -1,0 +1,103 @@
+"""When does HALD help? Every committed HALD / soft-only pair (same student, budget and seed), with
+the quantities known before the student trains, and how well a single threshold on each of them
+separates the settings where HALD won from those where it lost.
+
+    python tools/when_hald_helps.py          # the table and the separation, from results/ (no data, nothing trained)
+
+A setting is one student, image set and budget s (stored crops per image, IPC 10 everywhere, so the
+labels per class are 10 s); its gain is HALD's last-epoch top-1 minus soft-only's, the mean over the
+seeds measured for both. Known before training, per setting: s; the teacher's crop mismatch (share of
+random crops whose teacher top-1 is not the image's class) and the trace of the crop covariance of its
+probabilities (both over the relabel crop distribution, as every summary's drift report gives them),
+that trace over s (the paper's irreducible error term Tr(Sigma)/s); the teacher's top-1 on the
+validation set and its agreement with the images' classes. Measured only by training: the gap from
+soft-only to the unlimited-label ceiling, where a ceiling exists.
+"""
+import json
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CIFAR, TINY = ROOT / "results" / "cifar10", ROOT / "results" / "tiny-imagenet"
+
+# (setting, folder, soft-only stem, HALD stem (hald.py's default split for that student), ceiling stem or None, budgets)
+PAIRS = [
+    ("CIFAR-10 real, ConvNet-3 BN", CIFAR / "runs", "convnet-3-bn-soft-only-t-4", "convnet-3-bn-hald-soft-120-hard-60-soft-120",
+     "ceiling-soft-only-t-4-convnet-3-bn", (1, 2, 10)),
+    ("CIFAR-10 real, ResNet-18", CIFAR / "runs", "resnet-18-soft-only-t-4", "resnet-18-hald-authors-split-soft-75-hard-150-soft-75",
+     "ceiling-soft-only-t-4-resnet-18", (1, 2, 10)),
+    ("CIFAR-10 real, ConvNet-3 IN", CIFAR / "runs", "soft-only-t-4", "hald-label-smoothing-0-1-t-4",
+     "ceiling-soft-only-t-4-convnet-3-in", (1, 2, 10)),
+    ("Tiny 32 px real, ConvNet-3 BN 64", TINY / "runs", "soft-only-t-4", "hald-soft-120-hard-60-soft-120",
+     "ceiling-soft-only-a-fresh-label-per-crop-t-4", (1, 2)),
+    ("Tiny 32 px real, ConvNet-3 BN 128", TINY / "runs", "soft-only-t-4-width-128", "hald-soft-120-hard-60-soft-120-width-128", None, (1,)),
+    ("Tiny 32 px real, ConvNet-3 IN 64", TINY / "runs", "instance-norm-soft-only-t-4", "instance-norm-hald-authors-split", None, (1,)),
+]
+for kind in ("recover", "select"):
+    PAIRS += [(f"CIFAR-10 {kind}, ConvNet-3 BN", CIFAR / "generated", f"cifar10-{kind}-soft", f"cifar10-{kind}-shs",
+               f"cifar10-{kind}-soft", (1, 2, 10)),
+              (f"Tiny 32 px {kind}, ConvNet-3 BN 64", TINY / "generated", f"tiny32-{kind}-soft", f"tiny32-{kind}-shs", None, (1, 2)),
+              (f"Tiny 32 px {kind}, ConvNet-3 BN 128", TINY / "generated", f"tiny32-{kind}-width-128-soft",
+               f"tiny32-{kind}-width-128-shs", None, (1,))]
+PREDICTORS = ("s", "teacher crop mismatch", "crop trace", "crop trace / s", "teacher top-1", "teacher agreement", "gap to ceiling")
+
+
+def load(folder: Path, stem: str) -> dict[int, dict]:
+    return {json.loads(f.read_text())["config"]["seed"]: json.loads(f.read_text()) for f in sorted(folder.glob(f"{stem}-seed*.json"))}
+
+
+def settings() -> list[dict]:
+    """One row per setting with both schedules measured at one seed at least."""
+    rows = []
+    for name, folder, soft_stem, hald_stem, ceiling_stem, budgets in PAIRS:
+        ceiling = load(folder, f"{ceiling_stem}-s300") if ceiling_stem else {}
+        for s in budgets:
+            soft, hald = load(folder, f"{soft_stem}-s{s}"), load(folder, f"{hald_stem}-s{s}")
+            seeds = sorted(set(soft) & set(hald))
+            if not seeds:
+                continue
+            first = soft[seeds[0]]
+            drift = first["drift"]
+            soft_mean = statistics.mean(soft[k]["final_top1"] for k in seeds)
+            rows.append({"setting": name, "s": s, "seeds": len(seeds), "soft-only": soft_mean,
+                         "gain": statistics.mean(hald[k]["final_top1"] - soft[k]["final_top1"] for k in seeds),
+                         "teacher crop mismatch": drift["teacher_crop_mismatch"], "crop trace": drift["teacher_crop_trace_mean"],
+                         "crop trace / s": drift["teacher_crop_trace_mean"] / s, "teacher top-1": first["teacher_top1"],
+                         "teacher agreement": first["teacher_agreement"],
+                         "gap to ceiling": statistics.mean(c["final_top1"] for c in ceiling.values()) - soft_mean if ceiling else None})
+    return rows
+
+
+def best_threshold(rows: list[dict], key: str) -> tuple[int, int, str]:
+    """The single threshold on `key` (HALD predicted to win on one side) that classifies the most settings
+    right: (right, out of, the rule in words). Settings without the quantity are left out."""
+    known = [(r[key], r["gain"] > 0) for r in rows if r[key] is not None]
+    values = sorted({v for v, _ in known})
+    cuts = [(a + b) / 2 for a, b in zip(values, values[1:])] or values
+    best = (0, len(known), "")
+    for cut in cuts:
+        for above in (True, False):
+            right = sum((v > cut) == above if won else (v > cut) != above for v, won in known)
+            if right > best[0]:
+                best = (right, len(known), f"HALD when {key} {'>' if above else '<'} {cut:.3g}")
+    return best
+
+
+def main():
+    rows = settings()
+    print("| setting | s | seeds | soft-only % | HALD - soft-only | teacher crop mismatch | crop trace | trace / s | "
+          "teacher top-1 % | teacher agreement % | gap to ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: -r["gain"]):
+        gap = f"{r['gap to ceiling']:.1f}" if r["gap to ceiling"] is not None else ""
+        print(f"| {r['setting']} | {r['s']} | {r['seeds']} | {r['soft-only']:.1f} | {r['gain']:+.1f} | {r['teacher crop mismatch']:.3f} | "
+              f"{r['crop trace']:.3f} | {r['crop trace / s']:.3f} | {r['teacher top-1']:.1f} | {r['teacher agreement']:.1f} | {gap} |")
+    print(f"\nHALD won (gain > 0) in {sum(r['gain'] > 0 for r in rows)} of {len(rows)} settings. "
+          "The best single threshold on each quantity:")
+    for key in PREDICTORS:
+        right, total, rule = best_threshold(rows, key)
+        print(f"- {key}: {right} of {total} settings right ({rule})")
+
+
+if __name__ == "__main__":
+    main()
