@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import hashlib
 import io
@@ -33,7 +34,11 @@ import math
 import os
 import platform
 import re
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,10 +55,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_FORMAT = "hald-soft-labels-v1"
 MODEL_FORMAT = "hald-model-v1"
-# -1 = auto for --label-smoothing and --temperature. The authors use 0.8 and T 20; HALD trained better
-# students with 0.1 and T 4 at 10 classes (CIFAR-10, 3 seeds) and at 200 (Tiny-ImageNet), so those are
-# the defaults at every class count (RESULTS.md). Not measured at 1,000 classes.
-AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE = 0.1, 4.0
+# -1 = auto for --label-smoothing and --temperature, by class count. HALD trained better students with 0.1 and
+# T 4 than with the authors' 0.8 and T 20 at 10 classes (CIFAR-10, 3 seeds) and at 200 (Tiny-ImageNet), the
+# largest count measured (RESULTS.md); above it the authors' values stand, since nothing here says otherwise.
+AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, AUTO_MEASURED_CLASSES = 0.1, 4.0, 200
+AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE = 0.8, 20.0
+WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
 
 
 class HaldError(Exception):
@@ -84,14 +91,18 @@ class Config:
                            "memory within half of what is available, else a memory-mapped file in --out), or one of these",
                            ("auto", "device", "memory", "file"))
     # soft labels
-    teacher: str = arg("", "hald.py checkpoint, or a torchvision ImageNet model as name[:weights] (resnet18, "
-                       "resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); required with --data for soft phases")
+    teacher: str = arg("", "hald.py checkpoint, weights saved by another project (with --teacher-arch), or a torchvision "
+                       "ImageNet model as name[:weights] (resnet18, resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); "
+                       "required with --data for soft phases")
+    teacher_arch: str = arg("", "architecture of a --teacher (or --evaluate) file that is not a hald.py checkpoint: a state_dict, "
+                            f"alone or under {', '.join(WEIGHT_KEYS)}, module. and _orig_mod. prefixes removed; convnet_bn, "
+                            "convnet_bn64, resnet18, ... (a ResNet gets the stem its weights have: 3x3 conv1 CIFAR, 7x7 ImageNet)")
     check_teacher: bool = arg(True, "before training, measure the teacher's agreement with --data's folder labels and its "
                               "accuracy on --val, and stop when either is near chance (a class order that does not match)")
     teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics, authors' default) or eval", ("train", "eval"))
     slc: int = arg(100, "soft labels per class stored (a multiple of --ipc; slc/ipc crops per image)")
-    temperature: float = arg(-1.0, "softmax temperature of stored labels and of the soft loss; -1 = auto: 4, measured better "
-                             "than the authors' 20 at 10 and 200 classes (README)")
+    temperature: float = arg(-1.0, "softmax temperature of stored labels and of the soft loss; -1 = auto: 4 up to 200 classes "
+                             "(measured better than the authors' 20 at 10 and 200, README), the authors' 20 above")
     crop_scale: float = arg(0.08, "smallest crop area fraction of RandomResizedCrop (upper bound 1)")
     cutmix: bool = arg(True, "apply CutMix to every relabel and hard-phase batch")
     label_topk: int = arg(0, "store only the K largest probabilities per label (0 = all classes)")
@@ -109,7 +120,8 @@ class Config:
                            "the epochs (240 of 300) for the BatchNorm ConvNet-3 students (convnet_bn...), the authors' half "
                            "(150) for every other student: each measured better for its students (README)")
     label_smoothing: float = arg(-1.0, "label smoothing of hard targets (timm convention: off-value smoothing/C); "
-                                 "-1 = auto: 0.1, measured better than the authors' 0.8 at 10 and 200 classes (README)")
+                                 "-1 = auto: 0.1 up to 200 classes (measured better than the authors' 0.8 at 10 and 200, "
+                                 "README), the authors' 0.8 above")
     hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
     hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
@@ -130,6 +142,8 @@ class Config:
     overwrite: bool = arg(False, "replace the results of a finished or unfinished run in --out (refused otherwise)")
     save_model: str = arg("", "write the trained student here (usable as --teacher)")
     resume: bool = arg(False, "continue from OUT/checkpoint.pt (written after every epoch) with the same settings")
+    evaluate: str = arg("", "no training: the top-1 and top-5 on --val of this model (a --save-model file, or weights with "
+                        "--teacher-arch), printed, and written to OUT/evaluation.json when --out is given")
     debug: bool = arg(False, "show tracebacks instead of one-line errors")
 
 
@@ -150,6 +164,8 @@ def parse_config(argv=None) -> Config:
     given = vars(parser.parse_args(argv))
     if "data" not in given:
         given = {**DEMO_FLAGS, **given}
+    if "evaluate" in given and "out" not in given:
+        given["out"] = ""  # --evaluate writes nothing unless told where
     return Config(**given)
 
 
@@ -175,7 +191,7 @@ def check_config(cfg: Config) -> None:
 
 
 # ------------------------------------------------------------------------------- data
-def list_image_folder(root) -> tuple[list[list[Path]], list[str]]:
+def list_image_folder(root, log=print) -> tuple[list[list[Path]], list[str]]:
     """Class names (sorted folder names) and, per class, its image files (sorted)."""
     root = Path(root)
     if not root.is_dir():
@@ -193,7 +209,7 @@ def list_image_folder(root) -> tuple[list[list[Path]], list[str]]:
         raise HaldError(f"{root}/{nested[0]} holds folders, not images: an ImageFolder has one folder of images per class; "
                         f"did you mean {root / nested[0]}?")
     if ignored:
-        print(f"note: ignored {ignored} non-image files in {root}")
+        log(f"note: ignored {ignored} non-image files in {root}")
     return files, classes
 
 
@@ -249,16 +265,16 @@ def note_numeric_order(classes: list[str], where: str, log=print) -> None:
             f"as torchvision's ImageFolder orders them; zero-pad the names if their order should be numeric")
 
 
-def pair_classes(classes: list[str], other: list[str], what: str, log=print) -> None:
+def pair_classes(classes: list[str], other: list[str], what: str, log=print, ours: str = "--data") -> None:
     """Classes are paired by sorted folder position, the order of torchvision's ImageFolder, in which the
     authors' code and SRe2L, FADRM, LPLD evaluate (distilled folders new000... against ImageNet's n01440764...):
     the counts must agree, the names may differ. The teacher check finds an order that does not match."""
     if len(other) != len(classes):
-        raise HaldError(f"{what} has {len(other)} classes but --data has {len(classes)}: "
+        raise HaldError(f"{what} has {len(other)} classes but {ours} has {len(classes)}: "
                         f"both must hold the same classes, paired by sorted folder position")
     if other != classes:
         pairs = ", ".join(f"{a} -> {b}" for a, b in zip(classes[:3], other[:3]))
-        log(f"note: classes of --data paired with {what} by sorted position: {pairs}, ...")
+        log(f"note: classes of {ours} paired with {what} by sorted position: {pairs}, ...")
 
 
 def host_memory_budget() -> int:
@@ -289,13 +305,16 @@ def decode_into(out: torch.Tensor, paths, size: int, center_crop: bool, chunk: i
 
 def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), storage: str = "auto", spill_dir=None, log=print) -> dict:
     """The validation set decoded once as uint8 (N, 3, S, S): on the device, in host memory, or in a
-    memory-mapped file in spill_dir (reused while the files are unchanged), so evaluation never decodes."""
+    memory-mapped file in spill_dir (reused while the files are unchanged), so evaluation never decodes.
+    Its classes are paired with `classes` (None: no pairing); size 0: the height of its first image."""
     files, val_classes = list_image_folder(root)
-    pair_classes(classes, val_classes, f"--val {root}", log)
+    if classes is not None:
+        pair_classes(classes, val_classes, f"--val {root}", log)
     note_numeric_order(val_classes, f"--val {root}", log)
     paths = [p for class_files in files for p in class_files]
     if not paths:
         raise HaldError(f"--val {root} holds no images")
+    size = size or decode_image(paths[0], 0).shape[1]
     labels = torch.cat([torch.full((len(f),), c) for c, f in enumerate(files)])
     center_crop = size > 64  # ImageNet-style evaluation; small images are used as they are
     shape, t0 = (len(paths), 3, size, size), time.time()
@@ -602,7 +621,7 @@ def load_trusted(path, what: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a foreign pickle, ...
         raise HaldError(f"cannot load {what} {path} ({type(e).__name__}): it is truncated, corrupted, or holds Python "
-                        f"objects beyond tensors, which hald.py never unpickles; rewrite it with hald.py") from None
+                        f"objects beyond tensors, which hald.py never unpickles; save tensors only (a model's state_dict)") from None
 
 
 # ----------------------------------------------------------------------------- losses
@@ -701,45 +720,99 @@ def convnet(num_classes: int, image_size: int, width: int = 128, depth: int = 3,
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * image_size * image_size, num_classes))
 
 
-def build_model(name: str, num_classes: int, image_size: int, weights=None) -> nn.Module:
-    """convnet / convnet_bn (optionally with a width: convnet_bn64), or a torchvision model.
-    ResNets on inputs <= 64 px get the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
+def torchvision_models():
+    """torchvision.models, imported only for a torchvision model: a torchvision built for another torch fails here."""
+    try:
+        import torchvision
+    except Exception as e:  # ImportError, or operators registered for another torch (RuntimeError)
+        raise HaldError(f"torchvision does not work with the installed torch {torch.__version__} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}): pip install the torchvision release made for "
+                        f"this torch (pytorch.org/get-started/previous-versions)") from None
+    return torchvision.models
+
+
+def check_arch(name: str, flag: str = "model") -> None:
+    """An architecture build_model knows, else one line with the names nearest to it (a typo such as resnet81
+    is found before any image is decoded)."""
+    if re.fullmatch(r"convnet(_bn)?([1-9]\d*)?", name):
+        return
+    known = torchvision_models().list_models()
+    if name not in known:
+        near = difflib.get_close_matches(name, known, 3)
+        raise HaldError(f"unknown architecture {name!r} for {flag}: " + (f"did you mean {' or '.join(near)}? " if near else "")
+                        + "use convnet, convnet_bn, a width such as convnet_bn64, or a torchvision model name such as resnet18")
+
+
+def build_model(name: str, num_classes: int, image_size: int, weights=None, cifar_stem: bool | None = None) -> nn.Module:
+    """convnet / convnet_bn (optionally with a width: convnet_bn64), or a torchvision model. ResNets get the
+    CIFAR stem (3x3 stride-1 conv, no max-pool) on inputs <= 64 px without pretrained weights, or as cifar_stem says."""
     m = re.fullmatch(r"convnet(_bn)?(\d*)", name)
     if m:
         return convnet(num_classes, image_size, width=int(m[2] or 128), norm="batch" if m[1] else "instance")
-    import torchvision
-
+    check_arch(name)
     try:
-        if weights:
-            model = torchvision.models.get_model(name, weights=weights)
-        else:
-            model = torchvision.models.get_model(name, num_classes=num_classes)
-    except (ValueError, KeyError):
-        raise HaldError(f"unknown model {name!r}: use convnet, convnet_bn or a torchvision model name such as resnet18") from None
+        model = torchvision_models().get_model(name, **({"weights": weights} if weights else {"num_classes": num_classes}))
     except Exception as e:  # pretrained weights that cannot be downloaded
         raise HaldError(f"cannot load {name} with weights {weights} ({e}): put the weights in TORCH_HOME or pass a checkpoint") from None
-    if name.startswith(("resnet", "resnext", "wide_resnet")) and image_size <= 64 and not weights:
+    if name.startswith(("resnet", "resnext", "wide_resnet")) and (image_size <= 64 and not weights if cifar_stem is None else cifar_stem):
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
     return model
 
 
 def save_checkpoint(model: nn.Module, arch: str, classes: list[str], image_size: int, path) -> None:
-    """A student that --teacher accepts: architecture, class names, input size and weights."""
+    """A student that --teacher and --evaluate accept: architecture, class names, input size and weights."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_atomic({"format": MODEL_FORMAT, "arch": arch, "classes": classes, "image_size": image_size, "state_dict": state}, path)
+
+
+def read_weights(path, arch: str = "", what: str = "model") -> dict:
+    """A model file, tensors only: a hald.py checkpoint (architecture, class names, input size, weights), or the
+    weights of another project's model with their architecture given: a state_dict alone or under one of
+    WEIGHT_KEYS, without the prefixes of DataParallel (module.) and torch.compile (_orig_mod.). Adds its identity."""
+    blob, identity = load_trusted(path, what), "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
+        if arch not in ("", blob["arch"]):
+            raise HaldError(f"{what} {path} is a hald.py checkpoint of {blob['arch']}, not {arch}: drop --teacher-arch")
+        return {**blob, "identity": identity}
+    if not arch:
+        raise HaldError(f"{what} {path} is not a checkpoint written by hald.py --save-model: for the weights of another "
+                        f"project's model, name its architecture with --teacher-arch (convnet_bn, resnet18, ...)")
+    for state in (blob, *map(blob.get, WEIGHT_KEYS)) if isinstance(blob, dict) else ():
+        if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
+            state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
+            return {"arch": arch, "classes": None, "image_size": None, "state_dict": state, "identity": f"{identity} as {arch}"}
+    raise HaldError(f"{what} {path} holds no state_dict (tensors by name), alone or under {', '.join(WEIGHT_KEYS)}: "
+                    f"save model.state_dict()")
+
+
+def model_from_weights(weights: dict, num_classes: int, image_size: int, what: str) -> nn.Module:
+    """The model of read_weights with its weights loaded strictly: missing, unexpected and misshapen keys in one line."""
+    state, arch, conv1 = weights["state_dict"], weights["arch"], weights["state_dict"].get("conv1.weight")
+    model = build_model(arch, num_classes, image_size, cifar_stem=None if conv1 is None else conv1.shape[-1] == 3)
+    own = model.state_dict()
+    wrong = {"missing": [k for k in own if k not in state], "unexpected": [k for k in state if k not in own],
+             "misshapen (file vs model)": [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]}
+    head = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+    if head and head[0] in state and len(state[head[0]]) != num_classes:
+        raise HaldError(f"{what} predicts {len(state[head[0]])} classes but the data has {num_classes}: "
+                        f"use a model trained on these classes (hald.py --schedule hard --save-model)")
+    if any(wrong.values()):
+        raise HaldError(f"{what} does not fit {arch} at {image_size} px: " + "; ".join(
+            f"{kind} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "") for kind, keys in wrong.items() if keys)
+            + ": give the architecture it was saved from with --teacher-arch (and its input size with --image-size)")
+    model.load_state_dict(state)
+    return model
 
 
 def torchvision_weights(spec: str):
     """'resnet50:IMAGENET1K_V1' -> ('resnet50', its weights enum). Without a tag: IMAGENET1K_V1, the
     weights the authors used (torchvision's DEFAULT is a later recipe for some models), else DEFAULT."""
-    import torchvision
-
     if spec.endswith((".pt", ".pth")):
         raise HaldError(f"teacher checkpoint {spec} does not exist: check the path")
     name, _, tag = spec.partition(":")
     try:
-        weights = torchvision.models.get_model_weights(name)
+        weights = torchvision_models().get_model_weights(name)
     except (ValueError, KeyError):
         raise HaldError(f"teacher {spec!r} is neither a file nor a torchvision model name (such as resnet18 or "
                         f"resnet50:IMAGENET1K_V1): check the path or the name") from None
@@ -750,20 +823,18 @@ def torchvision_weights(spec: str):
     return name, weights.DEFAULT if tag == "DEFAULT" else weights[tag]
 
 
-def load_teacher(spec: str, classes: list[str], image_size: int, log=print) -> tuple[nn.Module, str, list[str] | None]:
-    """A hald.py checkpoint (file) or a torchvision ImageNet model (name[:weights]).
-    Returns the model, its identity (recorded in the cache fingerprint) and its class names (None for torchvision)."""
+def load_teacher(spec: str, classes: list[str], image_size: int, log=print, arch: str = "") -> tuple[nn.Module, str, list[str] | None]:
+    """A model file (read_weights: a hald.py checkpoint, or another project's weights of architecture `arch`) or a
+    torchvision ImageNet model (name[:weights]). Returns the model, its identity (recorded in the cache
+    fingerprint: the file's sha256, with arch for another project's file) and its class names (None: not known)."""
     if Path(spec).is_file():
-        blob = load_trusted(spec, "teacher checkpoint")
-        if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-            raise HaldError(f"{spec} is not a checkpoint written by hald.py --save-model")
-        pair_classes(classes, blob["classes"], f"teacher {spec}", log)
-        if blob["image_size"] != image_size:
-            raise HaldError(f"teacher {spec} expects {blob['image_size']} px images, the data gives {image_size} px: "
-                            f"pass --image-size {blob['image_size']}")
-        teacher = build_model(blob["arch"], len(classes), image_size)
-        teacher.load_state_dict(blob["state_dict"])
-        return teacher, "sha256:" + hashlib.sha256(Path(spec).read_bytes()).hexdigest(), blob["classes"]
+        weights = read_weights(spec, arch, "teacher")
+        if weights["classes"]:
+            pair_classes(classes, weights["classes"], f"teacher {spec}", log)
+        if weights["image_size"] not in (None, image_size):
+            raise HaldError(f"teacher {spec} expects {weights['image_size']} px images, the data gives {image_size} px: "
+                            f"pass --image-size {weights['image_size']}")
+        return model_from_weights(weights, len(classes), image_size, f"teacher {spec}"), weights["identity"], weights["classes"]
     name, weights = torchvision_weights(spec)
     teacher = build_model(name, len(classes), image_size, weights=weights).eval()
     with torch.no_grad():
@@ -1020,11 +1091,19 @@ def make_generators(seed: int) -> dict[str, torch.Generator]:
     return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(("relabel", "pool", "hard", "drift"))}
 
 
-def resolve_settings(cfg: Config) -> Config:
-    """The -1 = auto values, resolved once (summary.json records the resolved config). Smoothing and T
-    are the same at any class count: 0.1 and T 4 beat the authors' 0.8 and T 20 at 10 classes and at
-    200, each on its own (RESULTS.md)."""
-    auto = {"label_smoothing": AUTO_LABEL_SMOOTHING, "temperature": AUTO_TEMPERATURE, "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model)}
+def auto_label_settings(num_classes: int) -> tuple[float, float, str]:
+    """-1 = auto for --label-smoothing and --temperature, by class count: (smoothing, T, why), see AUTO_*."""
+    if num_classes <= AUTO_MEASURED_CLASSES:
+        return AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, f"measured better at 10 and {AUTO_MEASURED_CLASSES} classes"
+    return (AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE,
+            f"the authors' values above {AUTO_MEASURED_CLASSES} classes, where hald.py has not measured")
+
+
+def resolve_settings(cfg: Config, num_classes: int) -> Config:
+    """The -1 = auto values, resolved once (summary.json records the resolved config): label smoothing and T
+    by class count (auto_label_settings), the soft epochs by student (auto_soft_epochs)."""
+    smoothing, temperature, _ = auto_label_settings(num_classes)
+    auto = {"label_smoothing": smoothing, "temperature": temperature, "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model)}
     return dataclasses.replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
 
 
@@ -1052,14 +1131,33 @@ def check_out(cfg: Config) -> None:
                         f"--overwrite to start again, or another --out")
 
 
+def replace_earlier_demo(out: Path, log=print) -> None:
+    """`python hald.py` again (make demo): the demo's own folder, the default --out, is replaced when it holds
+    finished demos only (a summary.json naming the bundled images for every run in it or one folder down).
+    Anything else, an unfinished demo included, is left to check_out."""
+    runs = {p.parent for name in ("summary.json", "checkpoint.pt") for p in (*out.glob(name), *out.glob(f"*/{name}"))}
+    try:
+        demos = all(json.loads((run / "summary.json").read_text())["config"]["data"] == str(DEMO / "distilled") for run in runs)
+    except (OSError, ValueError, KeyError, TypeError):  # an unfinished run, or a file hald.py did not write
+        return
+    if runs and demos:
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"note: replacing the earlier demo in {out}/ (give --out to keep a run)")
+
+
 def check_run(cfg: Config, schedule, world: int) -> None:
     """Checks of the settings that need the schedule but no image."""
     soft = any(phase != "hard" for phase, _ in schedule)
+    check_arch(cfg.model, "--model")  # a typo is found now, not after the relabel
+    if cfg.teacher_arch:
+        check_arch(cfg.teacher_arch, "--teacher-arch")
     if soft and not cfg.teacher:
         raise HaldError(f"--teacher is missing: the schedule {cfg.schedule} has soft phases, whose labels a teacher gives "
                         f"(a hald.py checkpoint or a torchvision name such as resnet18); --schedule hard needs none")
     if soft and not Path(cfg.teacher).is_file():  # a missing checkpoint or an unknown name, before any image is decoded
         torchvision_weights(cfg.teacher)
+        if cfg.teacher_arch:
+            raise HaldError(f"--teacher-arch is for a --teacher file; the torchvision teacher {cfg.teacher} brings its own: drop it")
     if soft and (cfg.slc < 1 or cfg.slc % cfg.ipc):
         raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: each image gets slc/ipc crops; "
                         f"use e.g. --slc {max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc}")
@@ -1068,11 +1166,11 @@ def check_run(cfg: Config, schedule, world: int) -> None:
                         f"change --batch-size or --nproc_per_node")
 
 
-def soft_labels(cfg: Config, images_u8, labels, classes, val, device, gens, rank, world, log=print):
-    """Teacher loaded and checked against the data, then the soft-label cache built or reused.
-    Returns teacher, cache, its size in bytes and the teacher check's figures."""
+def soft_labels(cfg: Config, teacher, images_u8, labels, classes, val, device, gens, rank, world, log=print):
+    """The teacher (load_teacher's model, identity and class names) checked against the data, then the soft-label
+    cache built or reused. Returns teacher, cache, its size in bytes and the teacher check's figures."""
     size, out = images_u8.shape[-1], Path(cfg.out)
-    teacher, teacher_id, teacher_classes = load_teacher(cfg.teacher, classes, size, log)
+    teacher, teacher_id, teacher_classes = teacher
     teacher = teacher.to(device).eval()
     check = {}
     if cfg.check_teacher:
@@ -1118,9 +1216,9 @@ def build_student(cfg: Config, num_classes: int, size: int, device, world: int, 
     return model, speed_up(net, cfg.compile, cfg.cuda_graph), make_optimizer(model, cfg.lr, cfg.weight_decay, device)
 
 
-def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log=print):
+def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log=print, later: int = 0):
     """The schedule, epoch by epoch, with a checkpoint after each (resumable) and evaluations; returns the history
-    and the number of its epochs trained before a resume."""
+    and the number of its epochs trained before a resume. The time left counts `later` epochs of runs to come."""
     out, size, C = Path(cfg.out), images_u8.shape[-1], len(val["classes"])
     out.mkdir(parents=True, exist_ok=True)
     phases = [phase for phase, count in schedule for _ in range(count)]
@@ -1152,15 +1250,15 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
                 f.write(json.dumps(row) + "\n")
         acc = f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if "top1" in row else ""
         elapsed = time.time() - started
-        left = elapsed / (epoch + 1 - first) * (len(phases) - epoch - 1)
+        left = elapsed / (epoch + 1 - first) * (len(phases) - epoch - 1 + later)
         log(f"epoch {epoch + 1:>4}/{len(phases)} {phase:<6} loss {loss:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s | "
-            f"{elapsed / 60:.1f} min, {left / 60:.1f} min left{acc}")
+            f"{elapsed / 60:.1f} min, {left / 60:.1f} min left{' in all' if later else ''}{acc}")
     return history, first
 
 
-def train(cfg: Config, log=print) -> dict:
-    """The pipeline: settings checked, data loaded, soft labels built or reused (teacher checked), student
-    built, schedule run, results written. Returns the summary."""
+def train(cfg: Config, log=print, later: int = 0) -> dict:
+    """The pipeline: settings checked, data and teacher loaded, soft labels built or reused (teacher checked),
+    student built, schedule run, results written. Returns the summary. later: epochs of the runs to come."""
     cfg = with_demo_defaults(cfg)
     check_config(cfg)
     check_out(cfg)
@@ -1168,7 +1266,8 @@ def train(cfg: Config, log=print) -> dict:
     log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
     if cfg.cuda_graph and (device.type != "cuda" or world > 1):
         raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
-    cfg = resolve_settings(cfg)
+    given = cfg  # the auto values depend on the class count; listing the folders is cheap
+    cfg = resolve_settings(cfg, len(list_image_folder(cfg.data, log=lambda *_: None)[1]))
     schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, cfg.slc // cfg.ipc)
     check_run(cfg, schedule, world)
     start, gens = time.time(), make_generators(cfg.seed)
@@ -1181,16 +1280,18 @@ def train(cfg: Config, log=print) -> dict:
         raise HaldError(f"the last batch of a pass ({n % cfg.batch_size} images) must hold at least one image per process "
                         f"({world}): change --batch-size or --nproc_per_node")
     soft = any(phase != "hard" for phase, _ in schedule)
+    auto = given.label_smoothing == -1 or soft and given.temperature == -1
     log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes from {cfg.data} | "
-        f"schedule {schedule} | " + (f"teacher {cfg.teacher} | T {cfg.temperature:g} | " if soft else "")
-        + f"label smoothing {cfg.label_smoothing:g}")
+        f"schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "") + f"label smoothing {cfg.label_smoothing:g}"
+        + (f", T {cfg.temperature:g}" if soft else "") + (f" (auto: {auto_label_settings(C)[2]})" if auto else ""))
+    teacher = load_teacher(cfg.teacher, classes, size, log, cfg.teacher_arch) if soft else None  # a misfit found early
     val = load_val(cfg.val, classes, size, device, cfg.val_storage, Path(cfg.out), log)
     images_u8, labels = images_u8.to(device), labels.to(device)
-    teacher, cache, cache_bytes, check = None, None, 0, {}
+    cache, cache_bytes, check = None, 0, {}
     if soft:
-        teacher, cache, cache_bytes, check = soft_labels(cfg, images_u8, labels, classes, val, device, gens, rank, world, log)
+        teacher, cache, cache_bytes, check = soft_labels(cfg, teacher, images_u8, labels, classes, val, device, gens, rank, world, log)
     model, net, opt = build_student(cfg, C, size, device, world, log)
-    history, resumed = fit(cfg, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log)
+    history, resumed = fit(cfg, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log, later)
     if rank > 0:  # rank 0 writes the results
         return {}
     start -= sum(row["seconds"] for row in history[:resumed])  # summary seconds: with the epochs of earlier starts
@@ -1199,8 +1300,11 @@ def train(cfg: Config, log=print) -> dict:
 
 
 def train_all(cfg: Config, log=print) -> list[dict]:
-    """One run per schedule in --schedule ('shs soft'): from one soft-label cache, each into OUT/<schedule>/,
-    then a side-by-side comparison (printed and written to OUT/comparison.json). One schedule: train()."""
+    """One run per schedule in --schedule ('shs soft'): from one soft-label cache, each into OUT/<schedule>/, then
+    a side-by-side comparison (printed, written to OUT/comparison.json, drawn in OUT/comparison.png). One schedule:
+    train(). The demo (no --data) into the default --out replaces an earlier demo there."""
+    if not cfg.data and cfg.out == Config.out and not cfg.resume:
+        replace_earlier_demo(Path(cfg.out), log)
     schedules = cfg.schedule.split()
     if len(schedules) < 2:
         return [train(cfg, log)]
@@ -1209,11 +1313,13 @@ def train_all(cfg: Config, log=print) -> list[dict]:
                                 cache=cfg.cache or str(out / "soft_labels.pt")) for spec in schedules]
     for run in runs:  # before any work: a refusal never comes after the first run
         check_out(run)
-    summaries = [train(run, log) for run in runs]
+    summaries = [train(run, log, later=cfg.epochs * (len(runs) - 1 - i)) for i, run in enumerate(runs)]
     if summaries[0]:  # rank 0
         table = comparison(schedules, summaries)
         save_atomic(json.dumps({"schedules": schedules, "summaries": [str(Path(r.out) / "summary.json") for r in runs],
                                 "table": table}, indent=2), out / "comparison.json")
+        histories = [[json.loads(line) for line in (Path(r.out) / "metrics.jsonl").read_text().splitlines()] for r in runs]
+        plot_comparison(schedules, histories, out / "comparison.png", table.splitlines()[0].rstrip(":"), log)
         log(table)
     return summaries
 
@@ -1248,7 +1354,7 @@ def write_results(cfg, schedule, history, model, teacher, images_u8, labels, cla
                "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
                **check, "drift": drift, "seconds": time.time() - start, "config": dataclasses.asdict(cfg),
                "classes": {"data": classes, "val": val["classes"], "teacher": cache.header.get("teacher_classes") if cache else None},
-               "versions": {"python": platform.python_version(), "torch": torch.__version__},
+               "versions": {"python": platform.python_version(), "torch": torch.__version__, **code_version()},
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
     save_atomic(json.dumps(summary, indent=2), out / "summary.json")
     phases = " / ".join(f"{phase} {n}" for phase, n in schedule)
@@ -1261,7 +1367,8 @@ def write_results(cfg, schedule, history, model, teacher, images_u8, labels, cla
 
 def run_fingerprint(cfg: Config) -> str:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
-    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile", "cuda_graph", "check_teacher", "val_storage", "overwrite")}
+    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
+            "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and not (k == "teacher_arch" and not v)}  # as before these flags
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
 
 
@@ -1284,23 +1391,46 @@ def restore_state(path, run_id: str, model, opt, gens: dict):
     return state["epoch"], state["pool"].tolist(), json.loads(state["history"])
 
 
-def plot_curves(history: list[dict], path: Path, title: str = "", log=print) -> None:
-    """Two panels over the epochs, phases shaded: validation top-1, and the training loss of each phase on
-    its own axis (a soft KL near 0.05 and a hard cross-entropy near 2 do not share a scale). Needs matplotlib."""
+def pyplot(path: Path, log=print):
+    """matplotlib's pyplot, drawing to files, or None with a note: the pictures are optional."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("note: pip install matplotlib to get the training-curve picture")
+        log(f"note: pip install matplotlib to get {path.name}")
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def shade_phases(ax, history: list[dict], colour: str = "") -> None:
+    """The epochs of every phase but soft shaded, in the phase's colour (PHASE_COLOURS) or in `colour`."""
+    for row in history:
+        if row["phase"] != "soft":
+            ax.axvspan(row["epoch"] - 1, row["epoch"], color=colour or PHASE_COLOURS[row["phase"]], alpha=0.12, lw=0)
+
+
+PHASE_COLOURS = {"soft": "tab:blue", "hard": "tab:orange", "hybrid": "tab:purple"}
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "", log=print) -> None:
+    """Two panels over the epochs, phases shaded: validation top-1, and the training loss of each phase on
+    its own axis (a soft KL near 0.05 and a hard cross-entropy near 2 do not share a scale). Needs matplotlib."""
+    plt = pyplot(path, log)
+    if plt is None:
         return
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    colours = {"soft": "tab:blue", "hard": "tab:orange", "hybrid": "tab:purple"}
-    for ax in (top, bottom):
-        for row in history:
-            if row["phase"] != "soft":
-                ax.axvspan(row["epoch"] - 1, row["epoch"], color=colours[row["phase"]], alpha=0.12, lw=0)
+    shade_phases(top, history)
+    shade_phases(bottom, history)
     evals = [r for r in history if "top1" in r]
     top.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green", ms=3)
     top.set(ylabel="validation top-1 (%)", title=title)
@@ -1309,27 +1439,84 @@ def plot_curves(history: list[dict], path: Path, title: str = "", log=print) -> 
     for phase in phases:
         ax = bottom if phase == "soft" else other
         rows = [r for r in history if r["phase"] == phase]
-        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase])
-        ax.set_ylabel(f"{'soft (KL)' if phase == 'soft' else ' / '.join(p for p in phases if p != 'soft')} loss", color=colours[phase])
+        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=PHASE_COLOURS[phase])
+        ax.set_ylabel(f"{'soft (KL)' if phase == 'soft' else ' / '.join(p for p in phases if p != 'soft')} loss", color=PHASE_COLOURS[phase])
     bottom.set_xlabel("epoch (shaded: orange hard, purple hybrid; white soft)")
-    fig.tight_layout()
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(plt, fig, path)
+
+
+def plot_comparison(schedules: list[str], histories: list[list[dict]], path: Path, title: str = "", log=print) -> None:
+    """The schedules of a comparison on one picture: validation top-1 over the epochs, each schedule's hard (and
+    hybrid) epochs shaded in its colour, its final top-1 in the legend. Needs matplotlib."""
+    plt = pyplot(path, log)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (spec, history) in enumerate(zip(schedules, histories)):
+        shade_phases(ax, history, f"C{i}")
+        evals = [r for r in history if "top1" in r]
+        ax.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color=f"C{i}", ms=3, label=f"{spec}: {evals[-1]['top1']:.2f} %")
+    ax.set(xlabel="epoch (shaded: a schedule's hard phase, in its colour)", ylabel="validation top-1 (%)", title=title)
+    ax.legend(title="final top-1")
+    save_figure(plt, fig, path)
+
+
+def code_version() -> dict:
+    """hald.py's sha256, and the git commit when the file lies in a git checkout: a result names its code."""
+    version = {"hald_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
+        version.update({"git_commit": git.stdout.strip()} if git.returncode == 0 else {})
+    except (OSError, subprocess.SubprocessError):  # no git
+        pass
+    return version
+
+
+def evaluate_file(cfg: Config, log=print) -> dict:
+    """--evaluate: a model file's top-1 and top-5 (%) on --val, printed, and written to OUT/evaluation.json when
+    --out is given. Nothing trained, nothing else written (a validation set kept in a file lives in a temporary folder)."""
+    check_config(cfg)
+    if not cfg.val:
+        raise HaldError("--evaluate needs --val: the real validation images as an ImageFolder")
+    if cfg.teacher_arch:
+        check_arch(cfg.teacher_arch, "--teacher-arch")
+    device, weights = pick_device(cfg.device), read_weights(cfg.evaluate, cfg.teacher_arch)
+    classes = list_image_folder(cfg.val, log=lambda *_: None)[1]
+    if weights["classes"]:  # a hald.py checkpoint: its classes paired with --val's by position
+        pair_classes(classes, weights["classes"], f"model {cfg.evaluate}", log, ours="--val")
+    with tempfile.TemporaryDirectory() as spill:
+        val = load_val(cfg.val, classes, cfg.image_size or weights["image_size"] or 0, device, cfg.val_storage, spill, log)
+        size = val["images"].shape[-1]
+        model = model_from_weights(weights, len(classes), size, f"model {cfg.evaluate}").to(device)
+        model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # as trained and evaluated
+        top1, top5 = evaluate(model, val, device)
+    result = {"model": cfg.evaluate, "identity": weights["identity"], "arch": weights["arch"], "image_size": size,
+              "val": cfg.val, "val_images": len(val["labels"]), "top1": top1, "top5": top5}
+    log(f"evaluate {cfg.evaluate} ({weights['arch']}, {size} px) on the {len(val['labels']):,} images of --val {cfg.val}: "
+        f"top-1 {top1:.2f} %, top-5 {top5:.2f} %")
+    if cfg.out:
+        save_atomic(json.dumps(result, indent=2), Path(cfg.out) / "evaluation.json")
+    return result
 
 
 # ------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    cfg, code = parse_config(argv), 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, code, speaks = parse_config(argv), 2, os.environ.get("RANK", "0") == "0"  # under torchrun: rank 0 says it once
     try:
-        train_all(cfg)
+        evaluate_file(cfg) if cfg.evaluate else train_all(cfg)
         code = 0
     except HaldError as e:
         if cfg.debug:
             raise
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
+        if speaks:
             print(f"hald: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the checkpoint of the last finished epoch stays
+        code = 130
+        again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                 else shlex.join(["python", sys.argv[0], *argv] + ["--resume"] * (not cfg.resume)))
+        if speaks:
+            print("hald: interrupted" + ("" if cfg.evaluate else f"; to continue from the last finished epoch: {again}"), file=sys.stderr)
     finally:  # also after --debug or an unexpected exception
         if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
             if code == 0:  # the other ranks wait while rank 0 writes the results: a rank that left the group

@@ -1,9 +1,11 @@
 """Tests of hald.py: properties of the pure pieces, batched vs per-image equivalence, and
 end-to-end runs of the CLI on tiny generated data on the CPU. Run: make test."""
+import hashlib
 import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -175,14 +177,16 @@ def test_smoothed_targets_have_the_authors_values():
     assert t[0, 2].item() == pytest.approx(1 - 0.8 + 0.8 / 1000) and t[0, 0].item() == pytest.approx(0.8 / 1000)
 
 
-@pytest.mark.parametrize("given, resolved", [((-1.0, -1.0, -1, "convnet_bn"), (0.1, 4.0, 8)), ((-1.0, -1.0, -1, "resnet18"), (0.1, 4.0, 5)),
-                                             ((0.8, 20.0, 4, "convnet_bn"), (0.8, 20.0, 4)), ((0.0, -1.0, 0, "convnet"), (0.0, 4.0, 0))])
-def test_auto_settings_fill_only_what_is_left_to_auto(given, resolved):
-    """-1 is replaced (smoothing 0.1, T 4; soft 4/5 of the epochs for BatchNorm ConvNets, else half) and every
-    explicit value kept, 0 included."""
+@pytest.mark.parametrize("given, classes, resolved", [
+    ((-1.0, -1.0, -1, "convnet_bn"), 10, (0.1, 4.0, 8)), ((-1.0, -1.0, -1, "resnet18"), 200, (0.1, 4.0, 5)),
+    ((-1.0, -1.0, -1, "convnet_bn"), 201, (0.8, 20.0, 8)), ((-1.0, -1.0, 4, "resnet18"), 1000, (0.8, 20.0, 4)),
+    ((0.8, 20.0, 4, "convnet_bn"), 10, (0.8, 20.0, 4)), ((0.0, -1.0, 0, "convnet"), 10, (0.0, 4.0, 0)), ((0.3, -1.0, 0, "convnet"), 201, (0.3, 20.0, 0))])
+def test_auto_settings_fill_only_what_is_left_to_auto(given, classes, resolved):
+    """-1 is replaced (smoothing 0.1 and T 4 up to 200 classes, the largest count measured, the authors' 0.8 and T 20
+    above; soft 4/5 of the epochs for BatchNorm ConvNets, else half) and every explicit value kept, 0 included."""
     smoothing, temperature, soft_epochs, model = given
     cfg = hald.resolve_settings(hald.Config(epochs=10, label_smoothing=smoothing, temperature=temperature, soft_epochs=soft_epochs,
-                                            model=model))
+                                            model=model), classes)
     assert (cfg.label_smoothing, cfg.temperature, cfg.soft_epochs) == resolved
 
 
@@ -339,6 +343,29 @@ def tiny(tmp_path_factory):
     return {"data": data, "val": val, "teacher": teacher, "root": root}
 
 
+@pytest.fixture(scope="session")
+def demo_small(tmp_path_factory):
+    """The bundled demo with 10 validation images per class (100 of its 2,000, for speed), and the weights of its
+    teacher (ConvNet-3 BN, 32 px, CIFAR-10) saved as other projects save them: a plain state_dict, and under
+    "state_dict" with DataParallel's module. prefixes."""
+    root = tmp_path_factory.mktemp("demo_small")
+    for d in sorted((HERE / "demo" / "val").iterdir()):
+        (root / "val" / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:10]:
+            (root / "val" / d.name / f.name).write_bytes(f.read_bytes())
+    state = torch.load(HERE / "demo" / "teacher.pt", weights_only=True)["state_dict"]
+    torch.save(state, root / "plain.pt")
+    torch.save({"epoch": 90, "state_dict": {"module." + k: v for k, v in state.items()}}, root / "wrapped.pth")
+    return {"data": HERE / "demo" / "distilled", "val": root / "val", "plain": root / "plain.pt", "wrapped": root / "wrapped.pth",
+            "state": state}
+
+
+def demo_args(demo, out, *extra):
+    """A short run on the bundled distilled images (2 per class) with a small student."""
+    return ["--data", str(demo["data"]), "--val", str(demo["val"]), "--ipc", "2", "--slc", "2", "--epochs", "2",
+            "--eval-every", "0", "--drift-crops", "0", "--model", "convnet8", "--out", str(out), *extra]
+
+
 def tiny_args(tiny, out, *extra):
     return ["--data", str(tiny["data"]), "--val", str(tiny["val"]), "--ipc", "2", "--slc", "4", "--teacher", str(tiny["teacher"]),
             "--epochs", "4", "--model", "convnet8", "--batch-size", "4", "--eval-every", "2", "--drift-crops", "2",
@@ -415,7 +442,7 @@ def test_saved_student_is_a_teacher_and_cache_mismatch_is_refused(tiny, tmp_path
     (["--teacher", "missing.pt"], "does not exist"),
     (["--teacher-mode", "test"], "--teacher-mode must be one of train, eval"),
     (["--label-bits", "4"], "--label-bits must be one of 16, 8"),
-    (["--model", "nonexistent_net"], "unknown model"),
+    (["--model", "nonexistent_net"], "unknown architecture 'nonexistent_net' for --model"),
     (["--lr", "1e9", "--schedule", "hard", "--label-smoothing", "0"], "loss became"),
 ])
 def test_bad_input_gives_a_one_line_error(tiny, tmp_path, capsys, extra, message):
@@ -620,12 +647,125 @@ def test_untrusted_pickles_and_missing_cuda_are_refused(tiny, tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     torch.save({"format": hald.MODEL_FORMAT, "model": torch.nn.Linear(2, 2)}, evil)  # needs arbitrary unpickling
     assert hald.main(tiny_args(tiny, tmp_path / "out", "--teacher", str(evil))) == 2
-    assert "cannot load teacher checkpoint" in capsys.readouterr().err
+    assert "cannot load teacher" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert hald.main(tiny_args(tiny, tmp_path / "out", "--device", "cuda")) == 2
         assert "CUDA is not available" in capsys.readouterr().err
         assert hald.main(tiny_args(tiny, tmp_path / "out", "--cuda-graph")) == 2
         assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+# ------------------------------------------------- teachers of other projects, --evaluate, first contact
+@pytest.mark.parametrize("saved", ["plain", "wrapped"])
+def test_teacher_saved_by_another_project_trains_with_teacher_arch(demo_small, tmp_path, saved):
+    """The bundled teacher's weights as a plain state_dict, and under "state_dict" with module. prefixes: loaded
+    into --teacher-arch convnet_bn, paired with --data by position, checked, and fingerprinted by sha256 and arch."""
+    path = demo_small[saved]
+    assert hald.main(demo_args(demo_small, tmp_path, "--teacher", str(path), "--teacher-arch", "convnet_bn")) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["teacher_agreement"] > 50 and summary["teacher_top1"] > 50  # the teacher check passed, far above chance
+    header = torch.load(tmp_path / "soft_labels.pt", weights_only=True)["header"]
+    assert header["teacher"] == f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()} as convnet_bn"
+    assert header["teacher_classes"] is None and summary["classes"]["teacher"] is None  # a state_dict names no classes
+
+
+def test_teacher_files_that_do_not_fit_are_refused_in_one_line_before_the_relabel(demo_small, tmp_path, capsys):
+    state = demo_small["state"]
+    torch.save(hald.build_model("convnet_bn", 10, 32), tmp_path / "module.pt")  # pickled code, not tensors
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "no_weights.pt")
+    head = {"13.weight": torch.zeros(1000, 2048), "13.bias": torch.zeros(1000)}  # an ImageNet head
+    torch.save({"model": {"_orig_mod." + k: head.get(k, v) for k, v in state.items()}}, tmp_path / "imagenet_head.pt")
+    cases = [(demo_small["plain"], "", "is not a checkpoint written by hald.py --save-model: for the weights of another "
+              "project's model, name its architecture with --teacher-arch"),
+             (demo_small["plain"], "convnet_bn64", "does not fit convnet_bn64 at 32 px: misshapen (file vs model) 0.weight (128, 3, 3, 3) vs (64, 3, 3, 3)"),
+             (demo_small["wrapped"], "resnet18", "does not fit resnet18 at 32 px: missing conv1.weight, bn1.weight, bn1.bias and 119 "
+              "more; unexpected 0.weight, 0.bias, 1.weight and 20 more: give the architecture"),
+             (demo_small["plain"], "resnet81", "unknown architecture 'resnet81' for --teacher-arch: did you mean resnet18"),
+             (HERE / "demo" / "teacher.pt", "resnet18", "is a hald.py checkpoint of convnet_bn, not resnet18: drop --teacher-arch"),
+             (tmp_path / "module.pt", "convnet_bn", "cannot load teacher"),
+             (tmp_path / "no_weights.pt", "convnet_bn", "holds no state_dict (tensors by name), alone or under state_dict, model"),
+             (tmp_path / "imagenet_head.pt", "convnet_bn", "predicts 1000 classes but the data has 10")]
+    for teacher, arch, message in cases:
+        assert hald.main(demo_args(demo_small, tmp_path / "out", "--teacher", str(teacher), "--teacher-arch", arch)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hald: error:") and message in err and "\n" not in err, (teacher, arch, err)
+        assert not (tmp_path / "out").exists()  # found before the validation set, the teacher check and the relabel
+
+
+def test_resnet_weights_get_the_stem_they_were_saved_with():
+    """A torchvision ResNet from another project: a 3x3 conv1 is the CIFAR stem (no max-pool), a 7x7 the ImageNet one."""
+    for saved_at, cifar in ((32, True), (224, False)):
+        state = hald.build_model("resnet18", 10, saved_at).state_dict()  # the stem of its input size
+        model = hald.model_from_weights({"arch": "resnet18", "state_dict": state}, 10, 32, "teacher")
+        assert model.conv1.kernel_size == ((3, 3) if cifar else (7, 7)) and isinstance(model.maxpool, torch.nn.Identity) == cifar
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_evaluate_a_saved_student_gives_its_runs_final_top1(tiny, tmp_path, capsys, monkeypatch):
+    student = tmp_path / "student.pt"
+    assert hald.main(tiny_args(tiny, tmp_path / "run", "--save-model", str(student))) == 0
+    final = json.loads((tmp_path / "run" / "summary.json").read_text())["final_top1"]
+    capsys.readouterr()
+    monkeypatch.chdir((tmp_path / "cwd").mkdir() or tmp_path / "cwd")
+    assert hald.main(["--evaluate", str(student), "--val", str(tiny["val"])]) == 0
+    assert f"top-1 {final:.2f} %" in capsys.readouterr().out and not list((tmp_path / "cwd").iterdir())  # no --out: nothing written
+    torch.save({"net": torch.load(student, weights_only=True)["state_dict"]}, tmp_path / "plain.pt")  # the same weights, bare
+    assert hald.main(["--evaluate", str(tmp_path / "plain.pt"), "--teacher-arch", "convnet8", "--val", str(tiny["val"]),
+                      "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert result["top1"] == final and result["val_images"] == 16 and [p.name for p in (tmp_path / "eval").iterdir()] == ["evaluation.json"]
+    assert hald.main(["--evaluate", str(student)]) == 2 and "--evaluate needs --val" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "resnet81"], "unknown architecture 'resnet81' for --model: did you mean resnet18"),
+    (["--teacher", "PLAIN", "--teacher-arch", "resnet81"], "unknown architecture 'resnet81' for --teacher-arch"),
+    (["--teacher", "PLAIN", "--teacher-arch", "convnet_bn16"], "does not fit convnet_bn16 at 16 px"),
+    (["--teacher", "resnet18", "--teacher-arch", "resnet18"], "--teacher-arch is for a --teacher file"),
+    (["--model", "resnet18", "BROKEN"], "torchvision does not work with the installed torch"),
+])
+def test_mistakes_are_found_before_the_relabel(tiny, tmp_path, capsys, monkeypatch, extra, message):
+    """Each exits 2 with one line and nothing in --out (BROKEN: a torchvision that cannot be imported)."""
+    torch.save(torch.load(tiny["teacher"], weights_only=True)["state_dict"], tmp_path / "plain.pt")
+    if "BROKEN" in extra:
+        monkeypatch.setitem(sys.modules, "torchvision", None)
+    extra = [str(tmp_path / "plain.pt") if e == "PLAIN" else e for e in extra if e != "BROKEN"]
+    assert hald.main(tiny_args(tiny, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hald: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_says_how_to_resume_in_one_line(tiny, tmp_path):
+    """SIGINT during a run: one line with the command that continues it, exit 130, a resumable checkpoint; that
+    command then finishes the run."""
+    args = tiny_args(tiny, tmp_path / "run", "--epochs", "200", "--eval-every", "100", "--drift-crops", "0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "hald.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("hald: interrupted; to continue from the last finished epoch: python ")
+    command = shlex.split(err.split("epoch: ", 1)[1])
+    assert command == ["python", str(HERE / "hald.py"), *args, "--resume"]
+    done = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 3 <= done < 200 and not (tmp_path / "run" / "summary.json").exists()
+    resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0 and f"resuming after epoch {done} " in resumed.stdout, resumed.stderr[-2000:]
+    assert len(metrics.read_text().splitlines()) == 200 and (tmp_path / "run" / "summary.json").exists()
+
+
+def test_auto_smoothing_above_the_largest_measured_class_count_is_the_authors(tmp_path, capsys):
+    """201 classes, one more than measured: label smoothing 0.8 and T 20, and the start-up line says why."""
+    data, val = write_folder(tmp_path / "data", 201, 1, 8, 0), write_folder(tmp_path / "val", 201, 1, 8, 1)
+    assert hald.main(["--data", str(data), "--val", str(val), "--ipc", "1", "--schedule", "hard", "--epochs", "1",
+                      "--model", "convnet8", "--drift-crops", "0", "--out", str(tmp_path / "out")]) == 0
+    assert "label smoothing 0.8 (auto: the authors' values above 200 classes, where hald.py has not measured)" in capsys.readouterr().out
+    config = json.loads((tmp_path / "out" / "summary.json").read_text())["config"]
+    assert (config["label_smoothing"], config["temperature"]) == (0.8, 20.0)
 
 
 def test_bench_smoke(tmp_path):
@@ -677,18 +817,27 @@ def test_bench_device_indexed_replay_equals_cache_batch():
         assert torch.equal(x, ref) and torch.equal(probs, ref_probs)
 
 
-def test_no_argument_demo_in_short(tmp_path, capsys):
+def test_no_argument_demo_in_short_and_again(tmp_path, capsys, monkeypatch, demo_small):
     """`python hald.py` runs the bundled demo: HALD and soft-only at 1 crop per image from one cache, then a
-    comparison; here with 4 epochs instead of 200."""
-    assert hald.main(["--epochs", "4", "--eval-every", "2", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    comparison (table, comparison.json, comparison.png); here with 4 epochs instead of 200. A second demo (make demo
+    again) replaces the first in its own folder, runs/hald; an --out given is never replaced."""
+    monkeypatch.chdir(tmp_path)
+    assert hald.main(["--epochs", "4", "--eval-every", "2"]) == 0
+    out, tmp_path = capsys.readouterr().out, tmp_path / "runs" / "hald"
     summaries = {s: json.loads((tmp_path / s / "summary.json").read_text()) for s in ("shs", "soft")}
     table = out[out.index("comparison on the same soft-label cache (10 labels per class, 1 per image):"):].splitlines()
     for line, (spec, summary) in zip(table[2:4], summaries.items()):
         assert line.split()[:2] == [spec, f"{summary['final_top1']:.2f}"]
     assert table[3].split()[2] == f"{summaries['soft']['final_top1'] - summaries['shs']['final_top1']:+.2f}"
     assert json.loads((tmp_path / "comparison.json").read_text())["schedules"] == ["shs", "soft"]
+    if matplotlib_installed():  # CI installs requirements.txt only, without matplotlib
+        assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "note: pip install matplotlib to get comparison.png" in out
     assert out.count("reusing soft-label cache") == 1 and (tmp_path / "soft_labels.pt").exists()  # one cache for both
+    assert "label smoothing 0.1, T 4 (auto: measured better at 10 and 200 classes)" in out  # 10 classes
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]  # the time left covers both schedules
+    assert all(" min left in all" in line for line in epochs[:4]) and not any("in all" in line for line in epochs[4:])
     summary = summaries["shs"]
     assert SUMMARY_FIELDS <= summary.keys() and summary["config"]["data"].endswith("distilled")
     assert summary["soft_labels_per_class"] == 10 and summary["soft_label_bytes"] > 0
@@ -696,13 +845,41 @@ def test_no_argument_demo_in_short(tmp_path, capsys):
     assert summary["schedule"] == [["soft", 1], ["hard", 1], ["soft", 2]] and summaries["soft"]["schedule"] == [["soft", 4]]
     assert summary["config"]["label_smoothing"] == 0.1 and summary["config"]["temperature"] == 4  # the auto values
     assert summary["config"]["soft_epochs"] == 3  # resolved: 4/5 of 4 epochs
+    assert summary["versions"]["hald_sha256"] == hashlib.sha256((HERE / "hald.py").read_bytes()).hexdigest()
+    if (HERE / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}", summary["versions"]["git_commit"])
     for key in ("teacher_crop_trace_mean", "teacher_crop_trace_median", "teacher_crop_mismatch", "student_crop_js_mean"):
         assert math.isfinite(summary["drift"][key])
     assert 0 < summary["drift"]["teacher_crop_mismatch"] < 1  # a real teacher on real crops: some drift, mostly right
     assert summary["final_top1"] > 10  # above chance on 2,000 real CIFAR-10 test images
     assert summary["teacher_agreement"] > 60 and summary["teacher_top1"] > 60  # the bundled teacher on its own data
-    assert hald.main(["--epochs", "4", "--out", str(tmp_path)]) == 2  # a second demo into the same folder
+    # again (on 100 validation images, for speed): the earlier demo is replaced, and the output says so
+    assert hald.main(["--epochs", "2", "--val", str(demo_small["val"]), "--drift-crops", "0"]) == 0
+    assert "note: replacing the earlier demo in runs/hald/" in capsys.readouterr().out
+    assert json.loads((tmp_path / "shs" / "summary.json").read_text())["config"]["epochs"] == 2
+    assert hald.main(["--epochs", "2", "--out", str(tmp_path)]) == 2  # the same folder given as --out: refused
     assert f"--out {tmp_path / 'shs'} holds a finished run" in capsys.readouterr().err
+
+
+def matplotlib_installed() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_comparison_picture_or_a_note(tmp_path, monkeypatch):
+    """comparison.png holds the schedules of a comparison; without matplotlib a note says how to get it."""
+    histories = [[{"epoch": e, "phase": p, "loss": 1.0, "top1": 10.0 * e} for e, p in enumerate(("soft", "hard", "soft"), 1)],
+                 [{"epoch": e, "phase": "soft", "loss": 1.0, "top1": 9.0 * e} for e in (1, 2, 3)]]
+    said = []
+    hald.plot_comparison(["shs", "soft"], histories, tmp_path / "comparison.png", "two schedules", said.append)
+    if matplotlib_installed():
+        assert said == [] and (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    hald.plot_comparison(["shs", "soft"], histories, tmp_path / "other.png", "", said.append)
+    assert said[-1] == "note: pip install matplotlib to get other.png" and not (tmp_path / "other.png").exists()
 
 
 def test_finished_or_unfinished_out_is_not_overwritten(tiny, tmp_path, capsys):
@@ -730,6 +907,7 @@ def test_help_is_grouped_and_shows_no_checkout_path():
     assert str(HERE) not in helptext and "(default: )" not in helptext
     words = " ".join(helptext.split())  # argparse wraps lines
     assert "(one of: train, eval)" in words and "[default: 100; the demo without --data: 10]" in words
+    assert "--teacher-arch TEACHER_ARCH" in words and "--evaluate EVALUATE" in words and "-1 = auto: 0.1 up to 200 classes" in words
 
 
 def test_full_training_set_and_dataset_root_are_pointed_out(tiny, tmp_path, capsys):
