@@ -13,7 +13,7 @@ $(VENV)/installed: requirements.txt
 	touch $@
 
 test: $(VENV)/installed
-	$(PY) -m pytest -q test_hald.py test_tools.py
+	$(PY) -m pytest -q test_hald.py test_tools.py test_paper_tiny.py
 
 demo: $(VENV)/installed
 	$(PY) -m pip install --quiet matplotlib  # optional: the training-curve picture
