@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench gpu-check evidence evidence-tiny evidence-generated tables clean
+.PHONY: test demo bench gpu-check evidence evidence-tiny evidence-generated tables paper-tiny clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ evidence-tiny: $(VENV)/installed
 # results/*/generated/ (CIFAR-10: about 10 min a run, Tiny-ImageNet at 32 px: about 50), two at a time
 evidence-generated: $(VENV)/installed
 	$(PY) tools/evidence_generated.py --cifar $(CIFAR) --tiny $(TINY) --jobs 2
+
+# on one CUDA GPU (H100/H200): the paper's own Tiny-ImageNet setting, 64 px (ResNet-18 teacher, recover set of
+# IPC 10, soft-only and HALD at 1 and 2 crops per image), one table in runs/paper-tiny/table.md; about 12 min
+# (an estimate), with $(PYTHON) as gpu-check: a Python whose torch sees the GPU. On the lent GPU machine, where
+# ../shared does not travel, see tools/paper_tiny.py's docstring.
+TINY_TARS ?= ../shared/data/tiny-imagenet
+paper-tiny:
+	PYTHONUNBUFFERED=1 $(PYTHON) tools/paper_tiny.py --tiny-tars $(TINY_TARS) --out runs/paper-tiny
 
 # the README's results tables from the committed per-run summaries (results/*/runs/): no data, nothing trained
 tables: $(VENV)/installed
