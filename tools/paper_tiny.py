@@ -364,7 +364,8 @@ def start(job: Job, env: dict, log, echo: bool) -> None:
     job.log.parent.mkdir(parents=True, exist_ok=True)
     stream = open(job.log, "a")
     stream.write(f"$ {' '.join(job.cmd)}\n")
-    job.proc = subprocess.Popen(job.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=HERE)
+    # the caller's working directory: --out and the data paths may be relative to it
+    job.proc = subprocess.Popen(job.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     job.state = "running"
 
     def pump():
