@@ -23,7 +23,8 @@ are kept and stitched factor x factor into IPC images (RDED's CIFAR and Tiny-Ima
 
 Both write PNGs (lossless), a contact sheet (contact.png: the first 20 classes, one row each) and
 distill.json (settings, time, the teacher's agreement with the class folders) into --out, built in a
-temporary folder and renamed at the end. The same --seed on the same machine gives identical bytes.
+temporary folder and renamed at the end. The same --seed on the same CPU gives identical bytes (CUDA
+kernels are not all deterministic).
 """
 from __future__ import annotations
 
@@ -66,11 +67,12 @@ class Progress:
     def __init__(self, what: str, total: int):
         self.what, self.total, self.start, self.shown = what, total, time.time(), time.time()
 
-    def __call__(self, done: int, extra: str = "") -> None:
+    def __call__(self, done: int, extra=lambda: "") -> None:
+        """extra: a function giving the line's end, called only when a line is printed (no GPU sync otherwise)."""
         if time.time() - self.shown >= 10 or done == self.total:
             elapsed = time.time() - self.start
             left = elapsed / max(done, 1) * (self.total - done)
-            print(f"{self.what} {done}/{self.total} | {elapsed / 60:.1f} min, {left / 60:.1f} min left{extra}", flush=True)
+            print(f"{self.what} {done}/{self.total} | {elapsed / 60:.1f} min, {left / 60:.1f} min left{extra()}", flush=True)
             self.shown = time.time()
 
 
@@ -182,7 +184,7 @@ def recover(teacher: nn.Module, num_classes: int, args, gen: torch.Generator, st
             opt.step()
             with torch.no_grad():  # pixels stay in [0, 1]
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
-            progress(b * args.iterations + it + 1, f" | batch {b + 1}/{len(batches)}, cross-entropy {ce.item():.3f}, BN {bn.item():.3f}")
+            progress(b * args.iterations + it + 1, lambda: f" | batch {b + 1}/{len(batches)}, cross-entropy {ce.item():.3f}, BN {bn.item():.3f}")
         out.append(to_uint8(x.detach()).cpu())
     for h in stats.handles:
         h.remove()
@@ -295,6 +297,9 @@ def main(argv=None) -> int:
     except hald.HaldError as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the set is written only at the end: nothing half-made is left in --out
+        print(f"distill: interrupted; nothing was written to {args.out}: run the same command again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
