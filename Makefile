@@ -16,7 +16,7 @@ test: $(VENV)/installed
 	$(PY) -m pytest -q test_hald.py test_tools.py test_paper_tiny.py
 
 demo: $(VENV)/installed
-	$(PY) -m pip install --quiet matplotlib  # optional: the training-curve picture
+	$(PY) -m pip install --quiet matplotlib  # optional: the pictures (curves.png, comparison.png)
 	$(PY) hald.py
 
 bench: $(VENV)/installed

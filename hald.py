@@ -9,6 +9,7 @@ hard (label-smoothed) labels, then replays the soft labels again.
     python hald.py                                   # demo: HALD vs soft-only on bundled CIFAR-10 files
     python hald.py --data distilled/ --val val/ --ipc 10 --teacher resnet18 --schedule "shs soft"
     torchrun --nproc_per_node=8 hald.py --data ...   # several GPUs (or CPU processes), same flags
+    python hald.py --evaluate student.pt --val val/  # top-1 and top-5 of a saved model, no training
     python hald.py --help                            # every knob with its doc line
 
 Measured (README, 2-core x86_64 CPU; IPC 10, 300 epochs, the defaults: smoothing 0.1, T 4; last-epoch
@@ -485,9 +486,8 @@ def pack_labels(probs: torch.Tensor, topk: int = 0, bits: int = 16) -> dict:
 
 
 def unpack_labels(packed: dict, num_classes: int) -> torch.Tensor:
-    """Inverse of pack_labels -> (L, C) float. Top-k labels get the mass outside the top-k spread
-    evenly over the other classes and sum to 1; full vectors come back as stored (within half
-    a code step at 8 bits)."""
+    """Inverse of pack_labels -> (L, C) float. Top-k labels get the mass outside the top-k spread evenly over the other
+    classes and sum to 1; full vectors come back as stored (within half a code step at 8 bits)."""
     if "codes" in packed:
         lo, hi = packed["lo"].float(), packed["hi"].float()
         values = lo + packed["codes"].float() / 255 * (hi - lo)
@@ -720,27 +720,21 @@ def convnet(num_classes: int, image_size: int, width: int = 128, depth: int = 3,
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * image_size * image_size, num_classes))
 
 
-def torchvision_models():
-    """torchvision.models, imported only for a torchvision model: a torchvision built for another torch fails here."""
+def torchvision_models(name: str = "", flag: str = "model"):
+    """torchvision.models, imported only when needed (a torchvision built for another torch fails at import), and a
+    check of an architecture's name, None for a ConvNet (a typo such as resnet81 is found before any image is decoded)."""
+    if name and re.fullmatch(r"convnet(_bn)?(\d*)", name):
+        return None
     try:
         import torchvision
     except Exception as e:  # ImportError, or operators registered for another torch (RuntimeError)
         raise HaldError(f"torchvision does not work with the installed torch {torch.__version__} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''}): pip install the torchvision release made for "
-                        f"this torch (pytorch.org/get-started/previous-versions)") from None
-    return torchvision.models
-
-
-def check_arch(name: str, flag: str = "model") -> None:
-    """An architecture build_model knows, else one line with the names nearest to it (a typo such as resnet81
-    is found before any image is decoded)."""
-    if re.fullmatch(r"convnet(_bn)?([1-9]\d*)?", name):
-        return
-    known = torchvision_models().list_models()
-    if name not in known:
-        near = difflib.get_close_matches(name, known, 3)
+                        f"{str(e)[:120]}): pip install the torchvision release made for it (pytorch.org/get-started/previous-versions)") from None
+    if name and name not in torchvision.models.list_models():
+        near = difflib.get_close_matches(name, torchvision.models.list_models(), 3)
         raise HaldError(f"unknown architecture {name!r} for {flag}: " + (f"did you mean {' or '.join(near)}? " if near else "")
                         + "use convnet, convnet_bn, a width such as convnet_bn64, or a torchvision model name such as resnet18")
+    return torchvision.models
 
 
 def build_model(name: str, num_classes: int, image_size: int, weights=None, cifar_stem: bool | None = None) -> nn.Module:
@@ -749,9 +743,9 @@ def build_model(name: str, num_classes: int, image_size: int, weights=None, cifa
     m = re.fullmatch(r"convnet(_bn)?(\d*)", name)
     if m:
         return convnet(num_classes, image_size, width=int(m[2] or 128), norm="batch" if m[1] else "instance")
-    check_arch(name)
+    models = torchvision_models(name)
     try:
-        model = torchvision_models().get_model(name, **({"weights": weights} if weights else {"num_classes": num_classes}))
+        model = models.get_model(name, **({"weights": weights} if weights else {"num_classes": num_classes}))
     except Exception as e:  # pretrained weights that cannot be downloaded
         raise HaldError(f"cannot load {name} with weights {weights} ({e}): put the weights in TORCH_HOME or pass a checkpoint") from None
     if name.startswith(("resnet", "resnext", "wide_resnet")) and (image_size <= 64 and not weights if cifar_stem is None else cifar_stem):
@@ -826,7 +820,8 @@ def torchvision_weights(spec: str):
 def load_teacher(spec: str, classes: list[str], image_size: int, log=print, arch: str = "") -> tuple[nn.Module, str, list[str] | None]:
     """A model file (read_weights: a hald.py checkpoint, or another project's weights of architecture `arch`) or a
     torchvision ImageNet model (name[:weights]). Returns the model, its identity (recorded in the cache
-    fingerprint: the file's sha256, with arch for another project's file) and its class names (None: not known)."""
+    fingerprint: the file's sha256, with arch for another project's file) and its class names (None: not known).
+    Its classes are paired with the data's by position."""
     if Path(spec).is_file():
         weights = read_weights(spec, arch, "teacher")
         if weights["classes"]:
@@ -836,22 +831,18 @@ def load_teacher(spec: str, classes: list[str], image_size: int, log=print, arch
                             f"pass --image-size {weights['image_size']}")
         return model_from_weights(weights, len(classes), image_size, f"teacher {spec}"), weights["identity"], weights["classes"]
     name, weights = torchvision_weights(spec)
-    teacher = build_model(name, len(classes), image_size, weights=weights).eval()
-    with torch.no_grad():
-        n_out = teacher(torch.zeros(1, 3, image_size, image_size)).shape[1]
-    if n_out != len(classes):
-        raise HaldError(f"teacher {spec} predicts {n_out} classes but the data has {len(classes)}: "
-                        f"use a teacher trained on these classes (hald.py --schedule hard --save-model)")
-    return teacher, f"torchvision:{name}:{weights.name}", None
+    names = weights.meta.get("categories")  # ImageNet's in class-index order: the sorted order of its WordNet-id folders
+    if names:  # before the weights are downloaded
+        pair_classes(classes, names, f"teacher {spec}", log)
+    return build_model(name, len(classes), image_size, weights=weights).eval(), f"torchvision:{name}:{weights.name}", names
 
 
 @torch.no_grad()
 def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, min_val: int = 5000, rank: int = 0, world: int = 1) -> dict:
-    """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%)
-    with the folder labels of the distilled images, and its top-1 and top-5 (%) on the validation set
-    (all of it, or every k-th image, at least min_val, when larger). A class order of --data or --val that
-    does not match the teacher's drops the figure concerned to about 100 / C. Under torchrun the validation
-    images are shared out over the ranks."""
+    """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%) with the
+    folder labels of the distilled images, and its top-1 and top-5 (%) on the validation set (all of it, or every k-th
+    image, at least min_val, when larger). A class order of --data or --val that does not match the teacher's drops the
+    figure concerned to about 100 / C. Under torchrun the validation images are shared out over the ranks."""
     teacher.eval()
     agree = torch.zeros((), dtype=torch.long, device=labels.device)
     for s in range(0, len(images_u8), 256):
@@ -1148,12 +1139,13 @@ def replace_earlier_demo(out: Path, log=print) -> None:
 def check_run(cfg: Config, schedule, world: int) -> None:
     """Checks of the settings that need the schedule but no image."""
     soft = any(phase != "hard" for phase, _ in schedule)
-    check_arch(cfg.model, "--model")  # a typo is found now, not after the relabel
-    if cfg.teacher_arch:
-        check_arch(cfg.teacher_arch, "--teacher-arch")
+    for name, flag in ((cfg.model, "--model"), (cfg.teacher_arch, "--teacher-arch")):  # a typo found now, not after the relabel
+        if name:
+            torchvision_models(name, flag)
     if soft and not cfg.teacher:
         raise HaldError(f"--teacher is missing: the schedule {cfg.schedule} has soft phases, whose labels a teacher gives "
-                        f"(a hald.py checkpoint or a torchvision name such as resnet18); --schedule hard needs none")
+                        f"(a hald.py checkpoint, another project's weights with --teacher-arch, or a torchvision name such as "
+                        f"resnet18); --schedule hard needs none")
     if soft and not Path(cfg.teacher).is_file():  # a missing checkpoint or an unknown name, before any image is decoded
         torchvision_weights(cfg.teacher)
         if cfg.teacher_arch:
@@ -1319,7 +1311,7 @@ def train_all(cfg: Config, log=print) -> list[dict]:
         save_atomic(json.dumps({"schedules": schedules, "summaries": [str(Path(r.out) / "summary.json") for r in runs],
                                 "table": table}, indent=2), out / "comparison.json")
         histories = [[json.loads(line) for line in (Path(r.out) / "metrics.jsonl").read_text().splitlines()] for r in runs]
-        plot_comparison(schedules, histories, out / "comparison.png", table.splitlines()[0].rstrip(":"), log)
+        plot_curves(dict(zip(schedules, histories)), out / "comparison.png", table.splitlines()[0].rstrip(":"), log)
         log(table)
     return summaries
 
@@ -1359,7 +1351,7 @@ def write_results(cfg, schedule, history, model, teacher, images_u8, labels, cla
     save_atomic(json.dumps(summary, indent=2), out / "summary.json")
     phases = " / ".join(f"{phase} {n}" for phase, n in schedule)
     budget = f" | SLC {cfg.slc} ({cfg.slc // cfg.ipc} per image)" if cache else ""
-    plot_curves(history, out / "curves.png", f"{cfg.schedule}: {phases}{budget} | final top-1 {top1:.2f} %", log)
+    plot_curves({cfg.schedule: history}, out / "curves.png", f"{cfg.schedule}: {phases}{budget} | final top-1 {top1:.2f} %", log)
     log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | "
         f"soft labels {cache_bytes:,} bytes | {summary['seconds']:.0f}s | outputs in {out}/")
     return summary
@@ -1391,8 +1383,11 @@ def restore_state(path, run_id: str, model, opt, gens: dict):
     return state["epoch"], state["pool"].tolist(), json.loads(state["history"])
 
 
-def pyplot(path: Path, log=print):
-    """matplotlib's pyplot, drawing to files, or None with a note: the pictures are optional."""
+def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "", log=print) -> None:
+    """Validation top-1 over the epochs, the epochs of every phase but soft shaded. One run (curves.png): in the
+    phase's colour, with a second panel for the training loss of each phase on its own axis (a soft KL near 0.05
+    and a hard cross-entropy near 2 do not share a scale). The schedules of a comparison (comparison.png): each in
+    its colour, its final top-1 in the legend. Needs matplotlib; without it, a note."""
     try:
         import matplotlib
 
@@ -1400,11 +1395,30 @@ def pyplot(path: Path, log=print):
         import matplotlib.pyplot as plt
     except ImportError:
         log(f"note: pip install matplotlib to get {path.name}")
-        return None
-    return plt
-
-
-def save_figure(plt, fig, path: Path) -> None:
+        return
+    colours, one = {"soft": "tab:blue", "hard": "tab:orange", "hybrid": "tab:purple"}, len(runs) == 1
+    fig, axes = plt.subplots(2 if one else 1, 1, figsize=(7, 5 if one else 4), sharex=True, squeeze=False)
+    top, bottom = axes[0, 0], axes[-1, 0]
+    for i, (name, history) in enumerate(runs.items()):
+        for ax in {top, bottom}:
+            for row in (row for row in history if row["phase"] != "soft"):
+                ax.axvspan(row["epoch"] - 1, row["epoch"], color=colours[row["phase"]] if one else f"C{i}", alpha=0.12, lw=0)
+        evals = [r for r in history if "top1" in r]
+        top.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green" if one else f"C{i}", ms=3,
+                 label=f"{name}: {evals[-1]['top1']:.2f} %")
+    top.set(ylabel="validation top-1 (%)", title=title)
+    if not one:
+        top.legend(title="final top-1")
+        top.set_xlabel("epoch (shaded: a schedule's hard phase, in its colour)")
+    else:
+        phases = list(dict.fromkeys(r["phase"] for r in history))
+        other = bottom.twinx() if "soft" in phases and len(phases) > 1 else bottom  # soft on the left, the rest on the right
+        for phase in phases:
+            ax = bottom if phase == "soft" else other
+            rows = [r for r in history if r["phase"] == phase]
+            ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase])
+            ax.set_ylabel(f"{'soft (KL)' if phase == 'soft' else ' / '.join(p for p in phases if p != 'soft')} loss", color=colours[phase])
+        bottom.set_xlabel("epoch (shaded: orange hard, purple hybrid; white soft)")
     fig.tight_layout()
     tmp = path.with_name("." + path.name)
     fig.savefig(tmp, dpi=100, format="png")
@@ -1412,64 +1426,13 @@ def save_figure(plt, fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def shade_phases(ax, history: list[dict], colour: str = "") -> None:
-    """The epochs of every phase but soft shaded, in the phase's colour (PHASE_COLOURS) or in `colour`."""
-    for row in history:
-        if row["phase"] != "soft":
-            ax.axvspan(row["epoch"] - 1, row["epoch"], color=colour or PHASE_COLOURS[row["phase"]], alpha=0.12, lw=0)
-
-
-PHASE_COLOURS = {"soft": "tab:blue", "hard": "tab:orange", "hybrid": "tab:purple"}
-
-
-def plot_curves(history: list[dict], path: Path, title: str = "", log=print) -> None:
-    """Two panels over the epochs, phases shaded: validation top-1, and the training loss of each phase on
-    its own axis (a soft KL near 0.05 and a hard cross-entropy near 2 do not share a scale). Needs matplotlib."""
-    plt = pyplot(path, log)
-    if plt is None:
-        return
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    shade_phases(top, history)
-    shade_phases(bottom, history)
-    evals = [r for r in history if "top1" in r]
-    top.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green", ms=3)
-    top.set(ylabel="validation top-1 (%)", title=title)
-    phases = list(dict.fromkeys(r["phase"] for r in history))
-    other = bottom.twinx() if "soft" in phases and len(phases) > 1 else bottom  # soft on the left, the rest on the right
-    for phase in phases:
-        ax = bottom if phase == "soft" else other
-        rows = [r for r in history if r["phase"] == phase]
-        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=PHASE_COLOURS[phase])
-        ax.set_ylabel(f"{'soft (KL)' if phase == 'soft' else ' / '.join(p for p in phases if p != 'soft')} loss", color=PHASE_COLOURS[phase])
-    bottom.set_xlabel("epoch (shaded: orange hard, purple hybrid; white soft)")
-    save_figure(plt, fig, path)
-
-
-def plot_comparison(schedules: list[str], histories: list[list[dict]], path: Path, title: str = "", log=print) -> None:
-    """The schedules of a comparison on one picture: validation top-1 over the epochs, each schedule's hard (and
-    hybrid) epochs shaded in its colour, its final top-1 in the legend. Needs matplotlib."""
-    plt = pyplot(path, log)
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (spec, history) in enumerate(zip(schedules, histories)):
-        shade_phases(ax, history, f"C{i}")
-        evals = [r for r in history if "top1" in r]
-        ax.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color=f"C{i}", ms=3, label=f"{spec}: {evals[-1]['top1']:.2f} %")
-    ax.set(xlabel="epoch (shaded: a schedule's hard phase, in its colour)", ylabel="validation top-1 (%)", title=title)
-    ax.legend(title="final top-1")
-    save_figure(plt, fig, path)
-
-
 def code_version() -> dict:
     """hald.py's sha256, and the git commit when the file lies in a git checkout: a result names its code."""
-    version = {"hald_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
-        version.update({"git_commit": git.stdout.strip()} if git.returncode == 0 else {})
+    try:  # outside a checkout git says so on stderr: no commit
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):  # no git
-        pass
-    return version
+        git = ""
+    return {"hald_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **({"git_commit": git} if git else {})}
 
 
 def evaluate_file(cfg: Config, log=print) -> dict:
@@ -1479,7 +1442,7 @@ def evaluate_file(cfg: Config, log=print) -> dict:
     if not cfg.val:
         raise HaldError("--evaluate needs --val: the real validation images as an ImageFolder")
     if cfg.teacher_arch:
-        check_arch(cfg.teacher_arch, "--teacher-arch")
+        torchvision_models(cfg.teacher_arch, "--teacher-arch")
     device, weights = pick_device(cfg.device), read_weights(cfg.evaluate, cfg.teacher_arch)
     classes = list_image_folder(cfg.val, log=lambda *_: None)[1]
     if weights["classes"]:  # a hald.py checkpoint: its classes paired with --val's by position
@@ -1487,8 +1450,8 @@ def evaluate_file(cfg: Config, log=print) -> dict:
     with tempfile.TemporaryDirectory() as spill:
         val = load_val(cfg.val, classes, cfg.image_size or weights["image_size"] or 0, device, cfg.val_storage, spill, log)
         size = val["images"].shape[-1]
-        model = model_from_weights(weights, len(classes), size, f"model {cfg.evaluate}").to(device)
-        model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # as trained and evaluated
+        layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # as the student was evaluated
+        model = model_from_weights(weights, len(classes), size, f"model {cfg.evaluate}").to(device, memory_format=layout)
         top1, top5 = evaluate(model, val, device)
     result = {"model": cfg.evaluate, "identity": weights["identity"], "arch": weights["arch"], "image_size": size,
               "val": cfg.val, "val_images": len(val["labels"]), "top1": top1, "top5": top5}
@@ -1512,9 +1475,9 @@ def main(argv=None) -> int:
         if speaks:
             print(f"hald: error: {e}", file=sys.stderr)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the checkpoint of the last finished epoch stays
-        code = 130
-        again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1
-                 else shlex.join(["python", sys.argv[0], *argv] + ["--resume"] * (not cfg.resume)))
+        code, python = 130, os.path.relpath(sys.executable)  # .venv/bin/python, or the name of one on the PATH
+        again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else shlex.join(
+            [python if not python.startswith("..") else Path(sys.executable).name, sys.argv[0], *argv] + ["--resume"] * (not cfg.resume)))
         if speaks:
             print("hald: interrupted" + ("" if cfg.evaluate else f"; to continue from the last finished epoch: {again}"), file=sys.stderr)
     finally:  # also after --debug or an unexpected exception

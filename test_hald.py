@@ -748,9 +748,10 @@ def test_ctrl_c_says_how_to_resume_in_one_line(tiny, tmp_path):
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith("hald: interrupted; to continue from the last finished epoch: python ")
+    assert err.startswith("hald: interrupted; to continue from the last finished epoch: ")
     command = shlex.split(err.split("epoch: ", 1)[1])
-    assert command == ["python", str(HERE / "hald.py"), *args, "--resume"]
+    python = os.path.relpath(sys.executable)  # the Python that ran it (.venv/bin/python), else its name
+    assert command == [python if not python.startswith("..") else Path(sys.executable).name, str(HERE / "hald.py"), *args, "--resume"]
     done = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"]
     assert 3 <= done < 200 and not (tmp_path / "run" / "summary.json").exists()
     resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env)
@@ -874,11 +875,11 @@ def test_comparison_picture_or_a_note(tmp_path, monkeypatch):
     histories = [[{"epoch": e, "phase": p, "loss": 1.0, "top1": 10.0 * e} for e, p in enumerate(("soft", "hard", "soft"), 1)],
                  [{"epoch": e, "phase": "soft", "loss": 1.0, "top1": 9.0 * e} for e in (1, 2, 3)]]
     said = []
-    hald.plot_comparison(["shs", "soft"], histories, tmp_path / "comparison.png", "two schedules", said.append)
+    hald.plot_curves(dict(zip(["shs", "soft"], histories)), tmp_path / "comparison.png", "two schedules", said.append)
     if matplotlib_installed():
         assert said == [] and (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    hald.plot_comparison(["shs", "soft"], histories, tmp_path / "other.png", "", said.append)
+    hald.plot_curves({"shs": histories[0]}, tmp_path / "other.png", "", said.append)
     assert said[-1] == "note: pip install matplotlib to get other.png" and not (tmp_path / "other.png").exists()
 
 
@@ -920,25 +921,34 @@ def test_full_training_set_and_dataset_root_are_pointed_out(tiny, tmp_path, caps
     assert f"{tmp_path / 'root' / 'train'} holds folders, not images" in capsys.readouterr().err
 
 
-def test_torchvision_teacher_with_another_class_count_is_refused(tiny, tmp_path, capsys, monkeypatch):
-    """A torchvision name loads ImageNet weights (1,000 outputs); here a stand-in with 7 outputs,
-    since weights cannot be downloaded in tests."""
-    real = hald.build_model
-    monkeypatch.setattr(hald, "build_model", lambda name, n, size, weights=None: real("convnet8", 7 if weights else n, size))
-    assert hald.main(tiny_args(tiny, tmp_path, "--teacher", "resnet18")) == 2
-    assert "predicts 7 classes but the data has 4" in capsys.readouterr().err
+def test_torchvision_teacher_with_another_class_count_is_refused(tiny, tmp_path, capsys):
+    """A torchvision name means ImageNet weights, whose 1,000 class names torchvision lists: refused against 4
+    classes before any weights are downloaded (none can be in tests)."""
+    assert hald.main(tiny_args(tiny, tmp_path / "out", "--teacher", "resnet18")) == 2
+    assert "teacher resnet18 has 1000 classes but --data has 4" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_torchvision_teacher_is_checked_and_its_weights_recorded(tiny, tmp_path, capsys, monkeypatch):
-    """A stand-in for ImageNet weights with the data's class count: untrained, so the teacher check refuses it
-    (the one check of class order a torchvision teacher gets); without the check it trains and the cache
-    records the weights tag."""
+    """A stand-in for ImageNet weights with the data's class count that always says class 0: the teacher check
+    refuses it (the one check of class order a torchvision teacher gets); without the check it trains, its class
+    names paired by position, and the cache records the weights tag."""
     real = hald.build_model
-    monkeypatch.setattr(hald, "build_model", lambda name, n, size, weights=None: real("convnet8", n, size))
+
+    def always_class_0(name, n, size, weights=None):
+        model = real("convnet8", n, size)
+        with torch.no_grad():
+            model[-1].bias.copy_(torch.tensor([100.0] + [0.0] * (n - 1)))
+        return model
+
+    monkeypatch.setattr(hald, "build_model", always_class_0)
+    weights = hald.torchvision_weights("resnet50:IMAGENET1K_V2")[1]
+    monkeypatch.setitem(weights.meta, "categories", ["tench", "goldfish", "great white shark", "tiger shark"])
     assert hald.main(tiny_args(tiny, tmp_path, "--teacher", "resnet50:IMAGENET1K_V2")) == 2
     assert "does not match the teacher's" in capsys.readouterr().err
     assert hald.main(tiny_args(tiny, tmp_path, "--teacher", "resnet50:IMAGENET1K_V2", "--no-check-teacher")) == 0
-    assert torch.load(tmp_path / "soft_labels.pt", weights_only=True)["header"]["teacher"] == "torchvision:resnet50:IMAGENET1K_V2"
+    assert "paired with teacher resnet50:IMAGENET1K_V2 by sorted position: class0 -> tench" in capsys.readouterr().out
+    header = torch.load(tmp_path / "soft_labels.pt", weights_only=True)["header"]
+    assert header["teacher"] == "torchvision:resnet50:IMAGENET1K_V2" and header["teacher_classes"][0] == "tench"
 
 
 # ------------------------------------------------------------------------ speed knobs
