@@ -76,8 +76,8 @@ HALD = HERE / "hald.py"
 DISTILL = HERE / "tools" / "distill.py"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 UNPACKED_MARKER = ".paper_tiny_unpacked.json"
-# The paper's Tiny-ImageNet figures (ResNet-18, IPC 10, FADRM images; from a secondary summary, unverified:
-# /work/shared/docs/method.md), keyed by (crops per image, schedule). Ours are recover images, not FADRM's.
+# The paper's Tiny-ImageNet figures (ResNet-18, IPC 10, FADRM images; from a secondary summary, unverified),
+# keyed by (crops per image, schedule). Ours are recover images, not FADRM's.
 PAPER = {(1, "soft"): 10.1, (1, "shs"): 18.6, (2, "soft"): 17.4, (2, "shs"): 22.8}
 CROPS_PER_IMAGE = (1, 2)
 SCHEDULES = (("soft", "soft-only"), ("shs", "HALD"))
