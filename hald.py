@@ -88,16 +88,14 @@ class Config:
                    "(new000 -> n01440764, ...); required with --data")
     ipc: int = arg(10, "images per class used from --data (the first IPC files of each class, sorted)")
     image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image")
-    val_storage: str = arg("auto", "where the validation set is kept, decoded once as uint8: auto (the GPU if it fits, else host "
-                           "memory within half of what is available, else a memory-mapped file in --out), or one of these",
-                           ("auto", "device", "memory", "file"))
+    val_storage: str = arg("auto", "where the validation set is kept as uint8: auto (the GPU if it fits, else host memory within "
+                           "half of what is free, else a memory-mapped file in --out)", ("auto", "device", "memory", "file"))
     # soft labels
-    teacher: str = arg("", "hald.py checkpoint, weights saved by another project (with --teacher-arch), or a torchvision "
-                       "ImageNet model as name[:weights] (resnet18, resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); "
-                       "required with --data for soft phases")
-    teacher_arch: str = arg("", "architecture of a --teacher (or --evaluate) file that is not a hald.py checkpoint: a state_dict, "
-                            f"alone or under {', '.join(WEIGHT_KEYS)}, module. and _orig_mod. prefixes removed; convnet_bn, "
-                            "convnet_bn64, resnet18, ... (a ResNet gets the stem its weights have: 3x3 conv1 CIFAR, 7x7 ImageNet)")
+    teacher: str = arg("", "hald.py checkpoint, weights with --teacher-arch, or a torchvision ImageNet model name[:weights] "
+                       "(resnet18, resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); soft phases need one with --data")
+    teacher_arch: str = arg("", "architecture of a --teacher or --evaluate file not written by hald.py (a state_dict, alone or "
+                            f"under {', '.join(WEIGHT_KEYS)}; module. and _orig_mod. prefixes dropped): convnet_bn, "
+                            "convnet_bn64, resnet18, ... (a ResNet gets the stem of its weights: 3x3 conv1 CIFAR, 7x7 ImageNet)")
     check_teacher: bool = arg(True, "before training, measure the teacher's agreement with --data's folder labels and its "
                               "accuracy on --val, and stop when either is near chance (a class order that does not match)")
     teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics, authors' default) or eval", ("train", "eval"))
@@ -114,15 +112,12 @@ class Config:
     model: str = arg("convnet_bn", "student: convnet_bn (ConvNet-3, BatchNorm), convnet (instance norm), a width such as convnet_bn64, "
                      "resnet18 (CIFAR stem <= 64 px) or a torchvision name")
     schedule: str = arg("shs", "shs (HALD), soft, hard, hs, sh, hsh, alt-hard-n, alt-hard-2n, alt-soft-n, alt-soft-2n, hybrid, or "
-                        "phase:epochs,...; several separated by spaces ('shs soft') train from one soft-label cache, each "
-                        "into OUT/<schedule>/, and end with a comparison (the demo's: 'shs soft' at --slc 10)")
+                        "phase:epochs,...; several ('shs soft') train from one cache into OUT/<schedule>/, then a comparison")
     epochs: int = arg(300, "training epochs in all")
-    soft_epochs: int = arg(-1, "soft epochs of the presets (HALD: half before, half after the hard phase); -1 = auto: 4/5 of "
-                           "the epochs (240 of 300) for the BatchNorm ConvNet-3 students (convnet_bn...), the authors' half "
-                           "(150) for every other student: each measured better for its students (README)")
-    label_smoothing: float = arg(-1.0, "label smoothing of hard targets (timm convention: off-value smoothing/C); "
-                                 "-1 = auto: 0.1 up to 200 classes (measured better than the authors' 0.8 at 10 and 200, "
-                                 "README), the authors' 0.8 above")
+    soft_epochs: int = arg(-1, "soft epochs of the presets (HALD: half before, half after the hard phase); -1 = auto: 4/5 "
+                           "for the BatchNorm ConvNet-3s (convnet_bn...), the authors' half for the others (README)")
+    label_smoothing: float = arg(-1.0, "label smoothing of hard targets (timm: off-value smoothing/C); -1 = auto: 0.1 up to 200 "
+                                 "classes (measured better than the authors' 0.8 at 10 and 200, README), the authors' 0.8 above")
     hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
     hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
@@ -143,8 +138,8 @@ class Config:
     overwrite: bool = arg(False, "replace the results of a finished or unfinished run in --out (refused otherwise)")
     save_model: str = arg("", "write the trained student here (usable as --teacher)")
     resume: bool = arg(False, "continue from OUT/checkpoint.pt (written after every epoch) with the same settings")
-    evaluate: str = arg("", "no training: the top-1 and top-5 on --val of this model (a --save-model file, or weights with "
-                        "--teacher-arch), printed, and written to OUT/evaluation.json when --out is given")
+    evaluate: str = arg("", "no training: top-1 and top-5 on --val of this model (a --save-model file, or weights with "
+                        "--teacher-arch); written to OUT/evaluation.json when --out is given")
     debug: bool = arg(False, "show tracebacks instead of one-line errors")
 
 
@@ -761,9 +756,8 @@ def save_checkpoint(model: nn.Module, arch: str, classes: list[str], image_size:
 
 
 def read_weights(path, arch: str = "", what: str = "model") -> dict:
-    """A model file, tensors only: a hald.py checkpoint (architecture, class names, input size, weights), or the
-    weights of another project's model with their architecture given: a state_dict alone or under one of
-    WEIGHT_KEYS, without the prefixes of DataParallel (module.) and torch.compile (_orig_mod.). Adds its identity."""
+    """A model file, tensors only, with its identity: a hald.py checkpoint, or another project's state_dict (alone or under
+    one of WEIGHT_KEYS, without DataParallel's module. and torch.compile's _orig_mod. prefixes) of architecture `arch`."""
     blob, identity = load_trusted(path, what), "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
         if arch not in ("", blob["arch"]):
@@ -818,10 +812,8 @@ def torchvision_weights(spec: str):
 
 
 def load_teacher(spec: str, classes: list[str], image_size: int, log=print, arch: str = "") -> tuple[nn.Module, str, list[str] | None]:
-    """A model file (read_weights: a hald.py checkpoint, or another project's weights of architecture `arch`) or a
-    torchvision ImageNet model (name[:weights]). Returns the model, its identity (recorded in the cache
-    fingerprint: the file's sha256, with arch for another project's file) and its class names (None: not known).
-    Its classes are paired with the data's by position."""
+    """A model file (read_weights) or a torchvision ImageNet model (name[:weights]), its classes paired with the data's.
+    Returns the model, its identity (for the cache fingerprint) and its class names (None: not known)."""
     if Path(spec).is_file():
         weights = read_weights(spec, arch, "teacher")
         if weights["classes"]:
@@ -840,9 +832,8 @@ def load_teacher(spec: str, classes: list[str], image_size: int, log=print, arch
 @torch.no_grad()
 def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, min_val: int = 5000, rank: int = 0, world: int = 1) -> dict:
     """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%) with the
-    folder labels of the distilled images, and its top-1 and top-5 (%) on the validation set (all of it, or every k-th
-    image, at least min_val, when larger). A class order of --data or --val that does not match the teacher's drops the
-    figure concerned to about 100 / C. Under torchrun the validation images are shared out over the ranks."""
+    folder labels of the distilled images, and its top-1 and top-5 (%) on --val (every k-th image, at least min_val).
+    A class order of --data or --val that does not match the teacher's drops the figure concerned to about 100 / C."""
     teacher.eval()
     agree = torch.zeros((), dtype=torch.long, device=labels.device)
     for s in range(0, len(images_u8), 256):
@@ -1069,8 +1060,7 @@ class GraphedForward:
 
 
 def speed_up(model: nn.Module, compile: bool, cuda_graph: bool):
-    """The callable that training runs: torch.compile (with its own CUDA graphs when both are
-    asked), our CUDA graphs alone, or the model as it is."""
+    """What training calls: torch.compile (with inductor's CUDA graphs when both are asked), our CUDA graphs, or the model."""
     if compile:
         return torch.compile(model, mode="reduce-overhead" if cuda_graph else None)
     return GraphedForward(model) if cuda_graph else model
