@@ -25,6 +25,7 @@ diagnostics -> train/eval -> main.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -273,23 +274,17 @@ def pair_classes(classes: list[str], other: list[str], what: str, log=print, our
         log(f"note: classes of {ours} paired with {what} by sorted position: {pairs}, ...")
 
 
-def host_memory_budget() -> int:
-    """Bytes of host memory a decoded validation set may take: half of what the machine has available
-    (shared by the processes of this machine under torchrun)."""
+def val_storage_for(nbytes: int, device: torch.device) -> str:
+    """Where a decoded validation set of nbytes goes: the GPU when it takes under half its free memory, else host
+    memory within half of what is available (shared by this machine's processes under torchrun), else a mapped file."""
+    if device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+        return "device"
     try:
         meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         available = int(meminfo["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):  # not Linux
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 if hasattr(os, "sysconf") else 2 * 1024**3
-    return available // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def val_storage_for(nbytes: int, device: torch.device) -> str:
-    """Where a decoded validation set of nbytes goes: the GPU when it takes under half its free memory,
-    else host memory within host_memory_budget(), else a uint8 file (memory-mapped)."""
-    if device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] // 2:
-        return "device"
-    return "memory" if nbytes <= host_memory_budget() else "file"
+    return "memory" if nbytes <= available // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) else "file"
 
 
 def decode_into(out: torch.Tensor, paths, size: int, center_crop: bool, chunk: int = 1024) -> torch.Tensor:
@@ -320,25 +315,14 @@ def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), st
         key = hashlib.sha256(json.dumps([size, center_crop] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]).encode())
         path = Path(spill_dir or ".") / f"val-{key.hexdigest()[:16]}.u8"
         if not (path.exists() and path.stat().st_size == nbytes):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
+            with atomic_path(path) as tmp:  # a complete file or none
                 decode_into(torch.from_file(str(tmp), shared=True, size=nbytes, dtype=torch.uint8).view(shape), paths, size, center_crop)
-                os.replace(tmp, path)  # a complete file or none
-            finally:
-                tmp.unlink(missing_ok=True)
         images = torch.from_file(str(path), shared=False, size=nbytes, dtype=torch.uint8).view(shape)  # copy-on-write map
     else:
         images = decode_into(torch.empty(shape, dtype=torch.uint8, device=device if storage == "device" else "cpu"), paths, size, center_crop)
     log(f"validation: {len(paths):,} images of {root} decoded to {size} px uint8 in {time.time() - t0:.1f}s, "
         f"kept {'on the device' if storage == 'device' else 'in host memory' if storage == 'memory' else f'in {path}'} ({nbytes / 1e9:.2f} GB)")
     return {"images": images, "labels": labels, "classes": val_classes, "storage": storage}
-
-
-def val_batches(val: dict, batch_size: int, rank: int = 0, world: int = 1):
-    """(uint8 images, labels) batches; under torchrun rank r takes batches r, r + world, ..."""
-    for start in range(rank * batch_size, len(val["labels"]), world * batch_size):
-        yield val["images"][start:start + batch_size], val["labels"][start:start + batch_size]
 
 
 @functools.lru_cache(maxsize=None)
@@ -593,21 +577,28 @@ class SoftLabelCache:
         return cls(stored, tensors)
 
 
-def save_atomic(obj, path) -> None:
-    """Write to a temporary file next to `path`, then rename: a crash leaves the old file or the new one."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary file next to `path`, renamed to it at the end: a crash leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if isinstance(obj, str):
-            tmp.write_text(obj)
-        else:  # through a buffer: the archive inside is then named "archive", not after the temporary file
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            tmp.write_bytes(buffer.getvalue())
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path) -> None:
+    """Text, or tensors through a buffer (the archive inside is then named "archive", not after the temporary file)."""
+    with atomic_path(path) as tmp:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        else:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            tmp.write_bytes(buffer.getvalue())
 
 
 def load_trusted(path, what: str):
@@ -930,8 +921,9 @@ def evaluate(model: nn.Module, val: dict, device: torch.device, batch_size: int 
         for b in model.buffers():
             torch.distributed.broadcast(b, 0)
     correct = torch.zeros(2, dtype=torch.long, device=device)
-    for x, y in val_batches(val, batch_size, rank, world):
-        x, y = normalize(x.to(device, non_blocking=True)), y.to(device)
+    for s in range(rank * batch_size, len(val["labels"]), world * batch_size):  # rank r: batches r, r + world, ...
+        x = normalize(val["images"][s:s + batch_size].to(device, non_blocking=True))
+        y = val["labels"][s:s + batch_size].to(device)
         with autocast(device):
             logits = model(model_layout(x))
         top = logits.topk(min(5, logits.shape[1]), 1).indices
@@ -952,13 +944,6 @@ def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.G
             pool.extend(torch.randperm(num_stored, generator=gen).tolist())
         drawn.append(pool.pop())
     return drawn
-
-
-def fresh_crops(images_u8, index, boxes, flips, cut, size: int):
-    """Hard-phase batch: new crops + flips of the images, CutMix with the batch in reverse
-    order (timm's partner). Returns crops (B, 3, S, S) and the partner (None without CutMix)."""
-    reverse = None if cut is None else torch.arange(len(index) - 1, -1, -1, device=images_u8.device)
-    return replay(images_u8, index, boxes, flips, reverse, cut, size), reverse
 
 
 def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: Config, size: int, num_classes: int,
@@ -991,9 +976,10 @@ def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: C
             index = order[k * B:(k + 1) * B]
         else:
             x_soft, probs, index, partner, cut = cache.batch(chosen[k], images_u8)
-        if fresh:
-            cut = cuts[k]
-            x_hard, partner = fresh_crops(images_u8, index, boxes[k * B:k * B + len(index)], flips[k * B:k * B + len(index)], cut, size)
+        if fresh:  # new crops + flips of the images, CutMix with the batch in reverse order (timm's partner)
+            cut, rows = cuts[k], slice(k * B, k * B + len(index))
+            partner = None if cut is None else torch.arange(len(index) - 1, -1, -1, device=device)
+            x_hard = replay(images_u8, index, boxes[rows], flips[rows], partner, cut, size)
         if phase != "soft":  # hybrid on stored crops keeps the stored partner and box
             lam = cutmix_lambda(cut, size, size) if cut is not None else 1.0
             targets = mixed_targets(labels[index], num_classes, cfg.label_smoothing, partner, lam)
@@ -1410,10 +1396,9 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "", log=pr
             ax.set_ylabel(f"{'soft (KL)' if phase == 'soft' else ' / '.join(p for p in phases if p != 'soft')} loss", color=colours[phase])
         bottom.set_xlabel("epoch (shaded: orange hard, purple hybrid; white soft)")
     fig.tight_layout()
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def code_version() -> dict:
