@@ -846,16 +846,6 @@ def chance_floor(num_classes: int) -> float:
     return min(max(2 * chance, chance + 0.25), (chance + 100) / 2)
 
 
-def refuse_mismatched_order(check: dict, num_classes: int) -> None:
-    floor = chance_floor(num_classes)
-    bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < floor]
-    if bad:
-        raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (teacher agreement with --data "
-                        f"{check['teacher_agreement']:.1f} %, top-1 on --val {check['teacher_top1']:.1f} %, chance {100 / num_classes:.1f} %): "
-                        f"classes are paired by sorted folder position, so name the folders to sort in the teacher's class order "
-                        f"(or pass --no-check-teacher to train anyway)")
-
-
 # ------------------------------------------------------------------------ diagnostics
 def crop_prob_spread(probs: torch.Tensor) -> torch.Tensor:
     """Trace of the covariance of k probability vectors per image. probs (N, k, C) -> (N,)."""
@@ -1058,19 +1048,13 @@ def make_generators(seed: int) -> dict[str, torch.Generator]:
     return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(("relabel", "pool", "hard", "drift"))}
 
 
-def auto_label_settings(num_classes: int) -> tuple[float, float, str]:
-    """-1 = auto for --label-smoothing and --temperature, by class count: (smoothing, T, why), see AUTO_*."""
-    if num_classes <= AUTO_MEASURED_CLASSES:
-        return AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, f"measured better at 10 and {AUTO_MEASURED_CLASSES} classes"
-    return (AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE,
-            f"the authors' values above {AUTO_MEASURED_CLASSES} classes, where hald.py has not measured")
-
-
 def resolve_settings(cfg: Config, num_classes: int) -> Config:
     """The -1 = auto values, resolved once (summary.json records the resolved config): label smoothing and T
-    by class count (auto_label_settings), the soft epochs by student (auto_soft_epochs)."""
-    smoothing, temperature, _ = auto_label_settings(num_classes)
-    auto = {"label_smoothing": smoothing, "temperature": temperature, "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model)}
+    by class count (AUTO_*: the authors' above the largest count measured), the soft epochs by student."""
+    measured = num_classes <= AUTO_MEASURED_CLASSES
+    auto = {"label_smoothing": AUTO_LABEL_SMOOTHING if measured else AUTHORS_LABEL_SMOOTHING,
+            "temperature": AUTO_TEMPERATURE if measured else AUTHORS_TEMPERATURE,
+            "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model)}
     return dataclasses.replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
 
 
@@ -1146,7 +1130,13 @@ def soft_labels(cfg: Config, teacher, images_u8, labels, classes, val, device, g
         log(f"teacher check: agrees with the folder labels of --data on {check['teacher_agreement']:.1f} % of the "
             f"{len(images_u8)} images; top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on "
             f"{check['teacher_check_val_images']:,} of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")
-        refuse_mismatched_order(check, len(classes))
+        floor = chance_floor(len(classes))
+        bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < floor]
+        if bad:
+            raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (agreement with --data "
+                            f"{check['teacher_agreement']:.1f} %, top-1 on --val {check['teacher_top1']:.1f} %, chance "
+                            f"{100 / len(classes):.1f} %): classes are paired by sorted folder position, so name the folders to "
+                            f"sort in the teacher's class order (or pass --no-check-teacher to train anyway)")
     header = dict(format=CACHE_FORMAT, classes=classes, num_images=len(images_u8), ipc=cfg.ipc, slc=cfg.slc,
                   passes=cfg.slc // cfg.ipc, image_size=size, batch_size=cfg.batch_size, temperature=cfg.temperature,
                   teacher=teacher_id, teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3],
@@ -1200,16 +1190,14 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
     model.train()
     started = time.time()
     for epoch in range(first, len(phases)):
-        phase = phases[epoch]
-        t0 = time.time()
+        phase, t0 = phases[epoch], time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
         loss = run_epoch(phase, net, opt, images_u8, labels, cache, pool, gens, cfg, size, C, log, rank, world).item()
         if not math.isfinite(loss):
             raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr")
-        last = epoch + 1 == len(phases)
         row = {"epoch": epoch + 1, "phase": phase, "loss": loss, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+        if epoch + 1 == len(phases) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):  # and always the last
             row["top1"], row["top5"] = evaluate(model, val, device, rank=rank, world=world)
         history.append(row)
         if rank == 0:
@@ -1249,9 +1237,11 @@ def train(cfg: Config, log=print, later: int = 0) -> dict:
                         f"({world}): change --batch-size or --nproc_per_node")
     soft = any(phase != "hard" for phase, _ in schedule)
     auto = given.label_smoothing == -1 or soft and given.temperature == -1
+    why = (f"measured better at 10 and {AUTO_MEASURED_CLASSES} classes" if C <= AUTO_MEASURED_CLASSES
+           else f"the authors' values above {AUTO_MEASURED_CLASSES} classes, where hald.py has not measured")
     log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes from {cfg.data} | "
         f"schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "") + f"label smoothing {cfg.label_smoothing:g}"
-        + (f", T {cfg.temperature:g}" if soft else "") + (f" (auto: {auto_label_settings(C)[2]})" if auto else ""))
+        + (f", T {cfg.temperature:g}" if soft else "") + (f" (auto: {why})" if auto else ""))
     teacher = load_teacher(cfg.teacher, classes, size, log, cfg.teacher_arch) if soft else None  # a misfit found early
     val = load_val(cfg.val, classes, size, device, cfg.val_storage, Path(cfg.out), log)
     images_u8, labels = images_u8.to(device), labels.to(device)
@@ -1260,11 +1250,32 @@ def train(cfg: Config, log=print, later: int = 0) -> dict:
         teacher, cache, cache_bytes, check = soft_labels(cfg, teacher, images_u8, labels, classes, val, device, gens, rank, world, log)
     model, net, opt = build_student(cfg, C, size, device, world, log)
     history, resumed = fit(cfg, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log, later)
-    if rank > 0:  # rank 0 writes the results
+    if rank > 0:  # rank 0 writes the results: drift diagnostics, the saved student, summary.json and curves.png
         return {}
-    start -= sum(row["seconds"] for row in history[:resumed])  # summary seconds: with the epochs of earlier starts
-    return write_results(cfg, schedule, history, model, teacher, images_u8, labels, classes, val, cache, cache_bytes, check,
-                         gens, device, start, log)
+    out, evals = Path(cfg.out), [row for row in history if "top1" in row]
+    top1, top5 = evals[-1]["top1"], evals[-1]["top5"]
+    best = max((row["top1"], row["epoch"]) for row in evals)
+    drift = {}
+    if cfg.drift_crops:
+        drift = drift_report(teacher, model, images_u8, labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"])
+        log("drift: " + ", ".join(f"{k} {v:.4g}" for k, v in drift.items()))
+    if cfg.save_model:
+        save_checkpoint(model, cfg.model, classes, size, cfg.save_model)
+    seconds = time.time() - start + sum(row["seconds"] for row in history[:resumed])  # with the epochs of earlier starts
+    summary = {"final_top1": top1, "final_top5": top5, "best_top1": best[0], "best_epoch": best[1],
+               "schedule": [list(p) for p in schedule], "soft_labels_per_class": cfg.slc if cache else 0,
+               "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
+               **check, "drift": drift, "seconds": seconds, "config": dataclasses.asdict(cfg),
+               "classes": {"data": classes, "val": val["classes"], "teacher": cache.header.get("teacher_classes") if cache else None},
+               "versions": {"python": platform.python_version(), "torch": torch.__version__, **code_version()},
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
+    save_atomic(json.dumps(summary, indent=2), out / "summary.json")
+    phases = " / ".join(f"{phase} {n}" for phase, n in schedule)
+    budget = f" | SLC {cfg.slc} ({cfg.slc // cfg.ipc} per image)" if cache else ""
+    plot_curves({cfg.schedule: history}, out / "curves.png", f"{cfg.schedule}: {phases}{budget} | final top-1 {top1:.2f} %", log)
+    log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | "
+        f"soft labels {cache_bytes:,} bytes | {seconds:.0f}s | outputs in {out}/")
+    return summary
 
 
 def train_all(cfg: Config, log=print) -> list[dict]:
@@ -1302,35 +1313,6 @@ def comparison(schedules: list[str], summaries: list[dict]) -> str:
         diff = f"{s['final_top1'] - first:+.2f}" if s is not summaries[0] else ""
         lines.append(f"  {spec:<24} {s['final_top1']:>8.2f} {diff:>10} {s['best_top1']:>8.2f} {s['soft_label_bytes']:>12,} {s['seconds'] / 60:>8.1f}")
     return "\n".join(lines)
-
-
-def write_results(cfg, schedule, history, model, teacher, images_u8, labels, classes, val, cache, cache_bytes, check,
-                  gens, device, start, log=print) -> dict:
-    """Drift diagnostics, the saved student, summary.json and curves.png."""
-    out, C, size = Path(cfg.out), len(classes), images_u8.shape[-1]
-    evals = [row for row in history if "top1" in row]
-    top1, top5 = evals[-1]["top1"], evals[-1]["top5"]
-    best = max((row["top1"], row["epoch"]) for row in evals)
-    drift = {}
-    if cfg.drift_crops:
-        drift = drift_report(teacher, model, images_u8, labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"])
-        log("drift: " + ", ".join(f"{k} {v:.4g}" for k, v in drift.items()))
-    if cfg.save_model:
-        save_checkpoint(model, cfg.model, classes, size, cfg.save_model)
-    summary = {"final_top1": top1, "final_top5": top5, "best_top1": best[0], "best_epoch": best[1],
-               "schedule": [list(p) for p in schedule], "soft_labels_per_class": cfg.slc if cache else 0,
-               "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
-               **check, "drift": drift, "seconds": time.time() - start, "config": dataclasses.asdict(cfg),
-               "classes": {"data": classes, "val": val["classes"], "teacher": cache.header.get("teacher_classes") if cache else None},
-               "versions": {"python": platform.python_version(), "torch": torch.__version__, **code_version()},
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
-    save_atomic(json.dumps(summary, indent=2), out / "summary.json")
-    phases = " / ".join(f"{phase} {n}" for phase, n in schedule)
-    budget = f" | SLC {cfg.slc} ({cfg.slc // cfg.ipc} per image)" if cache else ""
-    plot_curves({cfg.schedule: history}, out / "curves.png", f"{cfg.schedule}: {phases}{budget} | final top-1 {top1:.2f} %", log)
-    log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | "
-        f"soft labels {cache_bytes:,} bytes | {summary['seconds']:.0f}s | outputs in {out}/")
-    return summary
 
 
 def run_fingerprint(cfg: Config) -> str:
