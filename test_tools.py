@@ -1,6 +1,9 @@
-"""Tests of the tools beside hald.py: tools/distill.py (generator-made distilled sets). Run: make test.
-Data: the bundled demo/ files (CIFAR-10 images, BatchNorm teacher) and models made here."""
+"""Tests of what surrounds hald.py: tools/distill.py (generator-made distilled sets) and the README's
+snippets. Run: make test. Data: the bundled demo/ files (CIFAR-10 images, BatchNorm teacher) and models
+made here."""
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +64,35 @@ def test_recovered_set_trains_with_hald_and_passes_the_teacher_check(tmp_path):
                          log=lambda *a: None)
     assert summary["teacher_agreement"] >= 50 and summary["teacher_top1"] > 50
     assert summary["drift"]["teacher_crop_trace_mean"] >= 0 and 0 <= summary["final_top1"] <= 100
+
+
+# ------------------------------------------------------------------------------ README
+def readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+
+
+def test_readme_python_blocks_run_as_pasted(monkeypatch):
+    blocks = readme_blocks("python")
+    assert blocks
+    monkeypatch.chdir(HERE)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_commands_name_flags_and_targets_that_exist():
+    sys.path.insert(0, str(HERE / "tools"))
+    import distill
+
+    targets = set(re.findall(r"^([\w-]+):", (HERE / "Makefile").read_text(), re.M))
+    checked = 0
+    for block in readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            for script, parse in (("hald.py", hald.parse_config), ("tools/distill.py", distill.parse_args)):
+                if script in words:
+                    parse(words[words.index(script) + 1:])  # argparse exits (SystemExit) on an unknown flag
+                    checked += 1
+            if words[:1] == ["make"]:
+                assert set(words[1:]) <= targets, line
+                checked += 1
+    assert checked >= 5
