@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -615,7 +616,21 @@ def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path, procs):
     torch.save(state, tmp_path / "killed" / "checkpoint.pt")
     # the same thread count everywhere: CPU kernels may sum in another order with more threads
     whole = tiny_args(tiny, tmp_path / "whole", "--epochs", "60", "--eval-every", "20", "--save-model", str(tmp_path / "whole.pt"))
-    resumed, uninterrupted = (subprocess.run(cli + run, capture_output=True, text=True, env=env) for run in (args + ["--resume"], whole))
+    killed = (tmp_path / "killed" / "checkpoint.pt").read_bytes()
+
+    def run(cli_args, start_again):
+        """A 2-process run on the CPU (gloo) now and then ends by SIGABRT in torch's C++ ("terminate called without
+        an active exception": once in this test's CI run, none in 25 runs by hand on the loaded 2-core machine):
+        such a run is repeated once from the same start. Any other failure fails the test."""
+        for attempt in range(2):
+            start_again()
+            finished = subprocess.run(cli + cli_args, capture_output=True, text=True, env=env)
+            if finished.returncode == 0 or procs == 1 or "terminate called without an active exception" not in finished.stderr:
+                return finished
+        return finished
+
+    resumed = run(args + ["--resume"], lambda: (tmp_path / "killed" / "checkpoint.pt").write_bytes(killed))
+    uninterrupted = run(whole, lambda: shutil.rmtree(tmp_path / "whole", ignore_errors=True))
     for finished in (resumed, uninterrupted):
         assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"resuming after epoch {done} " in resumed.stdout, "the checkpoint moved on after the kill: a process survived it"
