@@ -49,15 +49,13 @@ CONTACT_CLASSES = 20
 # ------------------------------------------------------------------------------ shared
 def pixel_bounds(device=torch.device("cpu")):
     """The normalised values of pixel 0 and pixel 1 per channel, each (1, 3, 1, 1)."""
-    mean = torch.tensor(hald.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(hald.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean, std = hald._mean_std(device)  # hald.normalize's constants
     return -mean / std, (1 - mean) / std
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Normalised float (N, 3, S, S) -> uint8 pixels, rounded."""
-    mean = torch.tensor(hald.IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(hald.IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    """Normalised float (N, 3, S, S) -> uint8 pixels, rounded: the inverse of hald.normalize."""
+    mean, std = hald._mean_std(x.device)
     return (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
@@ -183,7 +181,7 @@ def recover(teacher: nn.Module, num_classes: int, args, gen: torch.Generator, st
             loss.backward()
             opt.step()
             with torch.no_grad():  # pixels stay in [0, 1]
-                x.copy_(torch.maximum(torch.minimum(x, high), low))
+                x.clamp_(low, high)
             progress(b * args.iterations + it + 1, lambda: f" | batch {b + 1}/{len(batches)}, cross-entropy {ce.item():.3f}, BN {bn.item():.3f}")
         out.append(to_uint8(x.detach()).cpu())
     for h in stats.handles:

@@ -43,7 +43,9 @@ PREDICTORS = ("s", "teacher crop mismatch", "crop trace", "crop trace / s", "tea
 
 
 def load(folder: Path, stem: str) -> dict[int, dict]:
-    return {json.loads(f.read_text())["config"]["seed"]: json.loads(f.read_text()) for f in sorted(folder.glob(f"{stem}-seed*.json"))}
+    """The committed summaries of one row, by seed."""
+    runs = [json.loads(f.read_text()) for f in sorted(folder.glob(f"{stem}-seed*.json"))]
+    return {run["config"]["seed"]: run for run in runs}
 
 
 def settings() -> list[dict]:
