@@ -64,6 +64,7 @@ MODEL_FORMAT = "hald-model-v1"
 # largest count measured (RESULTS.md); above it the authors' values stand, since nothing here says otherwise.
 AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, AUTO_MEASURED_CLASSES = 0.1, 4.0, 200
 AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE = 0.8, 20.0
+CONVNET = re.compile(r"convnet(_bn)?(\d*)")  # hald.py's own students: convnet, convnet_bn, convnet_bn64, ...
 WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
 
 
@@ -711,7 +712,7 @@ def convnet(num_classes: int, image_size: int, width: int = 128, depth: int = 3,
 def torchvision_models(name: str = "", flag: str = "model"):
     """torchvision.models, imported only when needed (a torchvision built for another torch fails at import), and a
     check of an architecture's name, None for a ConvNet (a typo such as resnet81 is found before any image is decoded)."""
-    if name and re.fullmatch(r"convnet(_bn)?(\d*)", name):
+    if name and CONVNET.fullmatch(name):
         return None
     try:
         import torchvision
@@ -728,7 +729,7 @@ def torchvision_models(name: str = "", flag: str = "model"):
 def build_model(name: str, num_classes: int, image_size: int, weights=None, cifar_stem: bool | None = None) -> nn.Module:
     """convnet / convnet_bn (optionally with a width: convnet_bn64), or a torchvision model. ResNets get the
     CIFAR stem (3x3 stride-1 conv, no max-pool) on inputs <= 64 px without pretrained weights, or as cifar_stem says."""
-    m = re.fullmatch(r"convnet(_bn)?(\d*)", name)
+    m = CONVNET.fullmatch(name)
     if m:
         return convnet(num_classes, image_size, width=int(m[2] or 128), norm="batch" if m[1] else "instance")
     models = torchvision_models(name)
@@ -1412,7 +1413,7 @@ def evaluate_file(cfg: Config, log=print) -> dict:
     if weights["classes"]:  # a hald.py checkpoint: its classes paired with --val's by position
         pair_classes(classes, weights["classes"], f"model {cfg.evaluate}", log, ours="--val")
     with tempfile.TemporaryDirectory() as spill:
-        val = load_val(cfg.val, classes, cfg.image_size or weights["image_size"] or 0, device, cfg.val_storage, spill, log)
+        val = load_val(cfg.val, None, cfg.image_size or weights["image_size"] or 0, device, cfg.val_storage, spill, log)
         size = val["images"].shape[-1]
         layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # as the student was evaluated
         model = model_from_weights(weights, len(classes), size, f"model {cfg.evaluate}").to(device, memory_format=layout)
