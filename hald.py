@@ -17,7 +17,7 @@ top-1, 3 seeds, soft-only -> HALD): BatchNorm ConvNet-3 (the default student; HA
 soft 120) CIFAR-10 29.8 -> 33.8 % at 1 crop per image, 35.4 -> 34.4 % at 2; 200 classes (Tiny-ImageNet,
 32 px) at 1: 18.9 -> 21.3 %. ResNet-18 (the authors' split 75 / 150 / 75, its default) CIFAR-10 25.8 ->
 29.5 % at 1, 31.0 -> 30.7 % at 2. Generator-made CIFAR-10 sets (tools/distill.py), the default student:
-SRe2L-style 24.0 -> 27.1 % at 1, 40.3 -> 31.9 % at 10; RDED-style 28.8 -> 33.3 % at 1, 47.3 -> 39.5 % at 10.
+SRe2L-style 24.0 -> 27.1 % at 1, 39.7 -> 31.7 % at 10; RDED-style 28.8 -> 33.3 % at 1, 47.3 -> 39.5 % at 10.
 Compare the two on your data: --schedule "shs soft".
 
 Sections follow one image from disk to the accuracy figure: config -> data -> crop
