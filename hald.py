@@ -329,14 +329,15 @@ def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), st
 
 
 @functools.lru_cache(maxsize=None)
-def _mean_std(device: torch.device):  # built once per device, not copied to the GPU at every step
+def mean_std(device: torch.device):
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`, built once per device (not copied to the GPU at every step)."""
     return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float (B, 3, H, W) with ImageNet mean and std, in place on one new
     tensor: each fresh batch-sized tensor costs the CPU page faults (README, Benchmark)."""
-    mean, std = _mean_std(images_u8.device)
+    mean, std = mean_std(images_u8.device)
     return images_u8.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
 
 

@@ -49,13 +49,13 @@ CONTACT_CLASSES = 20
 # ------------------------------------------------------------------------------ shared
 def pixel_bounds(device=torch.device("cpu")):
     """The normalised values of pixel 0 and pixel 1 per channel, each (1, 3, 1, 1)."""
-    mean, std = hald._mean_std(device)  # hald.normalize's constants
+    mean, std = hald.mean_std(device)  # hald.normalize's constants
     return -mean / std, (1 - mean) / std
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Normalised float (N, 3, S, S) -> uint8 pixels, rounded: the inverse of hald.normalize."""
-    mean, std = hald._mean_std(x.device)
+    mean, std = hald.mean_std(x.device)
     return (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
