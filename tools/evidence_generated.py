@@ -49,8 +49,12 @@ PLAN = [("cifar10", "convnet_bn", 1, 3), ("cifar10", "convnet_bn", 10, 3), ("cif
 WIDTH_SUFFIX = {("tiny32", "convnet_bn"): "-width-128"}
 
 
-def run_name(dataset: str, kind: str, model: str, s: int, seed: int, schedule: str) -> str:
-    return f"{dataset}-{kind}{WIDTH_SUFFIX.get((dataset, model), '')}-{schedule}-s{s}-seed{seed}"
+# the teacher's mode at relabel: train (batch statistics) for every committed run, eval where a run's name says so
+MODE_SUFFIX = {"train": "", "eval": "-teacher-eval"}
+
+
+def run_name(dataset: str, kind: str, model: str, s: int, seed: int, schedule: str, mode: str = "train") -> str:
+    return f"{dataset}-{kind}{WIDTH_SUFFIX.get((dataset, model), '')}{MODE_SUFFIX[mode]}-{schedule}-s{s}-seed{seed}"
 
 
 def kept(dataset: str, name: str) -> Path:
@@ -66,20 +70,20 @@ def jobs_for(args) -> list:
             continue
         for seed in [k for k in range(seeds) if not args.seeds or str(k) in args.seeds.split(",")]:
             for kind in KINDS if not args.kind else [args.kind]:
-                jobs.append((dataset, kind, model, s, seed, ["soft"] if s == 300 else ["shs", "soft"]))
+                jobs.append((dataset, kind, model, s, seed, ["soft"] if s == 300 else ["shs", "soft"], args.teacher_mode))
     return jobs
 
 
 def run(job, data_roots: dict) -> str:
-    dataset, kind, model, s, seed, schedules = job
+    dataset, kind, model, s, seed, schedules, mode = job
     d = DATASETS[dataset]
-    names = {sch: run_name(dataset, kind, model, s, seed, sch) for sch in schedules}
+    names = {sch: run_name(dataset, kind, model, s, seed, sch, mode) for sch in schedules}
     if all(kept(dataset, n).exists() for n in names.values()):
         return "done"
-    out = ROOT / "runs" / "generated" / run_name(dataset, kind, model, s, seed, "-".join(schedules))
+    out = ROOT / "runs" / "generated" / run_name(dataset, kind, model, s, seed, "-".join(schedules), mode)
     hald_args = ["--data", str(ROOT / "sets" / f"{dataset}-{kind}"), "--val", str(Path(data_roots[dataset]) / d["val"]),
                  "--teacher", str(d["teacher"]), "--model", model, *PINNED, *d["args"], "--slc", str(10 * s),
-                 "--seed", str(seed), "--schedule", " ".join(schedules)]
+                 "--teacher-mode", mode, "--seed", str(seed), "--schedule", " ".join(schedules)]
     status = run_one((out, hald_args))[1]
     for sch, name in names.items():
         summary = out / sch / "summary.json" if len(schedules) > 1 else out / "summary.json"
@@ -137,6 +141,7 @@ def main():
     parser.add_argument("--only", default="", help="only the plan lines whose 'dataset student' contains this text")
     parser.add_argument("--seeds", default="", help="only these seeds (comma-separated; default: each plan line's)")
     parser.add_argument("--kind", default="", choices=("", *KINDS), help="only the sets of this kind")
+    parser.add_argument("--teacher-mode", default="train", choices=tuple(MODE_SUFFIX), help="the teacher's mode at relabel")
     parser.add_argument("--crops", default="", help="only these crops per image s (comma-separated; 300 = the ceiling)")
     parser.add_argument("--table-only", action="store_true", help="print the tables from the committed summaries, run nothing")
     args = parser.parse_args()
@@ -149,7 +154,7 @@ def main():
         start = time.time()
         with ThreadPoolExecutor(args.jobs) as pool:
             for i, (job, status) in enumerate(zip(jobs, pool.map(lambda j: run(j, roots), jobs))):
-                print(f"[{i + 1}/{len(jobs)}] {run_name(*job[:5], '-'.join(job[5]))}: {status} ({time.time() - start:.0f}s)", flush=True)
+                print(f"[{i + 1}/{len(jobs)}] {run_name(*job[:5], '-'.join(job[5]), job[6])}: {status} ({time.time() - start:.0f}s)", flush=True)
     for dataset in DATASETS:
         print(f"\n{dataset}: IPC 10, generator-made sets beside the real draw\n{table(dataset)}")
 
