@@ -24,7 +24,6 @@ Sections follow one image from disk to the accuracy figure: config -> data -> cr
 sampler -> CutMix -> soft-label cache (relabel) -> losses -> schedule -> models ->
 diagnostics -> train/eval -> main.
 """
-from __future__ import annotations
 
 import argparse
 import contextlib
@@ -56,6 +55,9 @@ HERE = Path(__file__).resolve().parent
 DEMO = HERE / "demo"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# --normalize: (mean, std) per dataset, as each family trains its models (CIFAR-10: the DC / MTT statistics)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                  "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)), "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CACHE_FORMAT = "hald-soft-labels-v1"
 MODEL_FORMAT = "hald-model-v1"
@@ -68,7 +70,7 @@ CONVNET = re.compile(r"convnet(_bn)?(\d*)")  # hald.py's own students: convnet, 
 WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
 
 
-class HaldError(Exception):
+class HaldError(ValueError):
     """A problem with the user's input; main() prints it as one line and exits 2."""
 
 
@@ -92,6 +94,8 @@ class Config:
                    "(new000 -> n01440764, ...); required with --data")
     ipc: int = arg(10, "images per class used from --data (the first IPC files of each class, sorted)")
     image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image")
+    normalize: str = arg("imagenet", "mean and std of the student's inputs, and of a teacher file that does not bring its own (a "
+                         "hald.py checkpoint records its own): imagenet, cifar10 (DC / MTT's), cifar100, none, or m1,m2,m3,s1,s2,s3")
     val_storage: str = arg("auto", "where the validation set is kept as uint8: auto (the GPU if it fits, else host memory within "
                            "half of what is free, else a memory-mapped file in --out)", ("auto", "device", "memory", "file"))
     # soft labels
@@ -169,6 +173,19 @@ def parse_config(argv=None) -> Config:
     return Config(**given)
 
 
+def mean_std_of(spec: str) -> tuple:
+    """--normalize -> (mean, std): a name in NORMALIZATIONS or six numbers m1,m2,m3,s1,s2,s3."""
+    if spec in NORMALIZATIONS:
+        return NORMALIZATIONS[spec]
+    try:
+        values = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 6 or min(values[3:]) <= 0:
+        raise HaldError(f"--normalize {spec!r} is neither {', '.join(NORMALIZATIONS)} nor six numbers m1,m2,m3,s1,s2,s3 with positive s")
+    return values[:3], values[3:]
+
+
 def check_config(cfg: Config) -> None:
     """Reject bad settings before any work is done."""
     if cfg.ipc < 1 or cfg.epochs < 1:
@@ -184,6 +201,9 @@ def check_config(cfg: Config) -> None:
         raise HaldError(f"--label-smoothing must be in [0, 1) or -1 (auto), got {cfg.label_smoothing}")
     if cfg.temperature <= 0 and cfg.temperature != -1 or cfg.lr <= 0 or cfg.eta <= 0:
         raise HaldError("--temperature (or -1 for auto), --lr and --eta must be positive")
+    if not (0 <= cfg.soft_epochs <= cfg.epochs or cfg.soft_epochs == -1):
+        raise HaldError(f"--soft-epochs {cfg.soft_epochs} must be between 0 and --epochs {cfg.epochs} (or -1 for auto)")
+    mean_std_of(cfg.normalize)
     if cfg.label_topk < 0:
         raise HaldError(f"--label-topk must be >= 0 (0 keeps all classes), got {cfg.label_topk}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -329,16 +349,17 @@ def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), st
 
 
 @functools.lru_cache(maxsize=None)
-def mean_std(device: torch.device):
-    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`, built once per device (not copied to the GPU at every step)."""
-    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+def mean_std(device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """mean and std (tuples) as (1, C, 1, 1) tensors on `device`, built once (not copied to the GPU at every step)."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
-def normalize(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (B, 3, H, W) with ImageNet mean and std, in place on one new
+def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B, 3, H, W), or float in [0, 1] units -> float (B, 3, H, W) normalised, in place on one new
     tensor: each fresh batch-sized tensor costs the CPU page faults (README, Benchmark)."""
-    mean, std = mean_std(images_u8.device)
-    return images_u8.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
+    m, s = mean_std(images.device, tuple(mean), tuple(std))
+    x = images.to(torch.float32, copy=True)
+    return (x.div_(255) if images.dtype == torch.uint8 else x).sub_(m).div_(s)
 
 
 def model_layout(x: torch.Tensor) -> torch.Tensor:
@@ -430,15 +451,15 @@ def paste_cutmix_(images: torch.Tensor, partner: torch.Tensor, box: torch.Tensor
 
 
 # ------------------------------------------------------------- soft-label cache (relabel)
-def stored_batches(num_images: int, batch_size: int, passes: int) -> list[tuple[int, int]]:
+def stored_batches(num_images: int, batch_size: int, passes: int) -> list:
     """(start, end) of every stored batch: each pass over the images is cut into fixed batches."""
     return [(p * num_images + s, p * num_images + min(s + batch_size, num_images))
             for p in range(passes) for s in range(0, num_images, batch_size)]
 
 
-def replay(images_u8: torch.Tensor, index, boxes, flips, partner, box, size: int) -> torch.Tensor:
+def replay(images, index, boxes, flips, partner, box, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Rebuild a batch of crops exactly: gather, normalize, crop + flip, CutMix. -> (B, 3, S, S)."""
-    x = crop_resize(normalize(images_u8[index.to(images_u8.device)]), boxes, flips, size)
+    x = crop_resize(normalize(images[index.to(images.device)], mean, std), boxes, flips, size)
     return paste_cutmix_(x, partner, box) if box is not None else x
 
 
@@ -452,6 +473,87 @@ def bn_train_mode(model: nn.Module, batch_statistics: bool) -> nn.Module:
     return model
 
 
+class SoftLabelCache:
+    """The fixed budget of soft labels: `crops_per_image` passes over the images (SLC / IPC), each cut into
+    fixed batches; for every crop its image, box, flip and CutMix partner, for every batch its CutMix box, and
+    the teacher's softmax(logits / T). Batches are replayed whole, never re-batched: with a train-mode teacher
+    a crop's label depends on its batch (the authors' batch-specific soft labels).
+
+    Tensors in stored order (L = passes * num_images): index (L,) image index, boxes (L, 4) crop fractions
+    (top, left, height, width), flips (L,), partner (L,) position of the CutMix partner inside its batch,
+    cut (num_batches, 4) CutMix box (y0, y1, x0, x1) in output pixels or None without CutMix, probs (L, C) fp16.
+    """
+
+    def __init__(self, index, boxes, flips, partner, cut, probs, num_images: int, batch_size: int, size: int):
+        self.index, self.boxes, self.flips, self.partner, self.cut, self.probs = index, boxes, flips, partner, cut, probs
+        self.num_images, self.batch_size, self.size = num_images, batch_size, size
+        self.batches = stored_batches(num_images, batch_size, len(index) // num_images)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def to(self, device) -> "SoftLabelCache":
+        for name in ("index", "boxes", "flips", "partner", "cut", "probs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher, images, *, size: int, crops_per_image: int, batch_size: int, temperature: float,
+              gen: torch.Generator, crop_scale: float = 0.08, cutmix: bool = True, teacher_mode: str = "train",
+              mean=IMAGENET_MEAN, std=IMAGENET_STD, log=print, rank: int = 0, world: int = 1) -> "SoftLabelCache":
+        """Relabel: draw every crop and CutMix, run the teacher (an nn.Module returning logits) on each batch, keep
+        softmax(logits / temperature). images: (N, 3, H, W) uint8, or float in [0, 1] units; crops are `size` px.
+        Under torchrun every rank draws the same crops and labels every world-th batch."""
+        if temperature <= 0 or crops_per_image < 1 or batch_size < 1 or not 0 < crop_scale <= 1:
+            raise HaldError(f"the cache needs temperature > 0, crops_per_image >= 1, batch_size >= 1 and crop_scale in (0, 1], "
+                            f"got {temperature}, {crops_per_image}, {batch_size} and {crop_scale}")
+        if teacher_mode not in ("train", "eval"):
+            raise HaldError(f"teacher_mode must be 'train' (BatchNorm batch statistics) or 'eval', got {teacher_mode!r}")
+        n, (H, W), passes = len(images), images.shape[-2:], crops_per_image
+        batches = stored_batches(n, batch_size, passes)
+        index = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
+        boxes, flips = sample_crops(len(index), H, W, gen, scale=(crop_scale, 1.0))
+        partner = torch.cat([torch.randperm(e - s, generator=gen) for s, e in batches])
+        cut = sample_cutmix_boxes(len(batches), size, size, gen) if cutmix else None
+        device = next(teacher.parameters()).device
+        drawn = [t.to(device) for t in (index, boxes, flips, partner)]  # on the device once: no copy per batch
+        cuts = cut.to(device) if cutmix else [None] * len(batches)
+        buffers = {name: b.clone() for name, b in teacher.named_buffers()}  # train-mode BN updates running stats
+        bn_train_mode(teacher, teacher_mode == "train")
+        probs, t0 = None, time.time()
+        for k, (s, e) in enumerate(batches):
+            if k % world != rank:
+                continue
+            x = replay(images, *(t[s:e] for t in drawn), cuts[k], size, mean, std)
+            with autocast(device):
+                logits = teacher(model_layout(x)).float()  # (B, C)
+            probs = probs if probs is not None else torch.zeros(len(index), logits.shape[1], device=device)
+            probs[s:e] = F.softmax(logits / temperature, 1)
+            if time.time() - t0 > 10 and (k + 1) % max(1, len(batches) // 10) == 0:
+                log(f"relabel {k + 1}/{len(batches)} batches ({time.time() - t0:.1f}s)")
+        if world > 1:  # each row was labelled by one rank and is zero elsewhere: the sum merges them exactly
+            classes = torch.tensor(0 if probs is None else probs.shape[1], device=device)
+            torch.distributed.all_reduce(classes, torch.distributed.ReduceOp.MAX)  # a rank with no batch learns C
+            probs = probs if probs is not None else torch.zeros(len(index), int(classes), device=device)
+            torch.distributed.all_reduce(probs)
+        for name, b in teacher.named_buffers():
+            b.copy_(buffers[name])
+        teacher.eval()
+        return cls(index.int(), boxes, flips, partner.short(), None if cut is None else cut.short(), probs.half().cpu(), n, batch_size, size)
+
+    def batch(self, k: int, images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        """Stored batch k replayed: crops (B, 3, S, S), teacher probabilities (B, C) float, image indices,
+        CutMix partner positions and box (None, None without CutMix)."""
+        s, e = self.batches[k]
+        index, partner = self.index[s:e].long(), self.partner[s:e].long()
+        box = self.cut[k].long() if self.cut is not None else None
+        x = replay(images, index, self.boxes[s:e], self.flips[s:e], partner, box, self.size, mean, std)
+        return x, self.probs[s:e].float(), index, partner if box is not None else None, box
+
+
+# the cache on disk (hald.py's own format; a copier of the cache may leave this layer out)
 def pack_labels(probs: torch.Tensor, topk: int = 0, bits: int = 16) -> dict:
     """Compact storage of (L, C) probabilities: all classes or the `topk` largest (values and
     int16 class indices), as fp16 or as 8-bit codes between a per-label fp16 min and max."""
@@ -492,93 +594,43 @@ def tensors_digest(tensors: dict) -> str:
     return digest.hexdigest()
 
 
-class SoftLabelCache:
-    """The fixed budget of soft labels: for each of slc/ipc passes over the images, fixed
-    batches of crops (box, flip, CutMix partner and box) with the teacher's probabilities.
+CACHE_TENSORS = ("index", "boxes", "flips", "partner", "cut", "labels")
 
-    Tensors, all in stored order (L = passes * num_images labels):
-      index (L,) image index, boxes (L, 4) crop fractions, flips (L,), partner (L,) position of
-      the CutMix partner inside its batch, cut (num_batches, 4) CutMix box or -1s, labels: the
-      packed softmax(teacher / T) (default: all classes in fp16, the authors' format).
-    """
 
-    TENSORS = ("index", "boxes", "flips", "partner", "cut", "labels")
+def compact_labels_(cache: SoftLabelCache, topk: int = 0, bits: int = 16) -> dict:
+    """The cache's labels packed for storage (pack_labels); the cache then reads them back as stored, since
+    top-k and 8-bit labels are lossy and training must see what a reused cache will hold."""
+    packed = pack_labels(cache.probs.float(), topk, bits)
+    cache.probs = unpack_labels(packed, cache.probs.shape[1]).half()
+    return packed
 
-    def __init__(self, header: dict, tensors: dict):
-        self.header, self.tensors = header, tensors
-        self.batches = stored_batches(header["num_images"], header["batch_size"], header["passes"])
-        self.probs = unpack_labels(tensors["labels"], len(header["classes"])).half()  # (L, C), what training reads
 
-    def __len__(self):
-        return len(self.batches)
+def save_cache(cache: SoftLabelCache, packed: dict, header: dict, path) -> int:
+    """Write the cache with its header (the settings it was made with and their fingerprint) and a sha256 of its
+    tensors; returns the file's size in bytes."""
+    cut = cache.cut if cache.cut is not None else torch.full((len(cache), 4), -1, dtype=torch.short)  # -1s: no CutMix
+    tensors = dict(index=cache.index, boxes=cache.boxes, flips=cache.flips, partner=cache.partner, cut=cut, labels=packed)
+    tensors = {k: v if isinstance(v, dict) else v.cpu() for k, v in tensors.items()}
+    save_atomic({"header": {**header, "sha256": tensors_digest(tensors)}, **tensors}, path)
+    return Path(path).stat().st_size
 
-    def to(self, device) -> SoftLabelCache:
-        self.probs = self.probs.to(device)
-        self.tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.tensors.items()}
-        return self
 
-    @classmethod
-    @torch.no_grad()
-    def build(cls, teacher, images_u8, header: dict, gen: torch.Generator, log=print, rank: int = 0, world: int = 1):
-        """Relabel: draw every crop and CutMix, run the teacher on each batch, keep the labels.
-        Under torchrun every rank draws the same crops and labels every world-th batch."""
-        n, size, B, passes = len(images_u8), header["image_size"], header["batch_size"], header["passes"]
-        batches = stored_batches(n, B, passes)
-        index = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
-        boxes, flips = sample_crops(len(index), size, size, gen, scale=(header["crop_scale"], 1.0))
-        partner = torch.cat([torch.randperm(e - s, generator=gen) for s, e in batches])
-        cut = sample_cutmix_boxes(len(batches), size, size, gen) if header["cutmix"] else torch.full((len(batches), 4), -1)
-        device = next(teacher.parameters()).device
-        drawn = [t.to(device) for t in (index, boxes, flips, partner, cut)]  # on the device once: no copy per batch
-        buffers = {name: b.clone() for name, b in teacher.named_buffers()}  # train-mode BN updates running stats
-        bn_train_mode(teacher, header["teacher_mode"] == "train")
-        probs, t0 = torch.zeros(len(index), len(header["classes"]), device=device), time.time()
-        for k, (s, e) in enumerate(batches):
-            if k % world != rank:
-                continue
-            x = replay(images_u8, *(t[s:e] for t in drawn[:4]), drawn[4][k] if header["cutmix"] else None, size)
-            with autocast(device):
-                logits = teacher(model_layout(x))
-            probs[s:e] = F.softmax(logits.float() / header["temperature"], 1)
-            if time.time() - t0 > 10 and (k + 1) % max(1, len(batches) // 10) == 0:
-                log(f"relabel {k + 1}/{len(batches)} batches ({time.time() - t0:.1f}s)")
-        if world > 1:  # each row was labelled by one rank and is zero elsewhere: the sum merges them exactly
-            torch.distributed.all_reduce(probs)
-        for name, b in teacher.named_buffers():
-            b.copy_(buffers[name])
-        teacher.eval()
-        packed = pack_labels(probs.cpu(), header["label_topk"], header["label_bits"])
-        tensors = dict(index=index.int(), boxes=boxes, flips=flips, partner=partner.short(), cut=cut.short(), labels=packed)
-        return cls(header, tensors)
-
-    def batch(self, k: int, images_u8: torch.Tensor):
-        """Stored batch k replayed: crops (B, 3, S, S), teacher probabilities (B, C), image indices,
-        CutMix partner positions and box (None, None without CutMix)."""
-        (s, e), t = self.batches[k], self.tensors
-        index, partner = t["index"][s:e].long(), t["partner"][s:e].long()
-        box = t["cut"][k].long() if self.header["cutmix"] else None
-        x = replay(images_u8, index, t["boxes"][s:e], t["flips"][s:e], partner, box, self.header["image_size"])
-        return x, self.probs[s:e].float(), index, partner if box is not None else None, box
-
-    def save(self, path) -> int:
-        save_atomic({"header": {**self.header, "sha256": tensors_digest(self.tensors)}, **self.tensors}, path)
-        return Path(path).stat().st_size
-
-    @classmethod
-    def load(cls, path, header: dict) -> SoftLabelCache:
-        """Load a cache made with exactly these settings; refuse anything else."""
-        blob = load_trusted(path, "soft-label cache")
-        stored = blob.get("header", {}) if isinstance(blob, dict) else {}
-        if stored.get("format") != CACHE_FORMAT or any(k not in blob for k in cls.TENSORS):
-            raise HaldError(f"{path} is not a hald soft-label cache: delete it or pass another --cache")
-        if stored.get("fingerprint") != header["fingerprint"]:
-            changed = [k for k in header if k != "fingerprint" and stored.get(k) != header[k]]
-            raise HaldError(f"cache {path} was made for other settings ({', '.join(changed) or 'images'} differ): "
-                            f"pass --rebuild-cache to replace it, or another --cache path")
-        tensors = {k: blob[k] for k in cls.TENSORS}
-        if tensors_digest(tensors) != stored.get("sha256") or len(tensors["index"]) != header["passes"] * header["num_images"]:
-            raise HaldError(f"cache {path} is corrupted (checksum or size mismatch): pass --rebuild-cache")
-        return cls(stored, tensors)
+def load_cache(path, header: dict) -> SoftLabelCache:
+    """Load a cache made with exactly these settings (header's fingerprint); refuse anything else."""
+    blob = load_trusted(path, "soft-label cache")
+    stored = blob.get("header", {}) if isinstance(blob, dict) else {}
+    if stored.get("format") != CACHE_FORMAT or any(k not in blob for k in CACHE_TENSORS):
+        raise HaldError(f"{path} is not a hald soft-label cache: delete it or pass another --cache")
+    if stored.get("fingerprint") != header["fingerprint"]:
+        changed = [k for k in header if k != "fingerprint" and stored.get(k) != header[k]]
+        raise HaldError(f"cache {path} was made for other settings ({', '.join(changed) or 'images'} differ): "
+                        f"pass --rebuild-cache to replace it, or another --cache path")
+    t = {k: blob[k] for k in CACHE_TENSORS}
+    if tensors_digest(t) != stored.get("sha256") or len(t["index"]) != header["passes"] * header["num_images"]:
+        raise HaldError(f"cache {path} is corrupted (checksum or size mismatch): pass --rebuild-cache")
+    probs = unpack_labels(t["labels"], len(header["classes"])).half()
+    return SoftLabelCache(t["index"], t["boxes"], t["flips"], t["partner"], t["cut"] if header["cutmix"] else None, probs,
+                          header["num_images"], header["batch_size"], header["image_size"])
 
 
 @contextlib.contextmanager
@@ -617,11 +669,15 @@ def load_trusted(path, what: str):
 # ----------------------------------------------------------------------------- losses
 def soft_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || softmax(student / T)), batch mean, without the T^2 factor (as the authors)."""
+    if not temperature > 0:
+        raise HaldError(f"the temperature must be > 0, got {temperature}")
     return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1), teacher_probs, reduction="batchmean")
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     """timm's label smoothing: on-value 1 - smoothing + smoothing / C, off-value smoothing / C."""
+    if not 0 <= smoothing < 1:
+        raise HaldError(f"label smoothing must be in [0, 1), got {smoothing}")
     off = smoothing / num_classes
     return torch.full((len(labels), num_classes), off, device=labels.device).scatter_(1, labels[:, None], 1 - smoothing + off)
 
@@ -647,24 +703,24 @@ def mixed_targets(labels, num_classes: int, smoothing: float, partner, lam) -> t
 PRESETS = ("shs", "soft", "hard", "hs", "sh", "hsh", "hybrid", "alt-hard-n", "alt-hard-2n", "alt-soft-n", "alt-soft-2n")
 
 
-def build_schedule(spec: str, epochs: int, soft_epochs: int, crops_per_image: int) -> list[tuple[str, int]]:
+def build_schedule(spec: str, epochs: int, soft_epochs=None, crops_per_image: int = 1) -> list:
     """The training schedule as data: a list of (phase, epochs), phase in soft, hard, hybrid.
 
     Presets follow the authors' S1-S8 (at their split, soft_epochs 150 of 300): shs = HALD (S6),
     hs = S1, sh = S8, hsh = S7, the alternating blocks of n = slc/ipc or 2n epochs (S2-S5); soft,
-    hard and hybrid fill every epoch (soft_epochs resolved: auto_soft_epochs). An explicit spec
-    such as soft:75,hard:150,soft:75 must add up to `epochs`.
+    hard and hybrid fill every epoch; soft_epochs None: the authors' half. An explicit spec such as
+    soft:75,hard:150,soft:75 must add up to `epochs`.
     """
-    S = soft_epochs
+    S = epochs // 2 if soft_epochs is None else soft_epochs
     if not 0 <= S <= epochs:
-        raise HaldError(f"--soft-epochs {soft_epochs} must be between 0 and --epochs {epochs} (or -1 for auto)")
+        raise HaldError(f"soft_epochs {S} must be between 0 and epochs {epochs}")
     H = epochs - S
     if spec.startswith("alt-"):
         m = re.fullmatch(r"alt-(hard|soft)-(n|2n)", spec)
         if not m:
             raise HaldError(f"unknown schedule {spec!r}: use alt-hard-n, alt-hard-2n, alt-soft-n or alt-soft-2n")
         if crops_per_image < 1:
-            raise HaldError(f"schedule {spec} alternates blocks of slc/ipc epochs: --slc must be at least --ipc")
+            raise HaldError(f"schedule {spec} alternates blocks of crops_per_image (SLC / IPC) epochs: it must be >= 1")
         block = crops_per_image * (2 if m[2] == "2n" else 1)
         phases = ("hard", "soft") if m[1] == "hard" else ("soft", "hard")
         plan = [(phases[i % 2], min(block, epochs - start)) for i, start in enumerate(range(0, epochs, block))]
@@ -681,7 +737,7 @@ def build_schedule(spec: str, epochs: int, soft_epochs: int, crops_per_image: in
                                 f"or phase:epochs pairs such as soft:75,hard:150,soft:75")
             plan.append((m[1], int(m[2])))
         if sum(n for _, n in plan) != epochs:
-            raise HaldError(f"schedule {spec!r} covers {sum(n for _, n in plan)} epochs but --epochs is {epochs}: "
+            raise HaldError(f"schedule {spec!r} covers {sum(n for _, n in plan)} epochs but epochs is {epochs}: "
                             f"make them equal")
     return [(phase, n) for phase, n in plan if n > 0]
 
@@ -744,10 +800,12 @@ def build_model(name: str, num_classes: int, image_size: int, weights=None, cifa
     return model
 
 
-def save_checkpoint(model: nn.Module, arch: str, classes: list[str], image_size: int, path) -> None:
-    """A student that --teacher and --evaluate accept: architecture, class names, input size and weights."""
+def save_checkpoint(model: nn.Module, arch: str, classes: list, image_size: int, path, stats=NORMALIZATIONS["imagenet"]) -> None:
+    """A student that --teacher and --evaluate accept: architecture, class names, input size, the mean and std
+    its inputs were normalised with, and weights."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({"format": MODEL_FORMAT, "arch": arch, "classes": classes, "image_size": image_size, "state_dict": state}, path)
+    save_atomic({"format": MODEL_FORMAT, "arch": arch, "classes": classes, "image_size": image_size,
+                 "mean": list(stats[0]), "std": list(stats[1]), "state_dict": state}, path)
 
 
 def read_weights(path, arch: str = "", what: str = "model") -> dict:
@@ -757,14 +815,15 @@ def read_weights(path, arch: str = "", what: str = "model") -> dict:
     if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
         if arch not in ("", blob["arch"]):
             raise HaldError(f"{what} {path} is a hald.py checkpoint of {blob['arch']}, not {arch}: drop --teacher-arch")
-        return {**blob, "identity": identity}
+        stats = (tuple(blob["mean"]), tuple(blob["std"])) if "mean" in blob else NORMALIZATIONS["imagenet"]  # older: ImageNet's
+        return {**blob, "identity": identity, "stats": stats}
     if not arch:
         raise HaldError(f"{what} {path} is not a checkpoint written by hald.py --save-model: for the weights of another "
                         f"project's model, name its architecture with --teacher-arch (convnet_bn, resnet18, ...)")
     for state in (blob, *map(blob.get, WEIGHT_KEYS)) if isinstance(blob, dict) else ():
         if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
             state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
-            return {"arch": arch, "classes": None, "image_size": None, "state_dict": state, "identity": f"{identity} as {arch}"}
+            return {"arch": arch, "classes": None, "image_size": None, "state_dict": state, "identity": f"{identity} as {arch}", "stats": None}
     raise HaldError(f"{what} {path} holds no state_dict (tensors by name), alone or under {', '.join(WEIGHT_KEYS)}: "
                     f"save model.state_dict()")
 
@@ -806,9 +865,10 @@ def torchvision_weights(spec: str):
     return name, weights.DEFAULT if tag == "DEFAULT" else weights[tag]
 
 
-def load_teacher(spec: str, classes: list[str], image_size: int, log=print, arch: str = "") -> tuple[nn.Module, str, list[str] | None]:
+def load_teacher(spec: str, classes: list, image_size: int, stats=NORMALIZATIONS["imagenet"], log=print, arch: str = "") -> tuple:
     """A model file (read_weights) or a torchvision ImageNet model (name[:weights]), its classes paired with the data's.
-    Returns the model, its identity (for the cache fingerprint) and its class names (None: not known)."""
+    Returns the model, its identity (for the cache fingerprint), its class names (None: not known) and the (mean, std)
+    it sees: a hald.py checkpoint's own, ImageNet's for torchvision weights, else `stats` (the run's --normalize)."""
     if Path(spec).is_file():
         weights = read_weights(spec, arch, "teacher")
         if weights["classes"]:
@@ -816,16 +876,17 @@ def load_teacher(spec: str, classes: list[str], image_size: int, log=print, arch
         if weights["image_size"] not in (None, image_size):
             raise HaldError(f"teacher {spec} expects {weights['image_size']} px images, the data gives {image_size} px: "
                             f"pass --image-size {weights['image_size']}")
-        return model_from_weights(weights, len(classes), image_size, f"teacher {spec}"), weights["identity"], weights["classes"]
+        model = model_from_weights(weights, len(classes), image_size, f"teacher {spec}")
+        return model, weights["identity"], weights["classes"], weights["stats"] or stats
     name, weights = torchvision_weights(spec)
     names = weights.meta.get("categories")  # ImageNet's in class-index order: the sorted order of its WordNet-id folders
     if names:  # before the weights are downloaded
         pair_classes(classes, names, f"teacher {spec}", log)
-    return build_model(name, len(classes), image_size, weights=weights).eval(), f"torchvision:{name}:{weights.name}", names
+    return build_model(name, len(classes), image_size, weights=weights).eval(), f"torchvision:{name}:{weights.name}", names, NORMALIZATIONS["imagenet"]
 
 
 @torch.no_grad()
-def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, min_val: int = 5000, rank: int = 0, world: int = 1) -> dict:
+def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, stats, min_val: int = 5000, rank: int = 0, world: int = 1) -> dict:
     """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%) with the
     folder labels of the distilled images, and its top-1 and top-5 (%) on --val (every k-th image, at least min_val).
     A class order of --data or --val that does not match the teacher's drops the figure concerned to about 100 / C."""
@@ -833,10 +894,10 @@ def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, min_
     agree = torch.zeros((), dtype=torch.long, device=labels.device)
     for s in range(0, len(images_u8), 256):
         with autocast(device):
-            agree += (teacher(model_layout(normalize(images_u8[s:s + 256]))).argmax(1) == labels[s:s + 256]).sum()
+            agree += (teacher(model_layout(normalize(images_u8[s:s + 256], *stats))).argmax(1) == labels[s:s + 256]).sum()
     step = max(1, len(val["labels"]) // min_val)
     sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
-    top1, top5 = evaluate(teacher, sample, device, rank=rank, world=world)
+    top1, top5 = evaluate(teacher, sample, device, stats, rank=rank, world=world)
     return {"teacher_agreement": 100 * agree.item() / len(images_u8), "teacher_top1": top1, "teacher_top5": top5,
             "teacher_check_val_images": len(sample["labels"])}
 
@@ -865,29 +926,30 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def crop_probs(model, images_u8, k: int, size: int, scale: float, gen, batch_size: int = 256) -> torch.Tensor:
+def crop_probs(model, images_u8, k: int, size: int, scale: float, gen, stats, batch_size: int = 256) -> torch.Tensor:
     """Eval-mode probabilities (T = 1) of k random crops per image -> (N, k, C)."""
     model.eval()
     n = len(images_u8)
     boxes, flips = sample_crops(n * k, size, size, gen, scale=(scale, 1.0))
     index = torch.arange(n).repeat_interleave(k)
     out = [F.softmax(model(replay(images_u8, index[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size],
-                                  None, None, size)).float(), 1).cpu() for s in range(0, n * k, batch_size)]
+                                  None, None, size, *stats)).float(), 1).cpu() for s in range(0, n * k, batch_size)]
     return torch.cat(out).view(n, k, -1)
 
 
-def drift_report(teacher, student, images_u8, labels, k: int, size: int, scale: float, gen, max_images: int = 1000) -> dict:
-    """Local semantic drift of the teacher over the relabel crop distribution, and the student's
-    agreement between two crops of one image (the paper's Jensen-Shannon analysis)."""
+def drift_report(teacher, student, images_u8, labels, k: int, size: int, scale: float, gen, stats=(NORMALIZATIONS["imagenet"],) * 2,
+                 max_images: int = 1000) -> dict:
+    """Local semantic drift of the teacher over the relabel crop distribution, and the student's agreement between
+    two crops of one image (the paper's Jensen-Shannon analysis). stats: the (mean, std) of the teacher and the student."""
     pick = torch.randperm(len(images_u8), generator=gen)[:max_images].sort().values
     images_u8, labels = images_u8[pick.to(images_u8.device)], labels[pick]
     report = {"drift_images": len(pick)}
     if teacher is not None:
-        probs = crop_probs(teacher, images_u8, k, size, scale, gen)
+        probs = crop_probs(teacher, images_u8, k, size, scale, gen, stats[0])
         spread = crop_prob_spread(probs)
         report.update(teacher_crop_trace_mean=spread.mean().item(), teacher_crop_trace_median=spread.median().item(),
                       teacher_crop_mismatch=(probs.argmax(2) != labels[:, None].cpu()).float().mean().item())
-    pair = crop_probs(student, images_u8, 2, size, scale, gen)
+    pair = crop_probs(student, images_u8, 2, size, scale, gen, stats[1])
     report["student_crop_js_mean"] = js_divergence(pair[:, 0], pair[:, 1]).mean().item()
     return report
 
@@ -907,7 +969,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val: dict, device: torch.device, batch_size: int = 500, rank: int = 0, world: int = 1):
+def evaluate(model: nn.Module, val: dict, device: torch.device, stats=NORMALIZATIONS["imagenet"], batch_size: int = 500, rank: int = 0, world: int = 1):
     """Top-1 and top-5 accuracy (%) on the validation set, in batches (sharded over ranks under torchrun)."""
     was_training = model.training
     model.eval()
@@ -916,7 +978,7 @@ def evaluate(model: nn.Module, val: dict, device: torch.device, batch_size: int 
             torch.distributed.broadcast(b, 0)
     correct = torch.zeros(2, dtype=torch.long, device=device)
     for s in range(rank * batch_size, len(val["labels"]), world * batch_size):  # rank r: batches r, r + world, ...
-        x = normalize(val["images"][s:s + batch_size].to(device, non_blocking=True))
+        x = normalize(val["images"][s:s + batch_size].to(device, non_blocking=True), *stats)
         y = val["labels"][s:s + batch_size].to(device)
         with autocast(device):
             logits = model(model_layout(x))
@@ -940,26 +1002,38 @@ def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.G
     return drawn
 
 
-def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: Config, size: int, num_classes: int,
-              log=print, rank: int = 0, world: int = 1):
-    """One epoch of the soft, hard or hybrid phase; returns the mean loss as a 0-dim tensor.
+def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict, cache=None, pool=None, *,
+              batch_size: int = 16, size: int = 0, temperature: float = 20.0, smoothing: float = 0.8, crop_scale: float = 0.08,
+              cutmix: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, hybrid_lambda: float = 1.0, hybrid_crops: str = "fresh",
+              hybrid_t2: bool = False, log=print, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """One epoch (one pass over the images) of the soft, hard or hybrid phase; returns the mean loss (0-dim tensor).
 
-    soft: replay whole stored batches with their teacher labels; hard: fresh crops + CutMix of
-    a shuffled pass, label-smoothed targets; hybrid: the stored batch with its soft labels plus
-    hard targets on fresh crops of the same images (or on the stored crops themselves).
-    Under torchrun (net wrapped in DDP) every rank draws the same global batch and trains on its
-    slice, weighted so that the averaged gradient is the one of the whole batch."""
-    n, B, device = len(images_u8), cfg.batch_size, images_u8.device
+    soft: whole stored batches of `cache` (a SoftLabelCache) with their teacher labels, drawn from `pool` (a list
+    kept across epochs, empty at the start); hard: fresh crops + CutMix of a shuffled pass, label-smoothed targets;
+    hybrid: the stored batch with its soft labels plus hard targets on fresh crops of the same images (or on the
+    stored crops themselves). images (N, 3, H, W) uint8 or float in [0, 1] units, labels (N,) on one device; gens:
+    CPU generators "pool" and "hard"; size: crop size (0: the images' height). Defaults are the authors' values.
+    Under torchrun (net wrapped in DDP) every rank draws the same global batch and trains on its slice, weighted
+    so that the averaged gradient is the one of the whole batch."""
+    if phase not in ("soft", "hard", "hybrid"):
+        raise HaldError(f"phase must be soft, hard or hybrid, got {phase!r}")
+    if phase != "hard" and (cache is None or pool is None):
+        raise HaldError(f"the {phase} phase replays stored batches: pass cache (a SoftLabelCache) and pool (a list, [] at first)")
+    if phase != "hard" and cache.batch_size != batch_size:
+        raise HaldError(f"the cache stores batches of {cache.batch_size} images but batch_size is {batch_size}: "
+                        f"train with the batch size the cache was built with")
+    n, B, device, (H, W) = len(images), batch_size, images.device, images.shape[-2:]
+    size = size or H
     steps = math.ceil(n / B)  # one pass over the images, whatever the phase
     if phase == "hard":
         order = torch.randperm(n, generator=gens["hard"]).to(device)
     else:
         chosen = draw_soft_batches(pool, steps, len(cache), gens["pool"])
-    fresh = phase == "hard" or (phase == "hybrid" and cfg.hybrid_crops == "fresh")
+    fresh = phase == "hard" or (phase == "hybrid" and hybrid_crops == "fresh")
     if fresh:  # the epoch's fresh crops and CutMix boxes, drawn at once
-        boxes, flips = sample_crops(steps * B, size, size, gens["hard"], scale=(cfg.crop_scale, 1.0))
+        boxes, flips = sample_crops(steps * B, H, W, gens["hard"], scale=(crop_scale, 1.0))
         boxes, flips = boxes.to(device), flips.to(device)
-        cuts = sample_cutmix_boxes(steps, size, size, gens["hard"]).to(device) if cfg.cutmix else [None] * steps
+        cuts = sample_cutmix_boxes(steps, size, size, gens["hard"]).to(device) if cutmix else [None] * steps
     total, shown = torch.zeros((), device=device), time.time()
     for k in range(steps):
         if time.time() - shown > 30:  # long epochs (a teacher on a full training set) show progress
@@ -969,26 +1043,26 @@ def run_epoch(phase: str, net, opt, images_u8, labels, cache, pool, gens, cfg: C
         if phase == "hard":
             index = order[k * B:(k + 1) * B]
         else:
-            x_soft, probs, index, partner, cut = cache.batch(chosen[k], images_u8)
+            x_soft, probs, index, partner, cut = cache.batch(chosen[k], images, mean, std)
         if fresh:  # new crops + flips of the images, CutMix with the batch in reverse order (timm's partner)
             cut, rows = cuts[k], slice(k * B, k * B + len(index))
             partner = None if cut is None else torch.arange(len(index) - 1, -1, -1, device=device)
-            x_hard = replay(images_u8, index, boxes[rows], flips[rows], partner, cut, size)
+            x_hard = replay(images, index, boxes[rows], flips[rows], partner, cut, size, mean, std)
         if phase != "soft":  # hybrid on stored crops keeps the stored partner and box
             lam = cutmix_lambda(cut, size, size) if cut is not None else 1.0
-            targets = mixed_targets(labels[index], num_classes, cfg.label_smoothing, partner, lam)
+            targets = mixed_targets(labels[index], num_classes, smoothing, partner, lam)
         if world > 1:  # CutMix partners sit anywhere in the global batch, so each rank builds all of it
             x_soft, probs, x_hard, targets = (t if t is None else t.tensor_split(world)[rank] for t in (x_soft, probs, x_hard, targets))
         x = torch.cat([t for t in (x_soft, x_hard) if t is not None])  # one forward for both terms of the hybrid
         with autocast(device):
             logits = net(model_layout(x))
         if phase == "soft":
-            loss = soft_loss(logits, probs, cfg.temperature)
+            loss = soft_loss(logits, probs, temperature)
         elif phase == "hard":
             loss = hard_loss(logits, targets)
         else:
             soft_logits, hard_logits = logits.split(len(x_soft)) if x_hard is not None else (logits, logits)
-            loss = hybrid_loss(soft_logits, probs, cfg.temperature, hard_logits, targets, cfg.hybrid_lambda, cfg.hybrid_t2)
+            loss = hybrid_loss(soft_logits, probs, temperature, hard_logits, targets, hybrid_lambda, hybrid_t2)
         if world > 1:  # DDP averages over ranks: weight each slice by its share of the global batch
             loss = loss * (world * len(x_soft if x_soft is not None else x_hard) / len(index))
         opt.zero_grad(set_to_none=True)
@@ -1065,6 +1139,8 @@ def resolve_settings(cfg: Config, num_classes: int) -> Config:
 def with_demo_defaults(cfg: Config) -> Config:
     """The bundled demo's files only when --data is not given: a user's own data never meets the demo's
     teacher or validation images by accident."""
+    if not cfg.data and not DEMO.is_dir():  # an installed hald (pip install .): the demo stays in the checkout
+        raise HaldError("--data is missing: give --data, --val and --teacher (the bundled demo runs from a checkout: python hald.py)")
     if not cfg.data:
         return dataclasses.replace(cfg, data=str(DEMO / "distilled"), val=cfg.val or str(DEMO / "val"),
                                    teacher=cfg.teacher or str(DEMO / "teacher.pt"))
@@ -1126,11 +1202,11 @@ def soft_labels(cfg: Config, teacher, images_u8, labels, classes, val, device, g
     """The teacher (load_teacher's model, identity and class names) checked against the data, then the soft-label
     cache built or reused. Returns teacher, cache, its size in bytes and the teacher check's figures."""
     size, out = images_u8.shape[-1], Path(cfg.out)
-    teacher, teacher_id, teacher_classes = teacher
+    teacher, teacher_id, teacher_classes, stats = teacher
     teacher = teacher.to(device).eval()
     check = {}
     if cfg.check_teacher:
-        check = teacher_check(teacher, images_u8, labels, val, device, rank=rank, world=world)
+        check = teacher_check(teacher, images_u8, labels, val, device, stats, rank=rank, world=world)
         log(f"teacher check: agrees with the folder labels of --data on {check['teacher_agreement']:.1f} % of the "
             f"{len(images_u8)} images; top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on "
             f"{check['teacher_check_val_images']:,} of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")
@@ -1145,18 +1221,20 @@ def soft_labels(cfg: Config, teacher, images_u8, labels, classes, val, device, g
                   passes=cfg.slc // cfg.ipc, image_size=size, batch_size=cfg.batch_size, temperature=cfg.temperature,
                   teacher=teacher_id, teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3],
                   cutmix=cfg.cutmix, seed=cfg.seed, images_sha256=tensors_digest({"images": images_u8, "labels": labels}),
-                  values="probs", label_topk=cfg.label_topk, label_bits=cfg.label_bits)
+                  values="probs", label_topk=cfg.label_topk, label_bits=cfg.label_bits,
+                  **({"teacher_mean_std": stats} if stats != NORMALIZATIONS["imagenet"] else {}))  # older caches stay valid
     header["fingerprint"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
-    names = dict(teacher_classes=teacher_classes, val_classes=val["classes"])  # for the reader, not the fingerprint
     cache_path = Path(cfg.cache or out / "soft_labels.pt")
     if cache_path.exists() and not cfg.rebuild_cache:
-        cache = SoftLabelCache.load(cache_path, header)
-        cache.header.update(names)
+        cache = load_cache(cache_path, header)
         log(f"reusing soft-label cache {cache_path}")
     else:
-        cache = SoftLabelCache.build(teacher, images_u8, {**header, **names}, gens["relabel"], log, rank, world)
-        if rank == 0:
-            cache.save(cache_path)
+        cache = SoftLabelCache.build(teacher, images_u8, size=size, crops_per_image=cfg.slc // cfg.ipc, batch_size=cfg.batch_size,
+                                     temperature=cfg.temperature, gen=gens["relabel"], crop_scale=cfg.crop_scale, cutmix=cfg.cutmix,
+                                     teacher_mode=cfg.teacher_mode, mean=stats[0], std=stats[1], log=log, rank=rank, world=world)
+        packed = compact_labels_(cache, cfg.label_topk, cfg.label_bits)
+        if rank == 0:  # for the reader, beside the fingerprint: the class names of the teacher and of --val
+            save_cache(cache, packed, {**header, "teacher_classes": teacher_classes, "val_classes": val["classes"]}, cache_path)
     cache_bytes = cache_path.stat().st_size if rank == 0 else 0
     log(f"soft labels: {len(cache.probs)} ({cfg.slc} per class) in {cache_bytes:,} bytes = {cache_bytes / len(cache.probs):.0f} bytes/label")
     return teacher, cache.to(device), cache_bytes, check
@@ -1184,6 +1262,10 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
     out, size, C = Path(cfg.out), images_u8.shape[-1], len(val["classes"])
     out.mkdir(parents=True, exist_ok=True)
     phases = [phase for phase, count in schedule for _ in range(count)]
+    stats = mean_std_of(cfg.normalize)
+    epoch_settings = dict(batch_size=cfg.batch_size, size=size, temperature=cfg.temperature, smoothing=cfg.label_smoothing,
+                          crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, mean=stats[0], std=stats[1], hybrid_lambda=cfg.hybrid_lambda,
+                          hybrid_crops=cfg.hybrid_crops, hybrid_t2=cfg.hybrid_t2)
     run_id = run_fingerprint(cfg)
     pool, history, first = [], [], 0
     if cfg.resume and (out / "checkpoint.pt").exists():
@@ -1197,12 +1279,12 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
         phase, t0 = phases[epoch], time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
-        loss = run_epoch(phase, net, opt, images_u8, labels, cache, pool, gens, cfg, size, C, log, rank, world).item()
+        loss = run_epoch(phase, net, opt, images_u8, labels, C, gens, cache, pool, **epoch_settings, log=log, rank=rank, world=world).item()
         if not math.isfinite(loss):
             raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr")
         row = {"epoch": epoch + 1, "phase": phase, "loss": loss, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
         if epoch + 1 == len(phases) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):  # and always the last
-            row["top1"], row["top5"] = evaluate(model, val, device, rank=rank, world=world)
+            row["top1"], row["top5"] = evaluate(model, val, device, stats, rank=rank, world=world)
         history.append(row)
         if rank == 0:
             save_state(out / "checkpoint.pt", run_id, model, opt, epoch + 1, pool, gens, history)
@@ -1251,11 +1333,13 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
         log(f"note: {cfg.slc // cfg.ipc} stored crops per image: up to {AUTO_MEASURED_CLASSES} classes HALD and soft-only were "
             f"within about a point of each other at 2 and soft-only won by 8 to 13 points at 10 with every BatchNorm "
             f"student measured (README: When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them")
-    teacher = load_teacher(cfg.teacher, classes, size, log, cfg.teacher_arch) if soft else None  # a misfit found early
+    stats = mean_std_of(cfg.normalize)
+    teacher = load_teacher(cfg.teacher, classes, size, stats, log, cfg.teacher_arch) if soft else None  # a misfit found early
     val = load_val(cfg.val, classes, size, device, cfg.val_storage, Path(cfg.out), log)
     images_u8, labels = images_u8.to(device), labels.to(device)
-    cache, cache_bytes, check = None, 0, {}
+    cache, cache_bytes, check, teacher_classes, teacher_stats = None, 0, {}, None, None
     if soft:
+        teacher_classes, teacher_stats = teacher[2:]
         teacher, cache, cache_bytes, check = soft_labels(cfg, teacher, images_u8, labels, classes, val, device, gens, rank, world, log)
     model, net, opt = build_student(cfg, C, size, device, world, log)
     history, resumed = fit(cfg, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log, later)
@@ -1266,16 +1350,16 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     best = max((row["top1"], row["epoch"]) for row in evals)
     drift = {}
     if cfg.drift_crops:
-        drift = drift_report(teacher, model, images_u8, labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"])
+        drift = drift_report(teacher, model, images_u8, labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"], (teacher_stats, stats))
         log("drift: " + ", ".join(f"{k} {v:.4g}" for k, v in drift.items()))
     if cfg.save_model:
-        save_checkpoint(model, cfg.model, classes, size, cfg.save_model)
+        save_checkpoint(model, cfg.model, classes, size, cfg.save_model, stats)
     seconds = time.time() - start + sum(row["seconds"] for row in history[:resumed])  # with the epochs of earlier starts
     summary = {"final_top1": top1, "final_top5": top5, "best_top1": best[0], "best_epoch": best[1],
                "schedule": [list(p) for p in schedule], "soft_labels_per_class": cfg.slc if cache else 0,
                "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
                **check, "drift": drift, "seconds": seconds, "config": dataclasses.asdict(cfg),
-               "classes": {"data": classes, "val": val["classes"], "teacher": cache.header.get("teacher_classes") if cache else None},
+               "classes": {"data": classes, "val": val["classes"], "teacher": teacher_classes},
                "versions": {"python": platform.python_version(), "torch": torch.__version__, **code_version()},
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
     save_atomic(json.dumps(summary, indent=2), out / "summary.json")
@@ -1327,7 +1411,8 @@ def comparison(schedules: list[str], summaries: list[dict]) -> str:
 def run_fingerprint(cfg: Config) -> str:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
     same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
-            "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and not (k == "teacher_arch" and not v)}  # as before these flags
+            "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and not (k == "teacher_arch" and not v)
+            and not (k == "normalize" and v == "imagenet")}  # at their defaults, newer flags leave older fingerprints as they were
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
 
 
@@ -1418,9 +1503,10 @@ def evaluate_file(cfg: Config, log=print) -> dict:
         size = val["images"].shape[-1]
         layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # as the student was evaluated
         model = model_from_weights(weights, len(classes), size, f"model {cfg.evaluate}").to(device, memory_format=layout)
-        top1, top5 = evaluate(model, val, device)
+        stats = weights["stats"] or mean_std_of(cfg.normalize)  # a hald.py checkpoint's own, else --normalize
+        top1, top5 = evaluate(model, val, device, stats)
     result = {"model": cfg.evaluate, "identity": weights["identity"], "arch": weights["arch"], "image_size": size,
-              "val": cfg.val, "val_images": len(val["labels"]), "top1": top1, "top5": top5}
+              "mean": list(stats[0]), "std": list(stats[1]), "val": cfg.val, "val_images": len(val["labels"]), "top1": top1, "top5": top5}
     log(f"evaluate {cfg.evaluate} ({weights['arch']}, {size} px) on the {len(val['labels']):,} images of --val {cfg.val}: "
         f"top-1 {top1:.2f} %, top-5 {top5:.2f} %")
     if cfg.out:

@@ -65,8 +65,10 @@ def test_explicit_schedule_and_bad_specs():
     for bad in ["soft:75,hard:100", "soft:10,warm:290", "shs2", "", "soft:-3", "alt-hard-3n", "hard:300,"]:
         with pytest.raises(hald.HaldError):
             hald.build_schedule(bad, 300, 150, 1)
-    with pytest.raises(hald.HaldError, match="soft-epochs"):
+    with pytest.raises(hald.HaldError, match="soft_epochs 11 must be between 0 and epochs 10"):
         hald.build_schedule("shs", 10, 11, 1)
+    assert hald.build_schedule("shs", 300) == [("soft", 75), ("hard", 150), ("soft", 75)]  # soft_epochs None: the authors' half
+    assert issubclass(hald.HaldError, ValueError)
 
 
 def test_lr_schedule_ends_near_half_with_eta_2():
@@ -205,16 +207,19 @@ def tiny_cache(passes=3, n=10, batch=4, cutmix=True, mode="train"):
     torch.manual_seed(0)
     teacher = hald.build_model("convnet_bn8", 5, 16)
     images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8)
-    header = dict(format=hald.CACHE_FORMAT, num_images=n, passes=passes, image_size=16, batch_size=batch, classes=list("abcde"),
-                  temperature=4.0, teacher_mode=mode, crop_scale=0.08, cutmix=cutmix, label_topk=0, label_bits=16, fingerprint="f" * 64)
-    return hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(1), log=lambda *_: None), teacher, images
+    cache = hald.SoftLabelCache.build(teacher, images, size=16, crops_per_image=passes, batch_size=batch, temperature=4.0,
+                                      gen=torch.Generator().manual_seed(1), cutmix=cutmix, teacher_mode=mode, log=lambda *_: None)
+    return cache, teacher, images
+
+
+TINY_HEADER = dict(format=hald.CACHE_FORMAT, num_images=10, passes=3, image_size=16, batch_size=4, classes=list("abcde"), cutmix=True,
+                   fingerprint="f" * 64)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_cache_holds_exactly_slc_labels_and_replays_to_the_same_labels(mode):
     cache, teacher, images = tiny_cache(mode=mode)
-    t = cache.tensors
-    assert len(cache.probs) == 3 * 10 and torch.equal(torch.bincount(t["index"].long(), minlength=10), torch.full((10,), 3))
+    assert len(cache.probs) == 3 * 10 and torch.equal(torch.bincount(cache.index.long(), minlength=10), torch.full((10,), 3))
     torch.testing.assert_close(cache.probs.float().sum(1), torch.ones(30), atol=3e-3, rtol=0)
     assert [e - s for s, e in cache.batches] == [4, 4, 2] * 3
     hald.bn_train_mode(teacher, mode == "train")
@@ -231,37 +236,80 @@ def test_relabel_leaves_the_teacher_unchanged():
     teacher = hald.build_model("convnet_bn8", 5, 16)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
-    header = dict(num_images=8, passes=2, image_size=16, batch_size=4, temperature=4.0, teacher_mode="train",
-                  crop_scale=0.08, cutmix=True, classes=list("abcde"), label_topk=0, label_bits=16)
-    hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(0), log=lambda *_: None)
+    hald.SoftLabelCache.build(teacher, images, size=16, crops_per_image=2, batch_size=4, temperature=4.0, gen=torch.Generator().manual_seed(0),
+                              log=lambda *_: None)
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     assert not teacher.training
 
 
-def test_cache_round_trip_and_refusals(tmp_path):
-    cache, _, _ = tiny_cache()
-    path = tmp_path / "cache.pt"
-    size = cache.save(path)
+@pytest.mark.parametrize("cutmix", [True, False])
+def test_cache_round_trip_and_refusals(tmp_path, cutmix):
+    cache, _, images = tiny_cache(cutmix=cutmix)
+    path, header = tmp_path / "cache.pt", {**TINY_HEADER, "cutmix": cutmix, "temperature": 4.0}
+    size = hald.save_cache(cache, hald.compact_labels_(cache), header, path)
     assert size == path.stat().st_size and not list(tmp_path.glob(".*tmp"))
-    loaded = hald.SoftLabelCache.load(path, cache.header)
-    assert all(torch.equal(loaded.tensors[k], cache.tensors[k]) for k in hald.SoftLabelCache.TENSORS if k != "labels")
-    assert torch.equal(loaded.tensors["labels"]["values"], cache.tensors["labels"]["values"])
-    assert torch.equal(loaded.probs, cache.probs)
+    loaded = hald.load_cache(path, header)
+    for name in ("index", "boxes", "flips", "partner", "cut", "probs"):
+        assert (getattr(loaded, name) is None) if name == "cut" and not cutmix else torch.equal(getattr(loaded, name), getattr(cache, name))
+    assert all(torch.equal(a, b) for k in range(len(cache)) for a, b in zip(loaded.batch(k, images)[:2], cache.batch(k, images)[:2]))
     with pytest.raises(hald.HaldError, match="other settings.*temperature"):
-        hald.SoftLabelCache.load(path, {**cache.header, "temperature": 3.0, "fingerprint": "0" * 64})
+        hald.load_cache(path, {**header, "temperature": 3.0, "fingerprint": "0" * 64})
     path.write_bytes(path.read_bytes()[: size // 2])  # truncated
     with pytest.raises(hald.HaldError, match="cannot load"):
-        hald.SoftLabelCache.load(path, cache.header)
+        hald.load_cache(path, header)
 
 
 def test_cache_with_altered_labels_is_detected(tmp_path):
     cache, _, _ = tiny_cache()
-    cache.save(tmp_path / "c.pt")
+    hald.save_cache(cache, hald.compact_labels_(cache), TINY_HEADER, tmp_path / "c.pt")
     blob = torch.load(tmp_path / "c.pt", weights_only=True)
     blob["labels"]["values"][0, 0] += 1
     torch.save(blob, tmp_path / "c.pt")
     with pytest.raises(hald.HaldError, match="corrupted"):
-        hald.SoftLabelCache.load(tmp_path / "c.pt", cache.header)
+        hald.load_cache(tmp_path / "c.pt", TINY_HEADER)
+
+
+def test_cache_of_float_images_of_another_size_with_own_statistics():
+    """The library use: float images in [0, 1] units (values outside kept), not square, at another size than the
+    crops, and the teacher's own mean and std: the stored labels are what the teacher says of the replayed crops."""
+    torch.manual_seed(0)
+    teacher = hald.build_model("convnet_bn8", 5, 12)
+    images = torch.rand(9, 3, 20, 28) * 1.4 - 0.2
+    mean, std = hald.NORMALIZATIONS["cifar10"]
+    cache = hald.SoftLabelCache.build(teacher, images, size=12, crops_per_image=2, batch_size=3, temperature=2.0, teacher_mode="eval",
+                                      gen=torch.Generator().manual_seed(0), mean=mean, std=std, log=lambda *_: None)
+    assert [e - s for s, e in cache.batches] == [3] * 6 and cache.probs.shape == (18, 5)
+    with torch.no_grad():
+        for k in range(len(cache)):
+            x, probs, *_ = cache.batch(k, images, mean, std)
+            assert x.shape == (3, 3, 12, 12)
+            torch.testing.assert_close(F.softmax(teacher(x) / 2.0, 1), probs, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature > 0"), (dict(crops_per_image=0), "crops_per_image >= 1"),
+    (dict(teacher_mode="batch"), "teacher_mode must be")])
+def test_cache_refuses_bad_arguments_in_library_words(kwargs, message):
+    args = dict(size=16, crops_per_image=1, batch_size=4, temperature=4.0, gen=torch.Generator()) | kwargs
+    with pytest.raises(ValueError, match=message):
+        hald.SoftLabelCache.build(hald.build_model("convnet8", 5, 16), torch.zeros(4, 3, 16, 16, dtype=torch.uint8), **args)
+
+
+def test_pieces_check_their_inputs():
+    """Bad values from a foreign trainer fail loudly, where before they trained silently (smoothing -1 gave targets
+    [1.75, -0.25, ...]) or replayed part of the cache (a batch size other than the stored batches')."""
+    with pytest.raises(ValueError, match=r"smoothing must be in \[0, 1\), got -1"):
+        hald.smooth_one_hot(torch.tensor([0]), 4, -1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        hald.soft_loss(torch.zeros(2, 3), torch.full((2, 3), 1 / 3), 0.0)
+    cache, _, images = tiny_cache()
+    net = hald.build_model("convnet8", 5, 16)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    gens = {"pool": torch.Generator(), "hard": torch.Generator()}
+    with pytest.raises(ValueError, match="cache stores batches of 4 images but batch_size is 8"):
+        hald.run_epoch("soft", net, opt, images, torch.zeros(10, dtype=torch.long), 5, gens, cache, [], batch_size=8)
+    with pytest.raises(ValueError, match="pass cache"):
+        hald.run_epoch("soft", net, opt, images, torch.zeros(10, dtype=torch.long), 5, gens, batch_size=4)
 
 
 @given(L=st.integers(1, 20), C=st.integers(2, 40), k_frac=st.floats(0, 1), bits=st.sampled_from([8, 16]),
@@ -832,8 +880,7 @@ def test_bench_device_indexed_replay_equals_cache_batch():
     import bench
 
     images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    cache = hald.SoftLabelCache.build(hald.build_model("convnet8", 3, 16), images, bench.cache_header(10, 16, 4, 3),
-                                      torch.Generator().manual_seed(0), log=lambda *_: None)
+    cache = bench.build_cache(hald.build_model("convnet8", 3, 16), images, 4)
     full = bench.full_batches(cache, images.device)
     assert full[0].tolist() == [0, 1]  # 10 images = 4 + 4 + 2: the last batch is not full
     for j, k in enumerate(full[0].tolist()):
@@ -1033,3 +1080,160 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
     bad = subprocess.run([*launch, str(HERE / "hald.py"), *tiny_args(tiny, tmp_path / "bad", "--batch-size", "3")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and bad.stderr.count("hald: error: --batch-size 3 is the global batch") == 1  # said once
+
+
+# --------------------------------------------------------------------------- copy-paste
+def readme_copy_table() -> dict:
+    """The README's copy table: piece -> (names, lines stated)."""
+    text = (HERE / "README.md").read_text()
+    table = text[text.index("<!-- copy table -->"):text.index("<!-- end of copy table -->")]
+    rows = {}
+    for line in table.splitlines()[3:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]  # "the names of *crops*": that row's names too
+        names = [n for row in re.findall(r"\*([\w -]+)\*", cells[1]) for n in rows[row][0]] + re.findall(r"`(\w+)`", cells[1])
+        rows[cells[0]] = (sorted(set(names)), int(cells[2]))
+    return rows
+
+
+def lift(names: list):
+    """The named top-level definitions taken out of hald.py's source as text, executed in a fresh namespace that holds
+    only hald.py's imports (the standard library and torch) and them; returns the namespace and their line count."""
+    import ast
+    import builtins
+    import dis
+
+    source = (HERE / "hald.py").read_text()
+    tree = ast.parse(source)
+
+    def name_of(node):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            return node.name
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            return node.targets[0].id
+
+    lines = source.splitlines()
+    chosen = [n for n in tree.body if name_of(n) in names]
+    assert sorted({name_of(n) for n in chosen}) == sorted(set(names)), "a name of the table is not defined at the top of hald.py"
+    spans = [(min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]), n.end_lineno) for n in chosen]
+    pasted = "\n\n".join("\n".join(lines[a - 1:b]) for a, b in spans)
+    imports = "\n".join(ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)))
+    assert all(m.split(".")[0] in sys.stdlib_module_names | {"torch"} for m in re.findall(r"^(?:from|import) ([\w.]+)", imports, re.M))
+    namespace = {"__name__": "pasted"}
+    exec(compile(imports + "\n\n" + pasted, "pasted.py", "exec"), namespace)  # no `from __future__ import annotations`
+
+    def globals_used(code):
+        names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+        return names.union(*(globals_used(c) for c in code.co_consts if hasattr(c, "co_code")))
+
+    missing = globals_used(compile(pasted, "pasted.py", "exec")) - set(namespace) - set(dir(builtins))
+    assert not missing, f"the pasted names need {sorted(missing)} too: add them to the README's copy table"
+    return namespace, sum(b - a + 1 for a, b in spans)
+
+
+def use_crops(p, g):
+    boxes, flips = p["sample_crops"](5, 20, 24, g)
+    images = torch.rand(5, 3, 20, 24)
+    crops = p["crop_resize"](images, boxes, flips, 8)
+    assert crops.shape == (5, 3, 8, 8) and torch.equal(crops, hald.crop_resize(images, boxes, flips, 8))
+
+
+def use_cutmix(p, g):
+    box = p["sample_cutmix_boxes"](1, 16, 16, g)[0]
+    images = torch.rand(4, 3, 16, 16)
+    mixed = p["paste_cutmix_"](images.clone(), torch.arange(3, -1, -1), box)
+    assert torch.equal(mixed, hald.paste_cutmix_(images.clone(), torch.arange(3, -1, -1), box))
+    assert p["cutmix_lambda"](box, 16, 16) == hald.cutmix_lambda(box, 16, 16)
+
+
+def use_losses(p, g):
+    logits, probs, labels = torch.randn(4, 6, generator=g), F.softmax(torch.randn(4, 6, generator=g), 1), torch.tensor([0, 5, 2, 2])
+    targets = p["mixed_targets"](labels, 6, 0.8, torch.arange(3, -1, -1), 0.7)
+    assert torch.equal(targets, hald.mixed_targets(labels, 6, 0.8, torch.arange(3, -1, -1), 0.7))
+    assert torch.equal(p["hard_loss"](logits, targets), hald.hard_loss(logits, targets))
+    assert torch.equal(p["hybrid_loss"](logits, probs, 4.0, logits, targets, 0.5), hald.hybrid_loss(logits, probs, 4.0, logits, targets, 0.5))
+    with pytest.raises(ValueError):
+        p["smooth_one_hot"](labels, 6, 1.0)
+
+
+def use_schedule(p, g):
+    assert p["build_schedule"]("shs", 300) == [("soft", 75), ("hard", 150), ("soft", 75)]
+    assert p["build_schedule"]("alt-soft-n", 10, 5, 3) == hald.build_schedule("alt-soft-n", 10, 5, 3)
+    assert p["lr_at"](150, 1e-3, 300, 2) == hald.lr_at(150, 1e-3, 300, 2)
+    assert sorted(p["draw_soft_batches"]([], 7, 7, g)) == list(range(7))
+
+
+def tiny_setup():
+    torch.manual_seed(0)
+    return hald.build_model("convnet_bn8", 5, 16), torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8), torch.arange(5).repeat(2)
+
+
+def use_cache(p, g):
+    teacher, images, _ = tiny_setup()
+    args = dict(size=16, crops_per_image=2, batch_size=4, temperature=4.0, log=lambda *_: None)
+    pasted = p["SoftLabelCache"].build(teacher, images, gen=torch.Generator().manual_seed(3), **args)
+    ours = hald.SoftLabelCache.build(teacher, images, gen=torch.Generator().manual_seed(3), **args)
+    assert torch.equal(pasted.probs, ours.probs) and len(pasted) == 6
+    assert all(torch.equal(a, b) for a, b in zip(pasted.batch(5, images)[:2], ours.batch(5, images)[:2]))
+
+
+def use_epoch(p, g):
+    teacher, images, labels = tiny_setup()
+    trained = []
+    for space in (p, vars(hald)):
+        cache = space["SoftLabelCache"].build(teacher, images, size=16, crops_per_image=1, batch_size=4, temperature=4.0,
+                                              gen=torch.Generator().manual_seed(0), log=lambda *_: None)
+        torch.manual_seed(1)
+        net = hald.build_model("convnet8", 5, 16)
+        opt, pool = torch.optim.AdamW(net.parameters(), 1e-3), []
+        gens = {"pool": torch.Generator().manual_seed(1), "hard": torch.Generator().manual_seed(2)}
+        for phase in ("soft", "hard", "hybrid"):
+            space["run_epoch"](phase, net, opt, images, labels, 5, gens, cache, pool, batch_size=4, temperature=4.0, smoothing=0.1)
+        trained.append(torch.cat([v.flatten() for v in net.state_dict().values()]))
+    assert torch.equal(*trained)
+
+
+def use_cache_file(p, g, tmp_path):
+    teacher, images, _ = tiny_setup()
+    cache = hald.SoftLabelCache.build(teacher, images, size=16, crops_per_image=1, batch_size=4, temperature=4.0, gen=g, log=lambda *_: None)
+    header = dict(format=hald.CACHE_FORMAT, num_images=10, passes=1, image_size=16, batch_size=4, classes=list("abcde"), cutmix=True,
+                  fingerprint="f" * 64)
+    p["save_cache"](cache, p["compact_labels_"](cache, 3, 8), header, tmp_path / "c.pt")
+    loaded = hald.load_cache(tmp_path / "c.pt", header)  # the pasted writer and hald.py's reader agree
+    assert torch.equal(loaded.probs, cache.probs) and torch.equal(p["load_cache"](tmp_path / "c.pt", header).probs, cache.probs)
+
+
+USES = {"crops": use_crops, "CutMix": use_cutmix, "losses": use_losses, "schedule": use_schedule, "soft-label cache": use_cache,
+        "epoch loop": use_epoch, "cache file": use_cache_file}
+
+
+@pytest.mark.parametrize("piece", list(USES))
+def test_every_row_of_the_readme_copy_table_runs_alone(piece, tmp_path):
+    rows = readme_copy_table()
+    assert set(rows) == set(USES), "every row of the README's copy table is tested here, and only those"
+    names, stated = rows[piece]
+    pasted, lines = lift(names)
+    assert lines == stated, f"the README says {stated} lines for {piece}, the names take {lines}: update the table"
+    g = torch.Generator().manual_seed(0)
+    USES[piece](pasted, g, tmp_path) if piece == "cache file" else USES[piece](pasted, g)
+
+
+def test_the_example_trains_a_torchvision_model_with_the_pieces():
+    run = subprocess.run([sys.executable, str(HERE / "examples" / "hald_in_your_loop.py"), "--epochs", "4"], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    phases = re.findall(r"^epoch \d+/4 (\w+) loss ([\d.]+)$", run.stdout, re.M)
+    assert [p for p, _ in phases] == ["soft", "hard", "hard", "soft"] and all(math.isfinite(float(v)) for _, v in phases)
+    assert re.search(r"^top-1 [\d.]+ %, top-5 [\d.]+ % on the 10-class demo", run.stdout, re.M)
+
+
+def test_pip_install_gives_the_module_and_a_hald_command(tmp_path, capsys, monkeypatch):
+    """pyproject.toml installs hald.py as a module with a `hald` command (hald.main); installed, without the checkout's
+    demo beside it, a run without --data says what to give."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((HERE / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["py-modules"] == ["hald"] and project["project"]["scripts"] == {"hald": "hald:main"}
+    names = lambda specs: {re.split(r"[<>=]", d)[0] for d in specs}  # noqa: E731
+    assert names(project["project"]["dependencies"]) <= names((HERE / "requirements.txt").read_text().split())
+    monkeypatch.setattr(hald, "DEMO", tmp_path / "not-installed")
+    assert hald.main(["--out", str(tmp_path / "out")]) == 2
+    assert "--data is missing" in capsys.readouterr().err and not (tmp_path / "out").exists()

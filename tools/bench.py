@@ -79,17 +79,17 @@ def ratio_keys(key: str, ceiling: list[float], work: list[float], broken: list[s
 
 def naive_replay(images_u8, cache, k, size):
     """The authors' way: crop, resize and flip image by image in Python, stack, then CutMix."""
-    (s, e), t = cache.batches[k], cache.tensors
+    s, e = cache.batches[k]
     crops = []
     for i in range(s, e):
-        image = hald.normalize(images_u8[t["index"][i].long()][None])[0]
+        image = hald.normalize(images_u8[cache.index[i].long()][None])[0]
         H, W = image.shape[-2:]
-        top, left, h, w = (t["boxes"][i] * torch.tensor([H, W, H, W], device=image.device)).round().int().tolist()
+        top, left, h, w = (cache.boxes[i] * torch.tensor([H, W, H, W], device=image.device)).round().int().tolist()
         crop = TF.resized_crop(image, top, left, h, w, [size, size], antialias=False)
-        crops.append(TF.hflip(crop) if t["flips"][i] else crop)
+        crops.append(TF.hflip(crop) if cache.flips[i] else crop)
     x = torch.stack(crops)
-    y0, y1, x0, x1 = t["cut"][k].tolist()
-    x[:, :, y0:y1, x0:x1] = x[t["partner"][s:e].long()][:, :, y0:y1, x0:x1]
+    y0, y1, x0, x1 = cache.cut[k].tolist()
+    x[:, :, y0:y1, x0:x1] = x[cache.partner[s:e].long()][:, :, y0:y1, x0:x1]
     return x
 
 
@@ -100,18 +100,17 @@ def replay_vs_naive(images, cache, size: int, device, repeats: int) -> tuple[flo
     return len(images) / statistics.median(t["ours"]), len(images) / statistics.median(t["naive"])
 
 
-def cache_header(n: int, size: int, batch_size: int, classes: int) -> dict:
-    """A soft-label cache header for n synthetic images: one pass, T 20, CutMix, full fp16 labels."""
-    return dict(num_images=n, passes=1, image_size=size, batch_size=batch_size, temperature=T, teacher_mode="train",
-                crop_scale=0.08, cutmix=True, classes=[str(c) for c in range(classes)], label_topk=0, label_bits=16)
+def build_cache(teacher, images, batch_size: int):
+    """A soft-label cache of one pass over the images: T 20, CutMix, a train-mode teacher, full fp16 labels."""
+    return hald.SoftLabelCache.build(teacher, images, size=images.shape[-1], crops_per_image=1, batch_size=batch_size, temperature=T,
+                                     gen=torch.Generator().manual_seed(0), log=lambda *_: None)
 
 
 def replay_at_size(size: int, n: int, classes: int, batch_size: int, device, repeats: int) -> dict:
     """Replay vs per-image loop alone at another image size (a small ConvNet labels the cache)."""
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
     teacher = hald.build_model("convnet8", classes, size).to(device)
-    header = cache_header(n, size, batch_size, classes)
-    cache = hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(0), log=lambda *_: None).to(device)
+    cache = build_cache(teacher, images, batch_size).to(device)
     ours, naive = replay_vs_naive(images, cache, size, device, repeats)
     return {"replay_ips": ours, "naive_replay_ips": naive, "replay_speedup_vs_naive": ours / naive}
 
@@ -135,18 +134,18 @@ def graphed(step, device):
 
 def full_batches(cache, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids and first rows of the stored batches of full size, on the device."""
-    full = [k for k, (s, e) in enumerate(cache.batches) if e - s == cache.header["batch_size"]]
+    full = [k for k, (s, e) in enumerate(cache.batches) if e - s == cache.batch_size]
     return torch.tensor(full, device=device), torch.tensor([cache.batches[k][0] for k in full], device=device)
 
 
 def replay_on_device(cache, images, full, k: torch.Tensor):
     """cache.batch's crops and probabilities for the k-th full batch, k a (1,) device tensor: no host
     sync (index_select with device tensors, never a 0-dim tensor as an index), so it can be captured."""
-    (ids, starts), t = full, cache.tensors
-    rows = starts.index_select(0, k) + torch.arange(cache.header["batch_size"], device=k.device)  # (B,)
-    box = t["cut"].index_select(0, ids.index_select(0, k))[0].long()
-    x = hald.replay(images, t["index"].index_select(0, rows).long(), t["boxes"].index_select(0, rows),
-                    t["flips"].index_select(0, rows), t["partner"].index_select(0, rows).long(), box, cache.header["image_size"])
+    ids, starts = full
+    rows = starts.index_select(0, k) + torch.arange(cache.batch_size, device=k.device)  # (B,)
+    box = cache.cut.index_select(0, ids.index_select(0, k))[0].long()
+    x = hald.replay(images, cache.index.index_select(0, rows).long(), cache.boxes.index_select(0, rows),
+                    cache.flips.index_select(0, rows), cache.partner.index_select(0, rows).long(), box, cache.size)
     return x, cache.probs.index_select(0, rows).float()
 
 
@@ -156,7 +155,7 @@ def whole_step_graph(model_name: str, images, cache, classes: int, device, repea
     on the device by a step counter, against the same graph around a pre-built batch (its ceiling),
     the two in turns. Full batches only (one shape, one graph). On the CPU both run eagerly: this
     checks the step, the timing means nothing there."""
-    B, S, cuda = cache.header["batch_size"], cache.header["image_size"], device.type == "cuda"
+    B, S, cuda = cache.batch_size, cache.size, device.type == "cuda"
     full = full_batches(cache, device)
     steps = len(full[0])  # full batches, one graph replay each
 
@@ -280,16 +279,13 @@ def main(argv=None):
     n = C * args.ipc
     images = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8, device=device)
     labels = torch.arange(C, device=device).repeat_interleave(args.ipc)
-    # settings given outright: the -1 (auto) defaults are resolved by hald.train, which the bench does not call
-    cfg = hald.Config(batch_size=B, ipc=args.ipc, slc=args.ipc, temperature=T, label_smoothing=0.8)
     model = hald.build_model(args.model, C, S).to(device)
     teacher = hald.build_model(args.model, C, S).to(device).eval()
     if device.type == "cuda":
         model, teacher = model.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
     opt = hald.make_optimizer(model, 1e-3, 0.01, device)
     net = hald.speed_up(model, args.compile, args.cuda_graph)  # what the ceiling and the epochs both run
-    header = cache_header(n, S, B, C)
-    cache = hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(0), log=lambda *_: None).to(device)
+    cache = build_cache(teacher, images, B).to(device)
 
     x_fixed = hald.normalize(images[:B])
     x_fixed = hald.model_layout(x_fixed)
@@ -308,7 +304,7 @@ def main(argv=None):
             opt.step()
 
     gens, pool = hald.make_generators(0), []
-    epoch = {p: (lambda p=p: hald.run_epoch(p, net, opt, images, labels, cache, pool, gens, cfg, S, C)) for p in ("soft", "hard")}
+    epoch = {p: (lambda p=p: hald.run_epoch(p, net, opt, images, labels, C, gens, cache, pool, batch_size=B, temperature=T)) for p in ("soft", "hard")}
 
     @torch.no_grad()
     def teacher_forward():
@@ -318,7 +314,7 @@ def main(argv=None):
                 teacher(x_fixed[:b])
         teacher.eval()
 
-    relabel = lambda: hald.SoftLabelCache.build(teacher, images, header, torch.Generator().manual_seed(0), log=lambda *_: None)  # noqa: E731
+    relabel = lambda: build_cache(teacher, images, B)  # noqa: E731
     seconds = timed_rounds({"model_step": model_steps, "soft_epoch": epoch["soft"], "hard_epoch": epoch["hard"],
                             "teacher_forward": teacher_forward, "relabel": relabel}, device, rounds)
     ips = {f"{k}_ips": n / statistics.median(v) for k, v in seconds.items()}  # every timing covers the n images once

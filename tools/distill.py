@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         device = hald.pick_device(args.device)
         files, classes = hald.list_image_folder(args.train)
         args.image_size = args.image_size or hald.decode_image(files[0][0], 0).shape[1]
-        teacher, teacher_id, _ = hald.load_teacher(args.teacher, classes, args.image_size)
+        teacher, teacher_id, *_ = hald.load_teacher(args.teacher, classes, args.image_size)
         teacher = teacher.to(device)
         t0 = time.time()
         print(f"distill {args.kind} | {len(classes)} classes of {args.train} | IPC {args.ipc} at {args.image_size} px | "
