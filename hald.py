@@ -64,7 +64,7 @@ MODEL_FORMAT = "hald-model-v1"
 # largest count measured (RESULTS.md); above it the authors' values stand, since nothing here says otherwise.
 AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, AUTO_MEASURED_CLASSES = 0.1, 4.0, 200
 AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE = 0.8, 20.0
-CONVNET = re.compile(r"convnet(_bn)?(\d*)")  # hald.py's own students: convnet, convnet_bn, convnet_bn64, ...
+CONVNET = re.compile(r"convnet(_bn)?(\d*)(?:_d([1-9]\d*))?")  # hald.py's own: convnet, convnet_bn, convnet_bn64, convnet_bn_d4, ...
 WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
 
 
@@ -723,16 +723,17 @@ def torchvision_models(name: str = "", flag: str = "model"):
     if name and name not in torchvision.models.list_models():
         near = difflib.get_close_matches(name, torchvision.models.list_models(), 3)
         raise HaldError(f"unknown architecture {name!r} for {flag}: " + (f"did you mean {' or '.join(near)}? " if near else "")
-                        + "use convnet, convnet_bn, a width such as convnet_bn64, or a torchvision model name such as resnet18")
+                        + "use convnet, convnet_bn, a width and depth such as convnet_bn64_d4, or a torchvision model name such as resnet18")
     return torchvision.models
 
 
 def build_model(name: str, num_classes: int, image_size: int, weights=None, cifar_stem: bool | None = None) -> nn.Module:
-    """convnet / convnet_bn (optionally with a width: convnet_bn64), or a torchvision model. ResNets get the
-    CIFAR stem (3x3 stride-1 conv, no max-pool) on inputs <= 64 px without pretrained weights, or as cifar_stem says."""
+    """convnet / convnet_bn (optionally with a width and a depth: convnet_bn64, convnet_bn_d4), or a torchvision model.
+    ResNets get the CIFAR stem (3x3 stride-1 conv, no max-pool) on inputs <= 64 px without pretrained weights, or as
+    cifar_stem says."""
     m = CONVNET.fullmatch(name)
     if m:
-        return convnet(num_classes, image_size, width=int(m[2] or 128), norm="batch" if m[1] else "instance")
+        return convnet(num_classes, image_size, width=int(m[2] or 128), depth=int(m[3] or 3), norm="batch" if m[1] else "instance")
     models = torchvision_models(name)
     try:
         model = models.get_model(name, **({"weights": weights} if weights else {"num_classes": num_classes}))

@@ -975,6 +975,16 @@ def test_torchvision_teacher_is_checked_and_its_weights_recorded(tiny, tmp_path,
     assert header["teacher"] == "torchvision:resnet50:IMAGENET1K_V2" and header["teacher_classes"][0] == "tench"
 
 
+def test_depth_in_convnet_names_keeps_the_old_names():
+    for name, convs, width, bn in [("convnet", 3, 128, False), ("convnet_bn64", 3, 64, True), ("convnet_d4", 4, 128, False),
+                                   ("convnet_bn_d4", 4, 128, True), ("convnet_bn64_d4", 4, 64, True)]:
+        model = hald.build_model(name, 10, 64)
+        assert [m.out_channels for m in model if isinstance(m, torch.nn.Conv2d)] == [width] * convs, name
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model) == bn and model[-1].in_features == width * (64 >> convs) ** 2
+    with pytest.raises(hald.HaldError, match="unknown architecture 'convnet_d0'"):
+        hald.torchvision_models("convnet_d0", "--model")
+
+
 # ------------------------------------------------------------------------ speed knobs
 def test_compile_trains_like_eager(tiny, tmp_path):
     """--compile changes how the student runs, not what it computes (here on the CPU, with inductor)."""
