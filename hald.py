@@ -751,9 +751,35 @@ def save_checkpoint(model: nn.Module, arch: str, classes: list[str], image_size:
     save_atomic({"format": MODEL_FORMAT, "arch": arch, "classes": classes, "image_size": image_size, "state_dict": state}, path)
 
 
-def read_weights(path, arch: str = "", what: str = "model") -> dict:
+def foreign_naming(state: dict, arch: str) -> tuple[dict, str, str]:
+    """Two other projects' names for the layers of hald.py's models, recognised from the keys alone: the state renamed,
+    its architecture, and a note of what was found ("" for neither: the state unchanged, a misfit refused as before).
+    The CIFAR model-pool ResNet (the HALD authors' models/resnet.py: shortcut, linear) is torchvision's ResNet with the
+    CIFAR stem under other names. The ConvNet of DC / DM / MTT (features.N, classifier) is hald.py's convnet; its width,
+    depth and norm are read from the weights (GroupNorm has no running_mean), so any convnet name loads it, and a name
+    that says otherwise is corrected in the note rather than refused: the file fits that one ConvNet and no other. (A
+    GroupNorm(1, w) "layer norm" ConvNet has the same keys and shapes, and is read as instance norm.)"""
+    convs = [k for k in state if re.fullmatch(r"features\.\d+\.weight", k) and state[k].dim() == 4]
+    if CONVNET.fullmatch(arch) and convs == [f"features.{4 * i}.weight" for i in range(len(convs))] and "classifier.weight" in state:
+        bn, width, depth = any(k.endswith(".running_mean") for k in state), len(state[convs[0]]), len(convs)
+        found = f"convnet{'_bn' * bn}{'' if width == 128 else width}{'' if depth == 3 else f'_d{depth}'}"
+        subs = [(r"^features\.", ""), (r"^classifier\.", f"{4 * depth + 1}.")]  # the Flatten before the linear has no weights
+        note = (f"the DC/DM/MTT ConvNet naming (features, classifier), read as {found} (width {width}, depth {depth}, "
+                f"{'batch' if bn else 'instance'} norm)" + (f" in place of {arch}" if found != arch else ""))
+    elif not CONVNET.fullmatch(arch) and {"conv1.weight", "linear.weight"} <= state.keys():
+        found, subs = arch, [(r"\.shortcut\.", ".downsample."), (r"^linear\.", "fc.")]
+        note = "the CIFAR model-pool ResNet naming (shortcut, linear), renamed to torchvision's"
+    else:
+        return state, arch, ""
+    for pattern, name in subs:
+        state = {re.sub(pattern, name, k): v for k, v in state.items()}
+    return state, found, note
+
+
+def read_weights(path, arch: str = "", what: str = "model", log=print) -> dict:
     """A model file, tensors only, with its identity: a hald.py checkpoint, or another project's state_dict (alone or under
-    one of WEIGHT_KEYS, without DataParallel's module. and torch.compile's _orig_mod. prefixes) of architecture `arch`."""
+    one of WEIGHT_KEYS, without DataParallel's module. and torch.compile's _orig_mod. prefixes) of architecture `arch`,
+    in hald.py's names or in one of the namings foreign_naming knows (renamed, with a note)."""
     blob, identity = load_trusted(path, what), "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
         if arch not in ("", blob["arch"]):
@@ -764,7 +790,9 @@ def read_weights(path, arch: str = "", what: str = "model") -> dict:
                         f"project's model, name its architecture with --teacher-arch (convnet_bn, resnet18, ...)")
     for state in (blob, *map(blob.get, WEIGHT_KEYS)) if isinstance(blob, dict) else ():
         if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
-            state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
+            state, arch, note = foreign_naming({re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}, arch)
+            if note:
+                log(f"note: {what} {path}: {note}")
             return {"arch": arch, "classes": None, "image_size": None, "state_dict": state, "identity": f"{identity} as {arch}"}
     raise HaldError(f"{what} {path} holds no state_dict (tensors by name), alone or under {', '.join(WEIGHT_KEYS)}: "
                     f"save model.state_dict()")
@@ -811,7 +839,7 @@ def load_teacher(spec: str, classes: list[str], image_size: int, log=print, arch
     """A model file (read_weights) or a torchvision ImageNet model (name[:weights]), its classes paired with the data's.
     Returns the model, its identity (for the cache fingerprint) and its class names (None: not known)."""
     if Path(spec).is_file():
-        weights = read_weights(spec, arch, "teacher")
+        weights = read_weights(spec, arch, "teacher", log)
         if weights["classes"]:
             pair_classes(classes, weights["classes"], f"teacher {spec}", log)
         if weights["image_size"] not in (None, image_size):
@@ -1410,7 +1438,7 @@ def evaluate_file(cfg: Config, log=print) -> dict:
         raise HaldError("--evaluate needs --val: the real validation images as an ImageFolder")
     if cfg.teacher_arch:
         torchvision_models(cfg.teacher_arch, "--teacher-arch")
-    device, weights = pick_device(cfg.device), read_weights(cfg.evaluate, cfg.teacher_arch)
+    device, weights = pick_device(cfg.device), read_weights(cfg.evaluate, cfg.teacher_arch, log=log)
     classes = list_image_folder(cfg.val, log=lambda *_: None)[1]
     if weights["classes"]:  # a hald.py checkpoint: its classes paired with --val's by position
         pair_classes(classes, weights["classes"], f"model {cfg.evaluate}", log, ours="--val")
