@@ -66,7 +66,7 @@ MODEL_FORMAT = "hald-model-v1"
 # largest count measured (RESULTS.md); above it the authors' values stand, since nothing here says otherwise.
 AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, AUTO_MEASURED_CLASSES = 0.1, 4.0, 200
 AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE = 0.8, 20.0
-CONVNET = re.compile(r"convnet(_bn)?(\d*)")  # hald.py's own students: convnet, convnet_bn, convnet_bn64, ...
+CONVNET = re.compile(r"convnet(_bn)?(\d*)(?:_d([1-9]\d*))?")  # hald.py's own: convnet, convnet_bn, convnet_bn64, convnet_bn_d4, ...
 WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
 
 
@@ -779,16 +779,17 @@ def torchvision_models(name: str = "", flag: str = "model"):
     if name and name not in torchvision.models.list_models():
         near = difflib.get_close_matches(name, torchvision.models.list_models(), 3)
         raise HaldError(f"unknown architecture {name!r} for {flag}: " + (f"did you mean {' or '.join(near)}? " if near else "")
-                        + "use convnet, convnet_bn, a width such as convnet_bn64, or a torchvision model name such as resnet18")
+                        + "use convnet, convnet_bn, a width and depth such as convnet_bn64_d4, or a torchvision model name such as resnet18")
     return torchvision.models
 
 
 def build_model(name: str, num_classes: int, image_size: int, weights=None, cifar_stem: bool | None = None) -> nn.Module:
-    """convnet / convnet_bn (optionally with a width: convnet_bn64), or a torchvision model. ResNets get the
-    CIFAR stem (3x3 stride-1 conv, no max-pool) on inputs <= 64 px without pretrained weights, or as cifar_stem says."""
+    """convnet / convnet_bn (optionally with a width and a depth: convnet_bn64, convnet_bn_d4), or a torchvision model.
+    ResNets get the CIFAR stem (3x3 stride-1 conv, no max-pool) on inputs <= 64 px without pretrained weights, or as
+    cifar_stem says."""
     m = CONVNET.fullmatch(name)
     if m:
-        return convnet(num_classes, image_size, width=int(m[2] or 128), norm="batch" if m[1] else "instance")
+        return convnet(num_classes, image_size, width=int(m[2] or 128), depth=int(m[3] or 3), norm="batch" if m[1] else "instance")
     models = torchvision_models(name)
     try:
         model = models.get_model(name, **({"weights": weights} if weights else {"num_classes": num_classes}))
@@ -808,9 +809,35 @@ def save_checkpoint(model: nn.Module, arch: str, classes: list, image_size: int,
                  "mean": list(stats[0]), "std": list(stats[1]), "state_dict": state}, path)
 
 
-def read_weights(path, arch: str = "", what: str = "model") -> dict:
+def foreign_naming(state: dict, arch: str) -> tuple[dict, str, str]:
+    """Two other projects' names for the layers of hald.py's models, recognised from the keys alone: the state renamed,
+    its architecture, and a note of what was found ("" for neither: the state unchanged, a misfit refused as before).
+    The CIFAR model-pool ResNet (the HALD authors' models/resnet.py: shortcut, linear) is torchvision's ResNet with the
+    CIFAR stem under other names. The ConvNet of DC / DM / MTT (features.N, classifier) is hald.py's convnet; its width,
+    depth and norm are read from the weights (GroupNorm has no running_mean), so any convnet name loads it, and a name
+    that says otherwise is corrected in the note rather than refused: the file fits that one ConvNet and no other. (A
+    GroupNorm(1, w) "layer norm" ConvNet has the same keys and shapes, and is read as instance norm.)"""
+    convs = [k for k in state if re.fullmatch(r"features\.\d+\.weight", k) and state[k].dim() == 4]
+    if CONVNET.fullmatch(arch) and convs == [f"features.{4 * i}.weight" for i in range(len(convs))] and "classifier.weight" in state:
+        bn, width, depth = any(k.endswith(".running_mean") for k in state), len(state[convs[0]]), len(convs)
+        found = f"convnet{'_bn' * bn}{'' if width == 128 else width}{'' if depth == 3 else f'_d{depth}'}"
+        subs = [(r"^features\.", ""), (r"^classifier\.", f"{4 * depth + 1}.")]  # the Flatten before the linear has no weights
+        note = (f"the DC/DM/MTT ConvNet naming (features, classifier), read as {found} (width {width}, depth {depth}, "
+                f"{'batch' if bn else 'instance'} norm)" + (f" in place of {arch}" if found != arch else ""))
+    elif not CONVNET.fullmatch(arch) and {"conv1.weight", "linear.weight"} <= state.keys():
+        found, subs = arch, [(r"\.shortcut\.", ".downsample."), (r"^linear\.", "fc.")]
+        note = "the CIFAR model-pool ResNet naming (shortcut, linear), renamed to torchvision's"
+    else:
+        return state, arch, ""
+    for pattern, name in subs:
+        state = {re.sub(pattern, name, k): v for k, v in state.items()}
+    return state, found, note
+
+
+def read_weights(path, arch: str = "", what: str = "model", log=print) -> dict:
     """A model file, tensors only, with its identity: a hald.py checkpoint, or another project's state_dict (alone or under
-    one of WEIGHT_KEYS, without DataParallel's module. and torch.compile's _orig_mod. prefixes) of architecture `arch`."""
+    one of WEIGHT_KEYS, without DataParallel's module. and torch.compile's _orig_mod. prefixes) of architecture `arch`,
+    in hald.py's names or in one of the namings foreign_naming knows (renamed, with a note)."""
     blob, identity = load_trusted(path, what), "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
         if arch not in ("", blob["arch"]):
@@ -822,7 +849,9 @@ def read_weights(path, arch: str = "", what: str = "model") -> dict:
                         f"project's model, name its architecture with --teacher-arch (convnet_bn, resnet18, ...)")
     for state in (blob, *map(blob.get, WEIGHT_KEYS)) if isinstance(blob, dict) else ():
         if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
-            state = {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}
+            state, arch, note = foreign_naming({re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}, arch)
+            if note:
+                log(f"note: {what} {path}: {note}")
             return {"arch": arch, "classes": None, "image_size": None, "state_dict": state, "identity": f"{identity} as {arch}", "stats": None}
     raise HaldError(f"{what} {path} holds no state_dict (tensors by name), alone or under {', '.join(WEIGHT_KEYS)}: "
                     f"save model.state_dict()")
@@ -870,7 +899,7 @@ def load_teacher(spec: str, classes: list, image_size: int, stats=NORMALIZATIONS
     Returns the model, its identity (for the cache fingerprint), its class names (None: not known) and the (mean, std)
     it sees: a hald.py checkpoint's own, ImageNet's for torchvision weights, else `stats` (the run's --normalize)."""
     if Path(spec).is_file():
-        weights = read_weights(spec, arch, "teacher")
+        weights = read_weights(spec, arch, "teacher", log)
         if weights["classes"]:
             pair_classes(classes, weights["classes"], f"teacher {spec}", log)
         if weights["image_size"] not in (None, image_size):
@@ -1494,7 +1523,7 @@ def evaluate_file(cfg: Config, log=print) -> dict:
         raise HaldError("--evaluate needs --val: the real validation images as an ImageFolder")
     if cfg.teacher_arch:
         torchvision_models(cfg.teacher_arch, "--teacher-arch")
-    device, weights = pick_device(cfg.device), read_weights(cfg.evaluate, cfg.teacher_arch)
+    device, weights = pick_device(cfg.device), read_weights(cfg.evaluate, cfg.teacher_arch, log=log)
     classes = list_image_folder(cfg.val, log=lambda *_: None)[1]
     if weights["classes"]:  # a hald.py checkpoint: its classes paired with --val's by position
         pair_classes(classes, weights["classes"], f"model {cfg.evaluate}", log, ours="--val")

@@ -1022,6 +1022,170 @@ def test_torchvision_teacher_is_checked_and_its_weights_recorded(tiny, tmp_path,
     assert header["teacher"] == "torchvision:resnet50:IMAGENET1K_V2" and header["teacher_classes"][0] == "tench"
 
 
+class PoolBlock(torch.nn.Module):
+    """A residual block named as in CIFAR model pools: conv1 bn1 conv2 bn2 (conv3 bn3 for a bottleneck, its stride on
+    the 3x3), and a `shortcut` of 1x1 conv and BatchNorm where the shape changes, an empty Sequential elsewhere."""
+
+    def __init__(self, cin: int, width: int, stride: int, bottleneck: bool):
+        super().__init__()
+        self.out = width * 4 if bottleneck else width
+        convs = [(cin, width, 1, 1), (width, width, 3, stride), (width, self.out, 1, 1)] if bottleneck else [(cin, width, 3, stride), (width, width, 3, 1)]
+        for i, (a, b, k, s) in enumerate(convs, 1):
+            setattr(self, f"conv{i}", torch.nn.Conv2d(a, b, k, s, k // 2, bias=False))
+            setattr(self, f"bn{i}", torch.nn.BatchNorm2d(b))
+        self.depth, self.shortcut = len(convs), torch.nn.Sequential()
+        if stride != 1 or cin != self.out:
+            self.shortcut = torch.nn.Sequential(torch.nn.Conv2d(cin, self.out, 1, stride, bias=False), torch.nn.BatchNorm2d(self.out))
+
+    def forward(self, x):
+        y = x
+        for i in range(1, self.depth + 1):
+            y = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(y))
+            y = F.relu(y) if i < self.depth else y
+        return F.relu(y + self.shortcut(x))
+
+
+class PoolResNet(torch.nn.Module):
+    """A ResNet named as in CIFAR model pools: 3x3 stride-1 conv1 and bn1, no max-pool, layer1..layer4, global average
+    pool, a head named `linear`. blocks (2, 2, 2, 2) plain: ResNet-18; (3, 4, 6, 3) with bottlenecks: ResNet-50."""
+
+    def __init__(self, blocks, bottleneck: bool, num_classes: int = 10):
+        super().__init__()
+        self.conv1, self.bn1, cin = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(64), 64
+        for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512)), 1):
+            layer = []
+            for j in range(n):
+                layer.append(PoolBlock(cin, width, 2 if i > 1 and j == 0 else 1, bottleneck))
+                cin = layer[-1].out
+            setattr(self, f"layer{i}", torch.nn.Sequential(*layer))
+        self.linear = torch.nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.linear(x.mean((2, 3)))
+
+
+class DCConvNet(torch.nn.Module):
+    """The ConvNet named as in dataset condensation code: features = [conv 3x3, norm, ReLU, avg-pool 2] x depth,
+    classifier; instance norm as GroupNorm(w, w)."""
+
+    def __init__(self, width: int, depth: int, norm: str, size: int, num_classes: int = 10):
+        super().__init__()
+        layers = []
+        for i in range(depth):
+            norm_layer = torch.nn.GroupNorm(width, width) if norm == "instance" else torch.nn.BatchNorm2d(width)
+            layers += [torch.nn.Conv2d(3 if i == 0 else width, width, 3, padding=1), norm_layer, torch.nn.ReLU(), torch.nn.AvgPool2d(2)]
+        self.features, self.classifier = torch.nn.Sequential(*layers), torch.nn.Linear(width * (size >> depth) ** 2, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BatchNorm statistics and affine terms, so that eval-mode logits depend on every buffer (in eval mode)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    return model.eval()
+
+
+def assert_same_logits(theirs: torch.nn.Module, ours: torch.nn.Module, size: int) -> None:
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, blocks, bottleneck, wrap", [("resnet18", (2, 2, 2, 2), False, False),
+                                                            ("resnet18", (2, 2, 2, 2), False, True),
+                                                            ("resnet50", (3, 4, 6, 3), True, True)])
+def test_model_pool_resnet_naming_loads_to_the_same_logits(tmp_path, arch, blocks, bottleneck, wrap):
+    """A CIFAR model-pool ResNet (shortcut, linear), plain or under "model" with module. prefixes: renamed to
+    torchvision's names with a note, given the CIFAR stem from its 3x3 conv1, and the same logits at 32 and 64 px."""
+    theirs = randomized(PoolResNet(blocks, bottleneck))
+    state = theirs.state_dict()
+    torch.save({"epoch": 200, "model": {"module." + k: v for k, v in state.items()}} if wrap else state, tmp_path / "pool.pth")
+    notes = []
+    weights = hald.read_weights(tmp_path / "pool.pth", arch, "teacher", notes.append)
+    assert notes == [f"note: teacher {tmp_path / 'pool.pth'}: the CIFAR model-pool ResNet naming (shortcut, linear), renamed to torchvision's"]
+    assert weights["arch"] == arch and weights["identity"].endswith(f" as {arch}")
+    for size in (32, 64):
+        ours = hald.model_from_weights(weights, 10, size, "teacher")
+        assert isinstance(ours.maxpool, torch.nn.Identity)
+        assert_same_logits(theirs, ours, size)
+
+
+@pytest.mark.parametrize("depth, size", [(3, 32), (4, 64)])
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_dc_convnet_naming_loads_with_width_depth_and_norm_from_the_weights(tmp_path, depth, size, norm):
+    """A DC / DM / MTT ConvNet (features, classifier) of width 32: --teacher-arch convnet or convnet_bn, whichever the
+    norm, loads it as the ConvNet its weights describe, named in the note; the same logits."""
+    theirs = randomized(DCConvNet(32, depth, norm, size))
+    torch.save(theirs.state_dict(), tmp_path / "dc.pt")
+    found = f"convnet{'_bn' if norm == 'batch' else ''}32" + ("_d4" if depth == 4 else "")
+    for said in ("convnet", "convnet_bn"):
+        notes = []
+        weights = hald.read_weights(tmp_path / "dc.pt", said, "teacher", notes.append)
+        assert weights["arch"] == found and len(notes) == 1
+        assert notes[0] == (f"note: teacher {tmp_path / 'dc.pt'}: the DC/DM/MTT ConvNet naming (features, classifier), read as "
+                            f"{found} (width 32, depth {depth}, {norm} norm) in place of {said}")
+        assert_same_logits(theirs, hald.model_from_weights(weights, 10, size, "teacher"), size)
+    ours = hald.build_model(found, 10, size)  # the name found builds that ConvNet, and a file in hald.py's names loads with no note
+    torch.save(ours.state_dict(), tmp_path / "own.pt")
+    notes = []
+    assert hald.read_weights(tmp_path / "own.pt", found, "teacher", notes.append)["arch"] == found and not notes
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in ours) == depth and ours[-1].in_features == 32 * (size >> depth) ** 2
+
+
+def test_depth_in_convnet_names_keeps_the_old_names():
+    for name, convs, width, bn in [("convnet", 3, 128, False), ("convnet_bn64", 3, 64, True), ("convnet_d4", 4, 128, False),
+                                   ("convnet_bn_d4", 4, 128, True), ("convnet_bn64_d4", 4, 64, True)]:
+        model = hald.build_model(name, 10, 64)
+        assert [m.out_channels for m in model if isinstance(m, torch.nn.Conv2d)] == [width] * convs, name
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model) == bn and model[-1].in_features == width * (64 >> convs) ** 2
+    with pytest.raises(hald.HaldError, match="unknown architecture 'convnet_d0'"):
+        hald.torchvision_models("convnet_d0", "--model")
+
+
+def test_files_of_another_architecture_or_naming_are_still_refused_in_one_line(tmp_path):
+    """No naming recognised, or the one recognised for another architecture: today's one-line misfit."""
+    torch.save(PoolResNet((2, 2, 2, 2), False).state_dict(), tmp_path / "pool18.pt")
+    torch.save(DCConvNet(32, 3, "instance", 32).state_dict(), tmp_path / "dc.pt")
+    torch.save({"encoder.weight": torch.zeros(8, 3, 3, 3), "head.weight": torch.zeros(10, 8)}, tmp_path / "random.pt")
+    cases = [("pool18.pt", "convnet", "does not fit convnet at 32 px: missing 0.weight, 0.bias, 1.weight and 11 more; unexpected conv1.weight"),
+             ("pool18.pt", "resnet50", "does not fit resnet50 at 32 px: missing layer1.0.conv3.weight"),
+             ("dc.pt", "resnet18", "does not fit resnet18 at 32 px: missing conv1.weight"),
+             ("dc.pt", "convnet", "does not fit convnet32 at 64 px: misshapen (file vs model) 13.weight (10, 512) vs (10, 2048)"),
+             ("random.pt", "resnet18", "does not fit resnet18 at 32 px: missing conv1.weight, bn1.weight, bn1.bias and 119 more; unexpected encoder.weight")]
+    for file, arch, message in cases:
+        size = 64 if "at 64 px" in message else 32
+        with pytest.raises(hald.HaldError) as e:
+            hald.model_from_weights(hald.read_weights(tmp_path / file, arch, "teacher", lambda *_: None), 10, size, "teacher")
+        assert message in str(e.value) and "\n" not in str(e.value), (file, arch, str(e.value))
+
+
+def test_model_pool_teacher_trains_and_evaluates_end_to_end(tiny, tmp_path, capsys):
+    """A model-pool ResNet-18 file (random weights, so without the teacher check) as --teacher with --teacher-arch
+    resnet18: the note, a run, the cache fingerprinted as resnet18; and the same file under --evaluate."""
+    path = tmp_path / "pool18.pth"
+    torch.save({"state_dict": randomized(PoolResNet((2, 2, 2, 2), False, 4)).state_dict()}, path)
+    args = tiny_args(tiny, tmp_path / "run", "--teacher", str(path), "--teacher-arch", "resnet18", "--no-check-teacher",
+                     "--epochs", "2", "--eval-every", "0", "--drift-crops", "0")
+    assert hald.main(args) == 0
+    assert f"note: teacher {path}: the CIFAR model-pool ResNet naming (shortcut, linear), renamed to torchvision's" in capsys.readouterr().out
+    header = torch.load(tmp_path / "run" / "soft_labels.pt", weights_only=True)["header"]
+    assert header["teacher"] == f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()} as resnet18"
+    assert hald.main(["--evaluate", str(path), "--teacher-arch", "resnet18", "--val", str(tiny["val"])]) == 0
+    out = capsys.readouterr().out
+    assert f"note: model {path}: the CIFAR model-pool ResNet naming" in out and f"evaluate {path} (resnet18, 16 px)" in out
+
+
 # ------------------------------------------------------------------------ speed knobs
 def test_compile_trains_like_eager(tiny, tmp_path):
     """--compile changes how the student runs, not what it computes (here on the CPU, with inductor)."""
