@@ -635,13 +635,17 @@ def load_cache(path, header: dict) -> SoftLabelCache:
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary file next to `path`, renamed to it at the end: a crash leaves the old file or the new one."""
+    """A temporary file next to `path`, renamed to it at the end: a crash or a full disk leaves the old file or the new
+    one, and a write that fails (no space, read-only, no permission) ends in one line naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise HaldError(f"cannot write {path} ({e.strerror or e}): free space on its disk or make it writable (or choose "
+                        f"another --out / --cache), then run the same command again (with --resume when a run had started)") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -1289,7 +1293,6 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
     """The schedule, epoch by epoch, with a checkpoint after each (resumable) and evaluations; returns the history
     and the number of its epochs trained before a resume. The time left counts `later` epochs of runs to come."""
     out, size, C = Path(cfg.out), images_u8.shape[-1], len(val["classes"])
-    out.mkdir(parents=True, exist_ok=True)
     phases = [phase for phase, count in schedule for _ in range(count)]
     stats = mean_std_of(cfg.normalize)
     epoch_settings = dict(batch_size=cfg.batch_size, size=size, temperature=cfg.temperature, smoothing=cfg.label_smoothing,
@@ -1315,10 +1318,9 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
         if epoch + 1 == len(phases) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):  # and always the last
             row["top1"], row["top5"] = evaluate(model, val, device, stats, rank=rank, world=world)
         history.append(row)
-        if rank == 0:
+        if rank == 0:  # metrics.jsonl is rewritten whole (atomic): a full disk never leaves half a line
             save_state(out / "checkpoint.pt", run_id, model, opt, epoch + 1, pool, gens, history)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            save_atomic("".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
         acc = f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if "top1" in row else ""
         elapsed = time.time() - started
         left = elapsed / (epoch + 1 - first) * (len(phases) - epoch - 1 + later)

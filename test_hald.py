@@ -1401,3 +1401,29 @@ def test_pip_install_gives_the_module_and_a_hald_command(tmp_path, capsys, monke
     monkeypatch.setattr(hald, "DEMO", tmp_path / "not-installed")
     assert hald.main(["--out", str(tmp_path / "out")]) == 2
     assert "--data is missing" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("failing", ["checkpoint.pt", "soft_labels.pt", "summary.json", "metrics.jsonl"])
+def test_a_full_disk_ends_in_one_line_and_the_run_resumes(tiny, tmp_path, capsys, monkeypatch, failing):
+    """Every write of the CLI goes through atomic_path: a write that fails (here: the rename of the second write of
+    `failing`, as a full disk fails it) stops the run with exit 2 and one line naming the file, and keeps what was
+    written before; --resume then finishes the run."""
+    import errno
+
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(Path(dst).name)
+        if Path(dst).name == failing and calls.count(failing) == (1 if failing in ("soft_labels.pt", "summary.json") else 2):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(hald.os, "replace", replace)
+    assert hald.main(tiny_args(tiny, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot write {tmp_path / 'out' / failing} (No space left on device)" in err, err
+    assert not list((tmp_path / "out").glob(".*tmp"))  # no temporary file left behind
+    monkeypatch.setattr(hald.os, "replace", real)
+    assert hald.main(tiny_args(tiny, tmp_path / "out", "--resume")) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["final_top1"] >= 0
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 4
