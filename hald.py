@@ -100,7 +100,10 @@ class Config:
                            "half of what is free, else a memory-mapped file in --out)", ("auto", "device", "memory", "file"))
     # soft labels
     teacher: str = arg("", "hald.py checkpoint, weights with --teacher-arch, or a torchvision ImageNet model name[:weights] "
-                       "(resnet18, resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); soft phases need one with --data")
+                       "(resnet18, resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); soft phases need one with --data; "
+                       "several, comma-separated: an ensemble")
+    teacher_weights: str = arg("", "weights of several comma-separated --teacher files, one number each (their logits are summed "
+                               "with weights softmax(w / 10), as the authors'); none: 1/n each")
     teacher_arch: str = arg("", "architecture of a --teacher or --evaluate file not written by hald.py (a state_dict, alone or "
                             f"under {', '.join(WEIGHT_KEYS)}; module. and _orig_mod. prefixes dropped): convnet_bn, "
                             "convnet_bn64, resnet18, ... (a ResNet gets the stem of its weights: 3x3 conv1 CIFAR, 7x7 ImageNet)")
@@ -137,6 +140,8 @@ class Config:
     # run
     seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
     device: str = arg("auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)", ("auto", "cpu", "cuda"))
+    precision: str = arg("bf16", "CUDA arithmetic: bf16 autocast, or fp32 as the authors ran (the CPU always computes in fp32)",
+                         ("bf16", "fp32"))
     compile: bool = arg(False, "torch.compile the student (pays off on long GPU runs; the first steps compile)")
     cuda_graph: bool = arg(False, "CUDA: replay the student's forward + backward from a CUDA graph per input shape "
                            "(small batches are launch-bound); with --compile: inductor's CUDA graphs")
@@ -502,7 +507,7 @@ class SoftLabelCache:
     @torch.no_grad()
     def build(cls, teacher, images, *, size: int, crops_per_image: int, batch_size: int, temperature: float,
               gen: torch.Generator, crop_scale: float = 0.08, cutmix: bool = True, teacher_mode: str = "train",
-              mean=IMAGENET_MEAN, std=IMAGENET_STD, log=print, rank: int = 0, world: int = 1) -> "SoftLabelCache":
+              mean=IMAGENET_MEAN, std=IMAGENET_STD, precision: str = "bf16", log=print, rank: int = 0, world: int = 1) -> "SoftLabelCache":
         """Relabel: draw every crop and CutMix, run the teacher (an nn.Module returning logits) on each batch, keep
         softmax(logits / temperature). images: (N, 3, H, W) uint8, or float in [0, 1] units; crops are `size` px.
         Under torchrun every rank draws the same crops and labels every world-th batch."""
@@ -527,7 +532,7 @@ class SoftLabelCache:
             if k % world != rank:
                 continue
             x = replay(images, *(t[s:e] for t in drawn), cuts[k], size, mean, std)
-            with autocast(device):
+            with autocast(device, precision):
                 logits = teacher(model_layout(x)).float()  # (B, C)
             probs = probs if probs is not None else torch.zeros(len(index), logits.shape[1], device=device)
             probs[s:e] = F.softmax(logits / temperature, 1)
@@ -918,19 +923,49 @@ def load_teacher(spec: str, classes: list, image_size: int, stats=NORMALIZATIONS
     return build_model(name, len(classes), image_size, weights=weights).eval(), f"torchvision:{name}:{weights.name}", names, NORMALIZATIONS["imagenet"]
 
 
+class TeacherEnsemble(nn.Module):
+    """Several teachers as one, as the authors' relabel takes several (--model-choice): their logits weighted and
+    summed, then one softmax at T. Weights 1/n each, or softmax(w / 10) of the given weights (their --model-weight)."""
+
+    def __init__(self, teachers: list, weights=None):
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+        n = len(teachers)
+        self.weights = torch.tensor(weights, dtype=torch.float64).div(10).softmax(0).tolist() if weights else [1 / n] * n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(w * teacher(x).float() for w, teacher in zip(self.weights, self.teachers))
+
+
+def load_teachers(specs: str, weights: str, classes: list, image_size: int, stats, log=print, arch: str = "") -> tuple:
+    """--teacher: load_teacher's (model, identity, class names, mean and std) for one teacher, or for several
+    comma-separated ones a TeacherEnsemble weighted by --teacher-weights (--teacher-arch: one, or one per teacher)."""
+    specs, archs = specs.split(","), arch.split(",") if "," in arch else [arch] * len(specs.split(","))
+    loaded = [load_teacher(spec, classes, image_size, stats, log, a) for spec, a in zip(specs, archs)]
+    if len(loaded) == 1:
+        return loaded[0]
+    if len({str(t[3]) for t in loaded}) > 1:
+        raise HaldError(f"the teachers {', '.join(specs)} normalise their inputs differently ({'; '.join(str(t[3]) for t in loaded)}): "
+                        f"an ensemble labels one normalised batch, so give teachers trained with the same statistics")
+    w = [float(v) for v in weights.split(",")] if weights else None
+    identity = " + ".join(t[1] for t in loaded) + (f" weighted {w}" if w else "")
+    return TeacherEnsemble([t[0] for t in loaded], w), identity, next((t[2] for t in loaded if t[2]), None), loaded[0][3]
+
+
 @torch.no_grad()
-def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, stats, min_val: int = 5000, rank: int = 0, world: int = 1) -> dict:
+def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, stats, min_val: int = 5000, rank: int = 0, world: int = 1,
+                  precision: str = "bf16") -> dict:
     """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%) with the
     folder labels of the distilled images, and its top-1 and top-5 (%) on --val (every k-th image, at least min_val).
     A class order of --data or --val that does not match the teacher's drops the figure concerned to about 100 / C."""
     teacher.eval()
     agree = torch.zeros((), dtype=torch.long, device=labels.device)
     for s in range(0, len(images_u8), 256):
-        with autocast(device):
+        with autocast(device, precision):
             agree += (teacher(model_layout(normalize(images_u8[s:s + 256], *stats))).argmax(1) == labels[s:s + 256]).sum()
     step = max(1, len(val["labels"]) // min_val)
     sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
-    top1, top5 = evaluate(teacher, sample, device, stats, rank=rank, world=world)
+    top1, top5 = evaluate(teacher, sample, device, stats, rank=rank, world=world, precision=precision)
     return {"teacher_agreement": 100 * agree.item() / len(images_u8), "teacher_top1": top1, "teacher_top5": top5,
             "teacher_check_val_images": len(sample["labels"])}
 
@@ -988,9 +1023,11 @@ def drift_report(teacher, student, images_u8, labels, k: int, size: int, scale: 
 
 
 # -------------------------------------------------------------------------- train/eval
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op on the CPU (fp32 keeps CPU runs exact and reproducible)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)  # no cache: CUDA graphs
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA unless precision is "fp32" (the authors' runs); a no-op on the CPU (fp32 keeps CPU runs
+    exact and reproducible)."""
+    on = device.type == "cuda" and precision == "bf16"
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on, cache_enabled=False)  # no cache: CUDA graphs
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
@@ -1002,7 +1039,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val: dict, device: torch.device, stats=NORMALIZATIONS["imagenet"], batch_size: int = 500, rank: int = 0, world: int = 1):
+def evaluate(model: nn.Module, val: dict, device: torch.device, stats=NORMALIZATIONS["imagenet"], batch_size: int = 500, rank: int = 0,
+             world: int = 1, precision: str = "bf16"):
     """Top-1 and top-5 accuracy (%) on the validation set, in batches (sharded over ranks under torchrun)."""
     was_training = model.training
     model.eval()
@@ -1013,7 +1051,7 @@ def evaluate(model: nn.Module, val: dict, device: torch.device, stats=NORMALIZAT
     for s in range(rank * batch_size, len(val["labels"]), world * batch_size):  # rank r: batches r, r + world, ...
         x = normalize(val["images"][s:s + batch_size].to(device, non_blocking=True), *stats)
         y = val["labels"][s:s + batch_size].to(device)
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(model_layout(x))
         top = logits.topk(min(5, logits.shape[1]), 1).indices
         correct += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum()])
@@ -1038,7 +1076,7 @@ def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.G
 def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict, cache=None, pool=None, *,
               batch_size: int = 16, size: int = 0, temperature: float = 20.0, smoothing: float = 0.8, crop_scale: float = 0.08,
               cutmix: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, hybrid_lambda: float = 1.0, hybrid_crops: str = "fresh",
-              hybrid_t2: bool = False, log=print, rank: int = 0, world: int = 1) -> torch.Tensor:
+              hybrid_t2: bool = False, precision: str = "bf16", log=print, rank: int = 0, world: int = 1) -> torch.Tensor:
     """One epoch (one pass over the images) of the soft, hard or hybrid phase; returns the mean loss (0-dim tensor).
 
     soft: whole stored batches of `cache` (a SoftLabelCache) with their teacher labels, drawn from `pool` (a list
@@ -1087,7 +1125,7 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
         if world > 1:  # CutMix partners sit anywhere in the global batch, so each rank builds all of it
             x_soft, probs, x_hard, targets = (t if t is None else t.tensor_split(world)[rank] for t in (x_soft, probs, x_hard, targets))
         x = torch.cat([t for t in (x_soft, x_hard) if t is not None])  # one forward for both terms of the hybrid
-        with autocast(device):
+        with autocast(device, precision):
             logits = net(model_layout(x))
         if phase == "soft":
             loss = soft_loss(logits, probs, temperature)
@@ -1133,24 +1171,24 @@ class GraphedForward:
     Loss and AdamW step stay eager. Capture runs warm-up passes that would move BatchNorm
     statistics; they are put back, so a graphed run trains as an eager one."""
 
-    def __init__(self, model: nn.Module):
-        self.model, self.graphs = model, {}
+    def __init__(self, model: nn.Module, precision: str = "bf16"):
+        self.model, self.graphs, self.precision = model, {}, precision
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape not in self.graphs:
             saved = [b.clone() for b in self.model.buffers()]
-            with autocast(x.device):  # one wrapper per shape: make_graphed_callables patches its forward
+            with autocast(x.device, self.precision):  # one wrapper per shape: make_graphed_callables patches its forward
                 self.graphs[x.shape] = torch.cuda.make_graphed_callables(nn.Sequential(self.model), (x.clone(),))
             for b, value in zip(self.model.buffers(), saved):
                 b.copy_(value)
         return self.graphs[x.shape](x)
 
 
-def speed_up(model: nn.Module, compile: bool, cuda_graph: bool):
+def speed_up(model: nn.Module, compile: bool, cuda_graph: bool, precision: str = "bf16"):
     """What training calls: torch.compile (with inductor's CUDA graphs when both are asked), our CUDA graphs, or the model."""
     if compile:
         return torch.compile(model, mode="reduce-overhead" if cuda_graph else None)
-    return GraphedForward(model) if cuda_graph else model
+    return GraphedForward(model, precision) if cuda_graph else model
 
 
 def make_generators(seed: int) -> dict[str, torch.Generator]:
@@ -1212,17 +1250,25 @@ def replace_earlier_demo(out: Path, log=print) -> None:
 def check_run(cfg: Config, schedule, world: int) -> None:
     """Checks of the settings that need the schedule but no image."""
     soft = any(phase != "hard" for phase, _ in schedule)
-    for name, flag in ((cfg.model, "--model"), (cfg.teacher_arch, "--teacher-arch")):  # a typo found now, not after the relabel
+    for name, flag in [(cfg.model, "--model")] + [(a, "--teacher-arch") for a in cfg.teacher_arch.split(",")]:  # a typo found now
         if name:
             torchvision_models(name, flag)
     if soft and not cfg.teacher:
         raise HaldError(f"--teacher is missing: the schedule {cfg.schedule} has soft phases, whose labels a teacher gives "
                         f"(a hald.py checkpoint, another project's weights with --teacher-arch, or a torchvision name such as "
                         f"resnet18); --schedule hard needs none")
-    if soft and not Path(cfg.teacher).is_file():  # a missing checkpoint or an unknown name, before any image is decoded
-        torchvision_weights(cfg.teacher)
-        if cfg.teacher_arch:
-            raise HaldError(f"--teacher-arch is for a --teacher file; the torchvision teacher {cfg.teacher} brings its own: drop it")
+    for spec in cfg.teacher.split(",") if soft else []:  # a missing checkpoint or an unknown name, before any image is decoded
+        if not Path(spec).is_file():
+            torchvision_weights(spec)
+            if cfg.teacher_arch:
+                raise HaldError(f"--teacher-arch is for a --teacher file; the torchvision teacher {spec} brings its own: drop it")
+    try:
+        weights = [float(w) for w in cfg.teacher_weights.split(",")] if cfg.teacher_weights else []
+    except ValueError:
+        weights = None
+    if cfg.teacher_weights and (weights is None or len(weights) != len(cfg.teacher.split(","))):
+        raise HaldError(f"--teacher-weights {cfg.teacher_weights} must be one number per --teacher ({len(cfg.teacher.split(','))} "
+                        f"comma-separated): e.g. --teacher-weights {','.join(['1'] * len(cfg.teacher.split(',')))}")
     if soft and (cfg.slc < 1 or cfg.slc % cfg.ipc):
         raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: each image gets slc/ipc crops; "
                         f"use e.g. --slc {max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc}")
@@ -1237,10 +1283,11 @@ def soft_labels(cfg: Config, teacher, images_u8, labels, classes, val, device, g
     size, out = images_u8.shape[-1], Path(cfg.out)
     teacher, teacher_id, teacher_classes, stats = teacher
     teacher = teacher.to(device).eval()
+    members = list(zip(cfg.teacher.split(","), teacher.teachers)) if isinstance(teacher, TeacherEnsemble) else []
     check = {}
-    if cfg.check_teacher:
-        check = teacher_check(teacher, images_u8, labels, val, device, stats, rank=rank, world=world)
-        log(f"teacher check: agrees with the folder labels of --data on {check['teacher_agreement']:.1f} % of the "
+    for who, model in [(f" of {spec}", m) for spec, m in members] + [(" of the ensemble" if members else "", teacher)] if cfg.check_teacher else []:
+        check = teacher_check(model, images_u8, labels, val, device, stats, rank=rank, world=world, precision=cfg.precision)
+        log(f"teacher check{who}: agrees with the folder labels of --data on {check['teacher_agreement']:.1f} % of the "
             f"{len(images_u8)} images; top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on "
             f"{check['teacher_check_val_images']:,} of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")
         floor = chance_floor(len(classes))
@@ -1264,7 +1311,8 @@ def soft_labels(cfg: Config, teacher, images_u8, labels, classes, val, device, g
     else:
         cache = SoftLabelCache.build(teacher, images_u8, size=size, crops_per_image=cfg.slc // cfg.ipc, batch_size=cfg.batch_size,
                                      temperature=cfg.temperature, gen=gens["relabel"], crop_scale=cfg.crop_scale, cutmix=cfg.cutmix,
-                                     teacher_mode=cfg.teacher_mode, mean=stats[0], std=stats[1], log=log, rank=rank, world=world)
+                                     teacher_mode=cfg.teacher_mode, mean=stats[0], std=stats[1], precision=cfg.precision, log=log,
+                                     rank=rank, world=world)
         packed = compact_labels_(cache, cfg.label_topk, cfg.label_bits)
         if rank == 0:  # for the reader, beside the fingerprint: the class names of the teacher and of --val
             save_cache(cache, packed, {**header, "teacher_classes": teacher_classes, "val_classes": val["classes"]}, cache_path)
@@ -1286,7 +1334,7 @@ def build_student(cfg: Config, num_classes: int, size: int, device, world: int, 
             log(f"note: on the CPU each of the {world} processes keeps its own BatchNorm statistics (SyncBatchNorm needs "
                 f"CUDA), so this run trains differently from one process; --model convnet has no BatchNorm")
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return model, speed_up(net, cfg.compile, cfg.cuda_graph), make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    return model, speed_up(net, cfg.compile, cfg.cuda_graph, cfg.precision), make_optimizer(model, cfg.lr, cfg.weight_decay, device)
 
 
 def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log=print, later: int = 0):
@@ -1297,7 +1345,7 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
     stats = mean_std_of(cfg.normalize)
     epoch_settings = dict(batch_size=cfg.batch_size, size=size, temperature=cfg.temperature, smoothing=cfg.label_smoothing,
                           crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, mean=stats[0], std=stats[1], hybrid_lambda=cfg.hybrid_lambda,
-                          hybrid_crops=cfg.hybrid_crops, hybrid_t2=cfg.hybrid_t2)
+                          hybrid_crops=cfg.hybrid_crops, hybrid_t2=cfg.hybrid_t2, precision=cfg.precision)
     run_id = run_fingerprint(cfg)
     pool, history, first = [], [], 0
     if cfg.resume and (out / "checkpoint.pt").exists():
@@ -1316,7 +1364,7 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
             raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr")
         row = {"epoch": epoch + 1, "phase": phase, "loss": loss, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
         if epoch + 1 == len(phases) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):  # and always the last
-            row["top1"], row["top5"] = evaluate(model, val, device, stats, rank=rank, world=world)
+            row["top1"], row["top5"] = evaluate(model, val, device, stats, rank=rank, world=world, precision=cfg.precision)
         history.append(row)
         if rank == 0:  # metrics.jsonl is rewritten whole (atomic): a full disk never leaves half a line
             save_state(out / "checkpoint.pt", run_id, model, opt, epoch + 1, pool, gens, history)
@@ -1365,7 +1413,7 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
             f"within about a point of each other at 2 and soft-only won by 8 to 13 points at 10 with every BatchNorm "
             f"student measured (README: When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them")
     stats = mean_std_of(cfg.normalize)
-    teacher = load_teacher(cfg.teacher, classes, size, stats, log, cfg.teacher_arch) if soft else None  # a misfit found early
+    teacher = load_teachers(cfg.teacher, cfg.teacher_weights, classes, size, stats, log, cfg.teacher_arch) if soft else None  # misfits found early
     val = load_val(cfg.val, classes, size, device, cfg.val_storage, Path(cfg.out), log)
     images_u8, labels = images_u8.to(device), labels.to(device)
     cache, cache_bytes, check, teacher_classes, teacher_stats = None, 0, {}, None, None
@@ -1443,7 +1491,7 @@ def run_fingerprint(cfg: Config) -> str:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
     same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
             "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and not (k == "teacher_arch" and not v)
-            and not (k == "normalize" and v == "imagenet")}  # at their defaults, newer flags leave older fingerprints as they were
+            and not (k, v) in (("normalize", "imagenet"), ("precision", "bf16"), ("teacher_weights", ""))}  # at their defaults, newer flags leave older fingerprints as they were
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
 
 
@@ -1535,7 +1583,7 @@ def evaluate_file(cfg: Config, log=print) -> dict:
         layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # as the student was evaluated
         model = model_from_weights(weights, len(classes), size, f"model {cfg.evaluate}").to(device, memory_format=layout)
         stats = weights["stats"] or mean_std_of(cfg.normalize)  # a hald.py checkpoint's own, else --normalize
-        top1, top5 = evaluate(model, val, device, stats)
+        top1, top5 = evaluate(model, val, device, stats, precision=cfg.precision)
     result = {"model": cfg.evaluate, "identity": weights["identity"], "arch": weights["arch"], "image_size": size,
               "mean": list(stats[0]), "std": list(stats[1]), "val": cfg.val, "val_images": len(val["labels"]), "top1": top1, "top5": top5}
     log(f"evaluate {cfg.evaluate} ({weights['arch']}, {size} px) on the {len(val['labels']):,} images of --val {cfg.val}: "

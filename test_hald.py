@@ -1427,3 +1427,53 @@ def test_a_full_disk_ends_in_one_line_and_the_run_resumes(tiny, tmp_path, capsys
     assert hald.main(tiny_args(tiny, tmp_path / "out", "--resume")) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["final_top1"] >= 0
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+# ---------------------------------------------------------------- the authors' pipeline: ensembles, precision
+def test_an_ensemble_of_one_teacher_twice_gives_its_labels_and_two_give_the_weighted_sum():
+    torch.manual_seed(0)
+    a, b = hald.build_model("convnet_bn8", 5, 16).eval(), hald.build_model("convnet_bn8", 5, 16).eval()
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    build = lambda t: hald.SoftLabelCache.build(t, images, size=16, crops_per_image=2, batch_size=4, temperature=4.0,  # noqa: E731
+                                                 gen=torch.Generator().manual_seed(0), log=lambda *_: None).probs
+    torch.testing.assert_close(build(hald.TeacherEnsemble([a, a])), build(a), atol=1e-3, rtol=0)  # fp16 storage
+    x = hald.normalize(images)
+    w = torch.tensor([1.0, 3.0], dtype=torch.float64).div(10).softmax(0)  # the authors' weighting of given weights
+    with torch.no_grad():
+        torch.testing.assert_close(hald.TeacherEnsemble([a, b], [1.0, 3.0])(x), float(w[0]) * a(x) + float(w[1]) * b(x))
+        torch.testing.assert_close(hald.TeacherEnsemble([a, b])(x), (a(x) + b(x)) / 2)
+
+
+def test_an_ensemble_trains_end_to_end_with_every_teacher_checked(tiny, tmp_path, capsys):
+    out = tmp_path / "ens"
+    assert hald.main(tiny_args(tiny, out, "--teacher", f"{tiny['teacher']},{tiny['teacher']}", "--teacher-weights", "1,2")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"teacher check of {tiny['teacher']}:") == 2 and "teacher check of the ensemble:" in printed
+    header = torch.load(out / "soft_labels.pt", weights_only=True)["header"]
+    assert header["teacher"].count("sha256:") == 2 and "weighted [1.0, 2.0]" in header["teacher"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--teacher-weights", "1,2"], "--teacher-weights 1,2 must be one number per --teacher (1 comma-separated)"),
+    (["--teacher-weights", "1,x"], "must be one number per --teacher"),
+])
+def test_bad_teacher_weights_are_refused_in_one_line(tiny, tmp_path, capsys, extra, message):
+    assert hald.main(tiny_args(tiny, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_ensemble_teachers_of_other_class_counts_are_refused(tiny, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    hald.save_checkpoint(hald.build_model("convnet_bn8", 3, 16), "convnet_bn8", list("abc"), 16, other)
+    assert hald.main(tiny_args(tiny, tmp_path / "out", "--teacher", f"{tiny['teacher']},{other}")) == 2
+    err = capsys.readouterr().err
+    assert "has 4 classes" in err or "3 classes" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out" / "soft_labels.pt").exists()
+
+
+def test_precision_is_bf16_or_fp32_on_cuda_and_fp32_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: kwargs["enabled"])  # torch turns CUDA autocast off without CUDA
+    assert hald.autocast(torch.device("cuda"), "bf16") and not hald.autocast(torch.device("cuda"), "fp32")
+    assert not hald.autocast(torch.device("cpu"), "bf16")  # the CPU always computes in fp32
+    assert hald.parse_config(["--precision", "fp32"]).precision == "fp32"

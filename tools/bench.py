@@ -263,6 +263,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (at least 3: the ratios report a spread)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student, as hald.py --compile")
     parser.add_argument("--cuda-graph", action="store_true", help="CUDA graphs for the student, as hald.py --cuda-graph")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="CUDA arithmetic, as hald.py --precision")
     parser.add_argument("--replay-sizes", default="64,128,224", help="also time replay vs the per-image loop alone at these image sizes")
     parser.add_argument("--profile", action="store_true", help="also print where a soft and a hard epoch spend their time")
     parser.add_argument("--whole-step-graph", action="store_true", help="experiment: also time a soft epoch whose whole step is one CUDA graph")
@@ -284,7 +285,7 @@ def main(argv=None):
     if device.type == "cuda":
         model, teacher = model.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
     opt = hald.make_optimizer(model, 1e-3, 0.01, device)
-    net = hald.speed_up(model, args.compile, args.cuda_graph)  # what the ceiling and the epochs both run
+    net = hald.speed_up(model, args.compile, args.cuda_graph, args.precision)  # what the ceiling and the epochs both run
     cache = build_cache(teacher, images, B).to(device)
 
     x_fixed = hald.normalize(images[:B])
@@ -297,20 +298,21 @@ def main(argv=None):
 
     def model_steps():  # the ceiling: forward + backward + step on pre-built batches, one epoch's worth
         for b in batch_sizes:
-            with hald.autocast(device):
+            with hald.autocast(device, args.precision):
                 loss = hald.soft_loss(net(x_fixed[:b]), probs_fixed[:b], T)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
     gens, pool = hald.make_generators(0), []
-    epoch = {p: (lambda p=p: hald.run_epoch(p, net, opt, images, labels, C, gens, cache, pool, batch_size=B, temperature=T)) for p in ("soft", "hard")}
+    epoch = {p: (lambda p=p: hald.run_epoch(p, net, opt, images, labels, C, gens, cache, pool, batch_size=B, temperature=T,
+                                                precision=args.precision)) for p in ("soft", "hard")}
 
     @torch.no_grad()
     def teacher_forward():
         hald.bn_train_mode(teacher, True)
         for b in batch_sizes:
-            with hald.autocast(device):
+            with hald.autocast(device, args.precision):
                 teacher(x_fixed[:b])
         teacher.eval()
 
@@ -323,7 +325,7 @@ def main(argv=None):
     ips["eval_ips"] = n / timed(lambda: hald.evaluate(model, val_set(images, labels), device), device, args.repeats, warmup=1)
     broken = []
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "model": args.model, "batch_size": B, "image_size": S, "compile": args.compile, "cuda_graph": args.cuda_graph,
+              "model": args.model, "batch_size": B, "image_size": S, "compile": args.compile, "cuda_graph": args.cuda_graph, "precision": args.precision,
               "torch": torch.__version__, "rounds": rounds, **ips,
               **ratio_keys("efficiency_soft", seconds["model_step"], seconds["soft_epoch"], broken),
               **ratio_keys("efficiency_hard", seconds["model_step"], seconds["hard_epoch"], broken),

@@ -26,6 +26,7 @@ LIMIT=150 bench r18-224-b16-graph --model resnet18 --image-size 224 --batch-size
 step "profile r18-224-b16-graph"
 timeout 120 $PY tools/bench.py --device cuda --repeats 2 --replay-sizes "" --out "$OUT/bench-profile.json" --model resnet18 --image-size 224 \
     --batch-size 16 --classes 1000 --ipc 2 --cuda-graph --profile 2>&1 | tail -22 | tee -a "$log"
+bench r18-224-b16-fp32 --model resnet18 --image-size 224 --batch-size 16 --classes 1000 --ipc 2 --precision fp32
 bench r18-224-b128 --model resnet18 --image-size 224 --batch-size 128 --classes 1000 --ipc 2
 bench r18-224-b128-graph --model resnet18 --image-size 224 --batch-size 128 --classes 1000 --ipc 2 --cuda-graph
 bench r18-32-b16 --model resnet18 --image-size 32 --batch-size 16 --classes 100 --ipc 10
@@ -33,9 +34,9 @@ LIMIT=150 bench r18-32-b16-graph --model resnet18 --image-size 32 --batch-size 1
 # the validation path at ImageNet size: JPEG decode rate, and an evaluation decoding again vs kept decoded as uint8
 LIMIT=240 bench val-224 --model resnet18 --image-size 224 --batch-size 16 --classes 1000 --ipc 2 --val-jpegs 3000 --val-eval-images 3000
 
-for flags in "" "--cuda-graph"; do
+for flags in "" "--cuda-graph" "--precision fp32"; do
     step "demo on CUDA $flags"
-    timeout 150 $PY hald.py --overwrite --out "/tmp/demo$flags" $flags 2>&1 | grep -E "^hald|^validation|teacher check|soft labels:|final|comparison|^  " | tee -a "$log"
+    timeout 150 $PY hald.py --overwrite --out "/tmp/demo${flags// /}" $flags 2>&1 | grep -E "^hald|^validation|teacher check|soft labels:|final|comparison|^  " | tee -a "$log"
 done
 
 step "pytest on CUDA"
