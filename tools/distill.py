@@ -150,7 +150,8 @@ def roll_flip_rrc(x: torch.Tensor, gen: torch.Generator, jitter: int, rrc: bool)
 
 
 def recover(teacher: nn.Module, num_classes: int, args, gen: torch.Generator, start_u8=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SRe2L-style recovery of IPC images per class; returns uint8 images (N, 3, S, S) and labels (N,).
+    """SRe2L-style recovery of IPC images per class; returns the optimised images (N, 3, S, S), float, normalised with
+    ImageNet's statistics as hald.normalize makes them (to_uint8 gives their pixels), and labels (N,).
     Batches take the classes in order for ipc index 0, then 1, ...; start_u8: uint8 images in that order
     to start from instead of noise."""
     stats = BatchNormStatistics(teacher)
@@ -183,7 +184,7 @@ def recover(teacher: nn.Module, num_classes: int, args, gen: torch.Generator, st
             with torch.no_grad():  # pixels stay in [0, 1]
                 x.clamp_(low, high)
             progress(b * args.iterations + it + 1, lambda: f" | batch {b + 1}/{len(batches)}, cross-entropy {ce.item():.3f}, BN {bn.item():.3f}")
-        out.append(to_uint8(x.detach()).cpu())
+        out.append(x.detach().cpu())
     for h in stats.handles:
         h.remove()
     return torch.cat(out), labels
@@ -247,6 +248,8 @@ def parse_args(argv=None):
             p.add_argument("--rrc", action="store_true", help="a RandomResizedCrop of the batch before the roll (SRe2L's Tiny recipe)")
             p.add_argument("--batch-size", type=int, default=100, help="images optimised together (their BatchNorm statistics are matched)")
             p.add_argument("--init", default="noise", choices=("noise", "real"), help="start from noise or from random real images")
+            p.add_argument("--save-tensor", default="", help="also write the images before their rounding to 8 bits, as hald.py "
+                           "--data FILE.pt reads them: {'images': float (N, 3, S, S) normalised with ImageNet's statistics, 'labels'}")
         else:
             p.add_argument("--factor", type=int, default=1, choices=(1, 2), help="crops stitched per side")
             p.add_argument("--crops", type=int, default=5, help="random crops scored per candidate image")
@@ -277,11 +280,14 @@ def main(argv=None) -> int:
             if args.init == "real":  # random training images, in the order recover makes its images (ipc index-major)
                 picks = [[f[i] for i in torch.randperm(len(f), generator=gen)[:args.ipc].tolist()] for f in files]
                 start = hald.decode_images([picks[c][i] for i in range(args.ipc) for c in range(len(classes))], args.image_size)
-            images, labels = recover(teacher, len(classes), args, gen, start)
+            floats, labels = recover(teacher, len(classes), args, gen, start)
+            images = to_uint8(floats)
         else:
             images, labels = select(teacher, files, args, gen)
         order = torch.argsort(labels * len(labels) + torch.arange(len(labels)))  # class by class, in making order
         images, labels = images[order], labels[order]
+        if args.kind == "recover" and args.save_tensor:  # the set before its rounding to 8-bit pixels, in the PNGs' order
+            hald.save_atomic({"images": floats[order], "labels": labels}, args.save_tensor)
         agree = agreement(teacher.cpu(), images, labels)
         seconds = time.time() - t0
         info = {"kind": args.kind, "command": "python tools/distill.py " + " ".join(sys.argv[1:] if argv is None else argv),
