@@ -66,6 +66,25 @@ MODEL_FORMAT = "hald-model-v1"
 # largest count measured (RESULTS.md); above it the authors' values stand, since nothing here says otherwise.
 AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, AUTO_MEASURED_CLASSES = 0.1, 4.0, 200
 AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE = 0.8, 20.0
+# --recipe: the authors' datasets (name, classes, --normalize); with one, their smoothing 0.8 and T 20 at any class count
+RECIPES = {"imagenet1k": ("ImageNet-1K", 1000, "imagenet"), "tiny-imagenet": ("Tiny-ImageNet", 200, "imagenet"),
+           "cifar100": ("CIFAR-100", 100, "cifar100"), "imagenette": ("ImageNette", 10, "imagenet"), "imagewoof": ("ImageWoof", 10, "imagenet")}
+# -1 = auto for --lr and --eta: the authors' tuned [lr, eta] (their validate/hyper.yaml) per dataset and student as rows
+# (from IPC, lr, eta), each in force up to the next. ImageNette and ImageWoof: their common value ("mostly 5e-4"), not
+# read row by row. Every setting without a row: lr 1e-3, eta 2 (1 from IPC 50), their most common values.
+AUTHORS_LR_ETA = {
+    ("imagenet1k", "resnet18"): [(1, 1e-3, 2.0), (50, 1e-3, 1.0)],
+    ("imagenet1k", "resnet50"): [(1, 5e-4, 2.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)],
+    ("imagenet1k", "resnet101"): [(1, 3.5e-3, 2.0), (10, 1e-3, 2.0), (50, 5e-4, 1.0)],
+    **{("imagenet1k", model): [(10, 1e-3, 2.0)] for model in ("mobilenet_v2", "densenet121")},
+    ("tiny-imagenet", "resnet18"): [(1, 1e-3, 2.0), (50, 1e-3, 1.0)],
+    **{("tiny-imagenet", model): [(1, 5e-4, 2.0), (50, 5e-4, 1.0)] for model in ("resnet50", "resnet101")},
+    ("cifar100", "resnet18"): [(1, 5e-4, 2.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)],
+    ("cifar100", "resnet50"): [(1, 1e-3, 1.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)],
+    ("cifar100", "resnet101"): [(1, 5e-4, 1.0)],
+    **{(data, model): [(1, 5e-4, 2.0), (50, 5e-4, 1.0)] for data in ("imagenette", "imagewoof")
+       for model in ("resnet18", "resnet50", "resnet101")},
+}
 CONVNET = re.compile(r"convnet(_bn)?(\d*)(?:_d([1-9]\d*))?")  # hald.py's own: convnet, convnet_bn, convnet_bn64, convnet_bn_d4, ...
 WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
 
@@ -134,9 +153,13 @@ class Config:
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
     # optimisation
     batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
-    lr: float = arg(1e-3, "AdamW learning rate")
+    lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset (by class count and size, or --recipe), "
+                    "student and IPC, else 1e-3 (README)")
     weight_decay: float = arg(0.01, "AdamW weight decay, applied to weights with ndim > 1 only")
-    eta: float = arg(2.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); 2 for IPC <= 40, 1 for IPC 50")
+    eta: float = arg(-1.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); -1 = auto: the authors' as for "
+                     "--lr, else 2 below IPC 50 and 1 from it")
+    recipe: str = arg("none", "the authors' whole recipe for one of their datasets, whose class count --data must have: their "
+                      "--normalize (when left at imagenet), smoothing 0.8, T 20, --lr and --eta (each unless given)", ("none", *RECIPES))
     # run
     seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
     device: str = arg("auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)", ("auto", "cpu", "cuda"))
@@ -204,8 +227,8 @@ def check_config(cfg: Config) -> None:
         raise HaldError(f"--crop-scale must be in (0, 1], got {cfg.crop_scale}")
     if not (0 <= cfg.label_smoothing < 1 or cfg.label_smoothing == -1):
         raise HaldError(f"--label-smoothing must be in [0, 1) or -1 (auto), got {cfg.label_smoothing}")
-    if cfg.temperature <= 0 and cfg.temperature != -1 or cfg.lr <= 0 or cfg.eta <= 0:
-        raise HaldError("--temperature (or -1 for auto), --lr and --eta must be positive")
+    if any(v <= 0 and v != -1 for v in (cfg.temperature, cfg.lr, cfg.eta)):
+        raise HaldError("--temperature, --lr and --eta must be positive (or -1 for auto)")
     if not (0 <= cfg.soft_epochs <= cfg.epochs or cfg.soft_epochs == -1):
         raise HaldError(f"--soft-epochs {cfg.soft_epochs} must be between 0 and --epochs {cfg.epochs} (or -1 for auto)")
     mean_std_of(cfg.normalize)
@@ -479,15 +502,11 @@ def bn_train_mode(model: nn.Module, batch_statistics: bool) -> nn.Module:
 
 
 class SoftLabelCache:
-    """The fixed budget of soft labels: `crops_per_image` passes over the images (SLC / IPC), each cut into
-    fixed batches; for every crop its image, box, flip and CutMix partner, for every batch its CutMix box, and
-    the teacher's softmax(logits / T). Batches are replayed whole, never re-batched: with a train-mode teacher
-    a crop's label depends on its batch (the authors' batch-specific soft labels).
-
-    Tensors in stored order (L = passes * num_images): index (L,) image index, boxes (L, 4) crop fractions
-    (top, left, height, width), flips (L,), partner (L,) position of the CutMix partner inside its batch,
-    cut (num_batches, 4) CutMix box (y0, y1, x0, x1) in output pixels or None without CutMix, probs (L, C) fp16.
-    """
+    """The fixed budget of soft labels: `crops_per_image` passes over the images (SLC / IPC), each cut into fixed
+    batches, replayed whole (with a train-mode teacher a crop's label depends on its batch: the authors' batch-specific
+    soft labels). In stored order (L = passes * num_images): index (L,) image, boxes (L, 4) crop fractions (top, left,
+    height, width), flips (L,), partner (L,) CutMix partner's position in its batch, cut (num_batches, 4) CutMix box
+    (y0, y1, x0, x1) in output pixels (None without CutMix), probs (L, C) fp16 softmax(teacher logits / T)."""
 
     def __init__(self, index, boxes, flips, partner, cut, probs, num_images: int, batch_size: int, size: int):
         self.index, self.boxes, self.flips, self.partner, self.cut, self.probs = index, boxes, flips, partner, cut, probs
@@ -499,8 +518,7 @@ class SoftLabelCache:
 
     def to(self, device) -> "SoftLabelCache":
         for name in ("index", "boxes", "flips", "partner", "cut", "probs"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).to(device))
+            setattr(self, name, None if getattr(self, name) is None else getattr(self, name).to(device))
         return self
 
     @classmethod
@@ -757,6 +775,19 @@ def auto_soft_epochs(epochs: int, model: str) -> int:
     200 classes (3 seeds each). Every other student: the authors' half, which trained the better ResNet-18
     and instance-norm ConvNet-3 on CIFAR-10 (3 seeds each; RESULTS.md)."""
     return epochs * 4 // 5 if model.startswith("convnet_bn") else epochs // 2
+
+
+def auto_lr_eta(num_classes: int, image_size: int, model: str, ipc: int, recipe: str = "none") -> tuple:
+    """-1 = auto for --lr and --eta: the AUTHORS_LR_ETA row of the dataset, named by --recipe or by the class count
+    where that is unambiguous (1,000: ImageNet-1K; 200: Tiny-ImageNet, at any size; 100 at 32 px: CIFAR-100), and the
+    student, from the largest IPC at or below --ipc (below the first: the first). -> lr, eta, why (start-up line)."""
+    dataset = recipe if recipe != "none" else {1000: "imagenet1k", 200: "tiny-imagenet"}.get(
+        num_classes, "cifar100" if (num_classes, image_size) == (100, 32) else "")
+    rows = AUTHORS_LR_ETA.get((dataset, model))
+    if not rows:
+        return 1e-3, 2.0 if ipc < 50 else 1.0, "hald.py's default, as the authors have no row for this setting"
+    start, lr, eta = max((row for row in rows if row[0] <= ipc), default=rows[0])
+    return lr, eta, f"the authors' {RECIPES[dataset][0]} {model} row from IPC {start}"
 
 
 def lr_at(epoch: int, lr: float, epochs: int, eta: float) -> float:
@@ -1024,8 +1055,7 @@ def drift_report(teacher, student, images_u8, labels, k: int, size: int, scale: 
 
 # -------------------------------------------------------------------------- train/eval
 def autocast(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on CUDA unless precision is "fp32" (the authors' runs); a no-op on the CPU (fp32 keeps CPU runs
-    exact and reproducible)."""
+    """bf16 autocast on CUDA unless precision is "fp32" (the authors' runs); a no-op on the CPU (fp32: exact, reproducible)."""
     on = device.type == "cuda" and precision == "bf16"
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on, cache_enabled=False)  # no cache: CUDA graphs
 
@@ -1197,14 +1227,32 @@ def make_generators(seed: int) -> dict[str, torch.Generator]:
     return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(("relabel", "pool", "hard", "drift"))}
 
 
-def resolve_settings(cfg: Config, num_classes: int) -> Config:
+def header_height(files) -> int:
+    """The height of the first image, from its header alone (0 when it cannot be read: load_distilled says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(next(p for class_files in files for p in class_files)) as image:
+            return image.height
+    except (StopIteration, OSError, ValueError, Image.DecompressionBombError):
+        return 0
+
+
+def resolve_settings(cfg: Config, num_classes: int, image_size: int = 0) -> Config:
     """The -1 = auto values, resolved once (summary.json records the resolved config): label smoothing and T
-    by class count (AUTO_*: the authors' above the largest count measured), the soft epochs by student."""
-    measured = num_classes <= AUTO_MEASURED_CLASSES
+    by class count (AUTO_*: the authors' above the largest count measured or with --recipe), the soft epochs by
+    student, lr and eta by dataset, student and IPC (auto_lr_eta); --recipe's --normalize when left at imagenet."""
+    recipe = RECIPES.get(cfg.recipe)
+    if recipe and recipe[1] != num_classes:
+        raise HaldError(f"--recipe {cfg.recipe} is for {recipe[0]}'s {recipe[1]:,} classes but --data has {num_classes:,}: "
+                        f"drop --recipe or name the dataset of --data")
+    measured = num_classes <= AUTO_MEASURED_CLASSES and not recipe
+    lr, eta, _ = auto_lr_eta(num_classes, image_size, cfg.model, cfg.ipc, cfg.recipe)
     auto = {"label_smoothing": AUTO_LABEL_SMOOTHING if measured else AUTHORS_LABEL_SMOOTHING,
             "temperature": AUTO_TEMPERATURE if measured else AUTHORS_TEMPERATURE,
-            "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model)}
-    return dataclasses.replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
+            "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model), "lr": lr, "eta": eta}
+    normalize = recipe[2] if recipe and cfg.normalize == "imagenet" else cfg.normalize
+    return dataclasses.replace(cfg, normalize=normalize, **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
 
 
 def with_demo_defaults(cfg: Config) -> Config:
@@ -1388,8 +1436,9 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
     if cfg.cuda_graph and (device.type != "cuda" or world > 1):
         raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
-    given = cfg  # the auto values depend on the class count; listing the folders is cheap
-    cfg = resolve_settings(cfg, len(list_image_folder(cfg.data, log=lambda *_: None)[1]))
+    given = cfg  # the auto values depend on the class count and size; listing the folders and one header is cheap
+    files, classes = list_image_folder(cfg.data, log=lambda *_: None)
+    cfg = resolve_settings(cfg, len(classes), cfg.image_size or header_height(files))
     schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, cfg.slc // cfg.ipc)
     check_run(cfg, schedule, world)
     start, gens = time.time(), make_generators(cfg.seed)
@@ -1403,11 +1452,14 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
                         f"({world}): change --batch-size or --nproc_per_node")
     soft = any(phase != "hard" for phase, _ in schedule)
     auto = given.label_smoothing == -1 or soft and given.temperature == -1
-    why = (f"measured better at 10 and {AUTO_MEASURED_CLASSES} classes" if C <= AUTO_MEASURED_CLASSES
-           else f"the authors' values above {AUTO_MEASURED_CLASSES} classes, where hald.py has not measured")
+    rule = f"recipe {cfg.recipe}" if cfg.recipe != "none" else "auto: " + (
+        f"measured better at 10 and {AUTO_MEASURED_CLASSES} classes" if C <= AUTO_MEASURED_CLASSES
+        else f"the authors' values above {AUTO_MEASURED_CLASSES} classes, where hald.py has not measured")
+    lr_rule = ("auto" if cfg.recipe == "none" else f"recipe {cfg.recipe}") + ": " + auto_lr_eta(C, size, cfg.model, cfg.ipc, cfg.recipe)[2]
     log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes from {cfg.data} | "
         f"schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "") + f"label smoothing {cfg.label_smoothing:g}"
-        + (f", T {cfg.temperature:g}" if soft else "") + (f" (auto: {why})" if auto else ""))
+        + (f", T {cfg.temperature:g}" if soft else "") + (f" ({rule})" if auto else "") + f" | lr {cfg.lr:g}, eta {cfg.eta:g}"
+        + (f" ({lr_rule})" if -1 in (given.lr, given.eta) else ""))
     if cfg.schedule == "shs" and not comparing and cfg.slc >= 2 * cfg.ipc and C <= AUTO_MEASURED_CLASSES:
         log(f"note: {cfg.slc // cfg.ipc} stored crops per image: up to {AUTO_MEASURED_CLASSES} classes HALD and soft-only were "
             f"within about a point of each other at 2 and soft-only won by 8 to 13 points at 10 with every BatchNorm "
@@ -1490,9 +1542,9 @@ def comparison(schedules: list[str], summaries: list[dict]) -> str:
 def run_fingerprint(cfg: Config) -> str:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
     same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
-            "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and not (k == "teacher_arch" and not v)
-            and not (k, v) in (("normalize", "imagenet"), ("precision", "bf16"), ("teacher_weights", ""))}  # at their defaults, newer flags leave older fingerprints as they were
-    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
+            "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""),
+            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""))}  # at their defaults,
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()  # newer flags leave older fingerprints as they were
 
 
 def save_state(path, run_id: str, model, opt, epoch: int, pool: list[int], gens: dict, history: list[dict]) -> None:

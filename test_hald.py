@@ -193,6 +193,71 @@ def test_auto_settings_fill_only_what_is_left_to_auto(given, classes, resolved):
     assert (cfg.label_smoothing, cfg.temperature, cfg.soft_epochs) == resolved
 
 
+@pytest.mark.parametrize("classes, size, model, ipc, given, resolved", [
+    (100, 32, "resnet18", 1, {}, (5e-4, 2.0)), (100, 32, "resnet18", 10, {}, (1e-3, 2.0)), (100, 32, "resnet18", 50, {}, (1e-3, 1.0)),
+    (100, 32, "resnet18", 20, {}, (1e-3, 2.0)), (100, 32, "resnet101", 20, {}, (5e-4, 1.0)), (100, 64, "resnet18", 1, {}, (1e-3, 2.0)),
+    (1000, 224, "resnet101", 1, {}, (3.5e-3, 2.0)), (1000, 224, "resnet101", 60, {}, (5e-4, 1.0)), (1000, 64, "mobilenet_v2", 1, {}, (1e-3, 2.0)),
+    (200, 64, "resnet50", 10, {}, (5e-4, 2.0)), (200, 32, "resnet50", 50, {}, (5e-4, 1.0)), (200, 32, "convnet_bn64", 10, {}, (1e-3, 2.0)),
+    (1000, 224, "convnet_bn", 49, {}, (1e-3, 2.0)), (1000, 224, "convnet_bn", 50, {}, (1e-3, 1.0)), (10, 224, "resnet50", 1, {}, (1e-3, 2.0)),
+    (100, 32, "resnet18", 1, {"lr": 2e-3}, (2e-3, 2.0)), (100, 32, "resnet50", 1, {"eta": 2.0}, (1e-3, 2.0))])
+def test_auto_lr_and_eta_are_the_authors_row_for_their_dataset_and_student(classes, size, model, ipc, given, resolved):
+    """1,000 classes: ImageNet-1K, 200: Tiny-ImageNet, 100 at 32 px: CIFAR-100, with the row from the largest IPC at or
+    below --ipc (below the first: the first); anything else, 100 classes at 64 px and 10 without --recipe included:
+    1e-3 and eta 2 (1 from IPC 50). A given value wins."""
+    cfg = hald.resolve_settings(hald.Config(model=model, ipc=ipc, **given), classes, size)
+    assert (cfg.lr, cfg.eta) == resolved
+
+
+def test_defaults_and_evidence_keep_their_lr_eta_and_fingerprints(monkeypatch):
+    """The demo and every setting of the committed evidence (10 and 200 classes at 32 px, IPC 10, hald.py's ConvNets
+    and ResNet-18) resolve to lr 1e-3 and eta 2, as before the auto values; a resolved run keeps the fingerprint it had
+    then (hashes from hald.py before --recipe), so an unfinished run still resumes."""
+    demo = hald.with_demo_defaults(hald.parse_config([]))
+    assert (lambda c: (c.lr, c.eta))(hald.resolve_settings(demo, 10, 32)) == (1e-3, 2.0)
+    for classes in (10, 200):
+        for model in ("convnet", "convnet_bn", "convnet_bn64", "convnet64", "resnet18"):
+            cfg = hald.resolve_settings(hald.Config(model=model), classes, 32)
+            assert (cfg.lr, cfg.eta, cfg.normalize) == (1e-3, 2.0, "imagenet")
+    before = {("convnet_bn", 10): "6ec1dadea879d5bc", ("resnet18", 10): "f2f337ac1e4bc2aa", ("convnet_bn64", 200): "f79cae98c3f986a9"}
+    for (model, classes), fingerprint in before.items():
+        cfg = hald.resolve_settings(hald.Config(data="d", val="v", teacher="t", model=model), classes, 32)
+        assert hald.run_fingerprint(cfg)[:16] == fingerprint
+
+
+def test_recipe_applies_the_authors_dataset_settings():
+    """--recipe names the dataset (the 10-class subsets have no count of their own): their normalisation, smoothing 0.8,
+    T 20 and row; every value given wins; a class count that is not the recipe's is refused."""
+    cfg = hald.resolve_settings(hald.Config(recipe="imagenette", model="resnet18"), 10, 224)
+    assert (cfg.label_smoothing, cfg.temperature, cfg.normalize, cfg.lr, cfg.eta) == (0.8, 20.0, "imagenet", 5e-4, 2.0)
+    cfg = hald.resolve_settings(hald.Config(recipe="cifar100", model="resnet18", ipc=1), 100, 64)  # the recipe, not the size
+    assert (cfg.normalize, cfg.lr, cfg.label_smoothing) == ("cifar100", 5e-4, 0.8)
+    cfg = hald.resolve_settings(hald.Config(recipe="cifar100", normalize="cifar10", label_smoothing=0.1, lr=2e-3, ipc=50), 100, 32)
+    assert (cfg.normalize, cfg.label_smoothing, cfg.temperature, cfg.lr, cfg.eta) == ("cifar10", 0.1, 20.0, 2e-3, 1.0)
+    with pytest.raises(hald.HaldError, match="--recipe imagenet1k is for ImageNet-1K's 1,000 classes but --data has 10"):
+        hald.resolve_settings(hald.Config(recipe="imagenet1k"), 10, 224)
+    assert hald.auto_lr_eta(100, 32, "resnet18", 20)[2] == "the authors' CIFAR-100 resnet18 row from IPC 10"
+
+
+def test_recipe_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """The start-up line names the rule of each auto value; an unknown --recipe and one whose class count is not the data's
+    are refused in one line before any image is decoded, with nothing written."""
+    data, val = write_folder(tmp_path / "data", 10, 1, 16, 0), write_folder(tmp_path / "val", 10, 1, 16, 1)
+    args = ["--data", str(data), "--val", str(val), "--ipc", "1", "--schedule", "hard", "--epochs", "1", "--batch-size", "5",
+            "--model", "resnet18", "--drift-crops", "0", "--out", str(tmp_path / "out")]
+    assert hald.main([*args, "--recipe", "imagenette"]) == 0
+    assert ("label smoothing 0.8 (recipe imagenette) | lr 0.0005, eta 2 (recipe imagenette: the authors' ImageNette resnet18 "
+            "row from IPC 1)\n") in capsys.readouterr().out
+    config = json.loads((tmp_path / "out" / "summary.json").read_text())["config"]
+    assert (config["recipe"], config["lr"], config["eta"], config["label_smoothing"]) == ("imagenette", 5e-4, 2.0, 0.8)
+    monkeypatch.setattr(hald, "decode_image", None)  # a call fails the test
+    for recipe, message in (("imagenet", "--recipe must be one of none, imagenet1k, tiny-imagenet, cifar100, imagenette, "
+                             "imagewoof, got 'imagenet'"), ("cifar100", "--recipe cifar100 is for CIFAR-100's 100 classes but --data has 10")):
+        assert hald.main([*args[:-1], str(tmp_path / recipe), "--recipe", recipe]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hald: error:") and message in err and "\n" not in err
+        assert not (tmp_path / recipe).exists()
+
+
 def test_hybrid_loss_terms():
     g = torch.Generator().manual_seed(0)
     s, h, probs = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), F.softmax(torch.randn(4, 6, generator=g), 1)
@@ -907,7 +972,8 @@ def test_no_argument_demo_in_short_and_again(tmp_path, capsys, monkeypatch, demo
     else:
         assert "note: pip install matplotlib to get comparison.png" in out
     assert out.count("reusing soft-label cache") == 1 and (tmp_path / "soft_labels.pt").exists()  # one cache for both
-    assert "label smoothing 0.1, T 4 (auto: measured better at 10 and 200 classes)" in out  # 10 classes
+    assert ("label smoothing 0.1, T 4 (auto: measured better at 10 and 200 classes) | lr 0.001, eta 2 (auto: hald.py's default, "
+            "as the authors have no row for this setting)") in out  # 10 classes
     epochs = [line for line in out.splitlines() if line.startswith("epoch ")]  # the time left covers both schedules
     assert all(" min left in all" in line for line in epochs[:4]) and not any("in all" in line for line in epochs[4:])
     summary = summaries["shs"]
@@ -1213,7 +1279,7 @@ def test_cpu_batchnorm_under_several_processes_is_pointed_out(monkeypatch):
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: model)
     for model, noted in (("convnet_bn8", True), ("convnet8", False)):
         said = []
-        hald.build_student(hald.Config(model=model), 3, 16, torch.device("cpu"), 2, said.append)
+        hald.build_student(hald.resolve_settings(hald.Config(model=model), 3), 3, 16, torch.device("cpu"), 2, said.append)
         assert any("own BatchNorm statistics" in line for line in said) == noted
 
 
