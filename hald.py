@@ -263,19 +263,23 @@ def decode_images(paths, size: int, center_crop: bool = False) -> torch.Tensor:
 def load_distilled(root, ipc: int, size: int = 0, log=print):
     """The first `ipc` images of each class as uint8 (N, 3, S, S), labels (N,) and class names."""
     files, classes = list_image_folder(root)
-    for name, class_files in zip(classes, files):
-        if len(class_files) < ipc:
-            raise HaldError(f"class {name!r} in {root} has {len(class_files)} images, fewer than --ipc {ipc}: "
-                            f"lower --ipc or add images")
+    check_ipc([len(f) for f in files], classes, ipc, root, log)
     note_numeric_order(classes, f"--data {root}", log)
-    typical = sorted(map(len, files))[len(files) // 2]
-    if typical > 2 * ipc:
-        log(f"note: --ipc {ipc} uses the first {ipc} of about {typical} images per class in {root}: a distilled set holds "
-            f"IPC images per class; give --ipc {typical} to use them all")
     paths = [p for class_files in files for p in class_files[:ipc]]
     size = size or decode_image(paths[0], 0).shape[1]
     labels = torch.arange(len(classes)).repeat_interleave(ipc)
     return decode_images(paths, size), labels, classes
+
+
+def check_ipc(counts: list, classes: list, ipc: int, where, log=print) -> None:
+    """Every class holds --ipc images; a note when most hold far more (a full training set, or a set of a larger IPC)."""
+    for name, count in zip(classes, counts):
+        if count < ipc:
+            raise HaldError(f"class {name!r} in {where} has {count} images, fewer than --ipc {ipc}: lower --ipc or add images")
+    typical = sorted(counts)[len(counts) // 2]
+    if typical > 2 * ipc:
+        log(f"note: --ipc {ipc} uses the first {ipc} of about {typical} images per class in {where}: a distilled set holds "
+            f"IPC images per class; give --ipc {typical} to use them all")
 
 
 def note_numeric_order(classes: list[str], where: str, log=print) -> None:
