@@ -108,11 +108,15 @@ DEMO_FLAGS = {"schedule": "shs soft", "slc": 10, "epochs": 200}
 @dataclass
 class Config:
     # data
-    data: str = arg("", "ImageFolder of the distilled images (one folder per class); not given: the bundled CIFAR-10 demo")
+    data: str = arg("", "ImageFolder of the distilled images (one folder per class), or a tensor file (.pt, .pth) of images (N, C, H, W) "
+                    "normalised with --normalize's statistics and their labels, as dataset condensation code saves them (DC / DM's "
+                    "res_*.pt, MTT's images_best.pt, a dict of images and labels, a pair); not given: the bundled CIFAR-10 demo")
+    labels: str = arg("", "labels of a --data tensor file that holds images only (class indices or one-hot rows); default: its "
+                      "name with images replaced by labels (MTT's images_best.pt -> labels_best.pt)")
     val: str = arg("", "ImageFolder of real validation images, its classes paired with --data's by sorted folder position "
                    "(new000 -> n01440764, ...); required with --data")
-    ipc: int = arg(10, "images per class used from --data (the first IPC files of each class, sorted)")
-    image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image")
+    ipc: int = arg(10, "images per class used from --data (the first IPC of each class: files sorted, a tensor file's in file order)")
+    image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image (a tensor set is resized bilinearly)")
     normalize: str = arg("imagenet", "mean and std of the student's inputs, and of a teacher file that does not bring its own (a "
                          "hald.py checkpoint records its own): imagenet, cifar10 (DC / MTT's), cifar100, none, or m1,m2,m3,s1,s2,s3")
     val_storage: str = arg("auto", "where the validation set is kept as uint8: auto (the GPU if it fits, else host memory within "
@@ -291,19 +295,95 @@ def decode_images(paths, size: int, center_crop: bool = False) -> torch.Tensor:
 def load_distilled(root, ipc: int, size: int = 0, log=print):
     """The first `ipc` images of each class as uint8 (N, 3, S, S), labels (N,) and class names."""
     files, classes = list_image_folder(root)
-    for name, class_files in zip(classes, files):
-        if len(class_files) < ipc:
-            raise HaldError(f"class {name!r} in {root} has {len(class_files)} images, fewer than --ipc {ipc}: "
-                            f"lower --ipc or add images")
+    check_ipc([len(f) for f in files], classes, ipc, root, log)
     note_numeric_order(classes, f"--data {root}", log)
-    typical = sorted(map(len, files))[len(files) // 2]
-    if typical > 2 * ipc:
-        log(f"note: --ipc {ipc} uses the first {ipc} of about {typical} images per class in {root}: a distilled set holds "
-            f"IPC images per class; give --ipc {typical} to use them all")
     paths = [p for class_files in files for p in class_files[:ipc]]
     size = size or decode_image(paths[0], 0).shape[1]
     labels = torch.arange(len(classes)).repeat_interleave(ipc)
     return decode_images(paths, size), labels, classes
+
+
+def check_ipc(counts: list, classes: list, ipc: int, where, log=print) -> None:
+    """Every class holds --ipc images; a note when most hold far more (a full training set, or a set of a larger IPC)."""
+    for name, count in zip(classes, counts):
+        if count < ipc:
+            raise HaldError(f"class {name!r} in {where} has {count} images, fewer than --ipc {ipc}: lower --ipc or add images")
+    typical = sorted(counts)[len(counts) // 2]
+    if typical > 2 * ipc:
+        log(f"note: --ipc {ipc} uses the first {ipc} of about {typical} images per class in {where}: a distilled set holds "
+            f"IPC images per class; give --ipc {typical} to use them all")
+
+
+TENSOR_SUFFIXES = (".pt", ".pth")
+TENSOR_KEYS = (("images", "labels"), ("image_syn", "label_syn"), ("x", "y"))  # the names dataset condensation code saves under
+
+
+def read_tensor_set(path: Path, labels_file: str = "") -> tuple:
+    """(images, labels, layout) of a tensor file: a dict under TENSOR_KEYS, DC / DM's {"data": [[images, labels], ...]} (the
+    last pair), a pair, or images alone with --labels or the file named with labels for images (MTT's labels_best.pt)."""
+    if not path.is_file():
+        raise HaldError(f"--data {path} does not exist: give an ImageFolder or a tensor file of the distilled set")
+    blob, layout = load_trusted(path, "--data tensor file"), "an (images, labels) pair"
+    if isinstance(blob, dict) and isinstance(blob.get("data"), (list, tuple)) and blob["data"]:
+        blob, layout = blob["data"][-1], f"DC / DM res_*.pt: the last of {len(blob['data'])} [images, labels] pairs under data"
+    names = next((k for k in TENSOR_KEYS if isinstance(blob, dict) and k[0] in blob), None)
+    if names:
+        blob, layout = (blob[names[0]], blob.get(names[1])), f"a dict of {names[0]} and {names[1]}"
+    blob = (blob, None) if torch.is_tensor(blob) else blob
+    if not (isinstance(blob, (list, tuple)) and len(blob) == 2):
+        found = f"a dict of {', '.join(map(str, blob))}" if isinstance(blob, dict) else f"a {type(blob).__name__}"
+        raise HaldError(f"--data {path} holds {found}, no layout hald.py knows: save a dict of images and labels (or image_syn "
+                        f"and label_syn), {{'data': [[images, labels]]}}, an (images, labels) pair, or the images with --labels")
+    images, labels = blob
+    if labels is None or labels_file:
+        other = Path(labels_file) if labels_file else path.with_name(path.name.replace("images", "labels"))
+        if other == path or not other.is_file():
+            raise HaldError(f"--data {path} holds images only and {'--labels ' if labels_file else ''}{other} is not a file: "
+                            f"give the labels file with --labels")
+        labels, layout = load_trusted(other, "--labels file"), f"images, labels from {other}"
+    return images, labels, layout
+
+
+def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagenet"], labels_file: str = "", log=print):
+    """The first `ipc` images of each class of a tensor file (read_tensor_set), in file order, as float32 (N, 3, S, S) in [0, 1]
+    units (file * std + mean, not clipped: optimised pixels are unconstrained; 1 channel repeated to 3 as for grey files;
+    fp32 even on CUDA: sets are small, and fp16 would round them), labels (N,), class names "0", "1", ... and the layout."""
+    path = Path(path)
+    images, labels, layout = read_tensor_set(path, labels_file)
+    if not (torch.is_tensor(images) and images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3)
+            and images.shape[2] == images.shape[3] and images.numel()):
+        got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
+        raise HaldError(f"--data {path}: the images must be float (N, C, H, W) with 1 or 3 channels and H = W, got {got}: "
+                        f"save them as one such tensor (8-bit images: as an ImageFolder)")
+    if not (torch.is_tensor(labels) and labels.ndim in (1, 2) and len(labels) == len(images)) or labels.ndim == 1 and (
+            labels.is_floating_point() or labels.min() < 0):
+        got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise HaldError(f"--data {path}: {len(images)} images but labels {got}: give one label per image, as class indices "
+                        f"(N,) from 0 or as one-hot / soft rows (N, classes)")
+    if labels.ndim == 2:
+        log(f"note: the labels of {path} are rows of {labels.shape[1]} values: each image takes the class of its largest (argmax)")
+    num_classes, labels = (labels.shape[1], labels.argmax(1)) if labels.ndim == 2 else (int(labels.max()) + 1, labels.long())
+    # ZCA-whitened sets (MTT's --zca) are refused, as hald.py does not apply ZCA: whitening (regularisation 0.1) lowers the
+    # contrast (per-channel std of normalised CIFAR-10 images 1.2 -> 0.45) and the correlation of neighbouring pixels (0.93 ->
+    # 0.4; sets distilled from real images keep 0.9). Sets optimised from noise lack that correlation but keep std near 1: both
+    x = images.float()
+    neighbours = torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
+    if x.std((0, 2, 3)).mean() < 0.8 and neighbours < 0.6:
+        raise HaldError(f"--data {path} looks ZCA-whitened (low contrast, neighbouring pixels correlated {neighbours:.2f}): "
+                        f"hald.py does not apply ZCA; save the images before whitening (MTT: without --zca)")
+    m, s = mean_std(x.device, tuple(stats[0]), tuple(stats[1]))
+    x = x.expand(-1, 3, -1, -1) * s + m
+    if not x.isfinite().all():
+        raise HaldError(f"--data {path} holds NaN or infinite values: the distillation diverged or the file is damaged")
+    if x.min() < -5 or x.max() > 6:  # images lie near [0, 1]; optimised pixels go a little beyond
+        raise HaldError(f"--data {path} holds values from {x.min():.3g} to {x.max():.3g} once de-normalised (x * std + mean), not "
+                        f"images: give --normalize the statistics it was saved with (none for [0, 1]; 0-255 values: divide by 255)")
+    classes = [str(c) for c in range(num_classes)]
+    check_ipc(torch.bincount(labels, minlength=num_classes).tolist(), classes, ipc, path, log)
+    x = x[torch.cat([(labels == c).nonzero().flatten()[:ipc] for c in range(num_classes)])]
+    if size and size != x.shape[-1]:
+        x, layout = F.interpolate(x, (size, size), mode="bilinear", antialias=True), f"{layout}, resized from {x.shape[-1]} px"
+    return x.contiguous(), torch.arange(num_classes).repeat_interleave(ipc), classes, layout
 
 
 def note_numeric_order(classes: list[str], where: str, log=print) -> None:
@@ -1436,14 +1516,20 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
     if cfg.cuda_graph and (device.type != "cuda" or world > 1):
         raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
-    given = cfg  # the auto values depend on the class count and size; listing the folders and one header is cheap
-    files, classes = list_image_folder(cfg.data, log=lambda *_: None)
-    cfg = resolve_settings(cfg, len(classes), cfg.image_size or header_height(files))
+    given = cfg  # the auto values depend on the class count and size: a folder's listing and one header, or the tensor set
+    tensors = None
+    if Path(cfg.data).suffix in TENSOR_SUFFIXES:  # read once, de-normalised with the statistics it was saved with
+        saved = RECIPES[cfg.recipe][2] if cfg.recipe != "none" and cfg.normalize == "imagenet" else cfg.normalize  # as resolve_settings
+        tensors = load_tensor_set(cfg.data, cfg.ipc, cfg.image_size, mean_std_of(saved), cfg.labels, log)
+    if cfg.labels and not tensors:
+        raise HaldError(f"--labels is for a --data tensor file (.pt, .pth); the classes of an ImageFolder are its folders: drop it")
+    files, classes = (None, tensors[2]) if tensors else list_image_folder(cfg.data, log=lambda *_: None)
+    cfg = resolve_settings(cfg, len(classes), tensors[0].shape[-1] if tensors else cfg.image_size or header_height(files))
     schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, cfg.slc // cfg.ipc)
     check_run(cfg, schedule, world)
     start, gens = time.time(), make_generators(cfg.seed)
 
-    images_u8, labels, classes = load_distilled(cfg.data, cfg.ipc, cfg.image_size, log)
+    images_u8, labels, classes = tensors[:3] if tensors else load_distilled(cfg.data, cfg.ipc, cfg.image_size, log)  # u8 or float
     n, C, size = len(images_u8), len(classes), images_u8.shape[-1]
     if cfg.batch_size > n:
         raise HaldError(f"--batch-size {cfg.batch_size} is larger than the {n} distilled images: lower it")
@@ -1456,16 +1542,17 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
         f"measured better at 10 and {AUTO_MEASURED_CLASSES} classes" if C <= AUTO_MEASURED_CLASSES
         else f"the authors' values above {AUTO_MEASURED_CLASSES} classes, where hald.py has not measured")
     lr_rule = ("auto" if cfg.recipe == "none" else f"recipe {cfg.recipe}") + ": " + auto_lr_eta(C, size, cfg.model, cfg.ipc, cfg.recipe)[2]
-    log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes from {cfg.data} | "
-        f"schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "") + f"label smoothing {cfg.label_smoothing:g}"
-        + (f", T {cfg.temperature:g}" if soft else "") + (f" ({rule})" if auto else "") + f" | lr {cfg.lr:g}, eta {cfg.eta:g}"
-        + (f" ({lr_rule})" if -1 in (given.lr, given.eta) else ""))
+    log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes from {cfg.data}"
+        + (f" ({tensors[3]})" if tensors else "") + f" | schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "")
+        + f"label smoothing {cfg.label_smoothing:g}" + (f", T {cfg.temperature:g}" if soft else "") + (f" ({rule})" if auto else "")
+        + f" | lr {cfg.lr:g}, eta {cfg.eta:g}" + (f" ({lr_rule})" if -1 in (given.lr, given.eta) else ""))
     if cfg.schedule == "shs" and not comparing and cfg.slc >= 2 * cfg.ipc and C <= AUTO_MEASURED_CLASSES:
         log(f"note: {cfg.slc // cfg.ipc} stored crops per image: up to {AUTO_MEASURED_CLASSES} classes HALD and soft-only were "
             f"within about a point of each other at 2 and soft-only won by 8 to 13 points at 10 with every BatchNorm "
             f"student measured (README: When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them")
     stats = mean_std_of(cfg.normalize)
     teacher = load_teachers(cfg.teacher, cfg.teacher_weights, classes, size, stats, log, cfg.teacher_arch) if soft else None  # misfits found early
+    classes = list(teacher[2]) if tensors and soft and teacher[2] else classes  # a tensor set's classes are numbers: the teacher's names
     val = load_val(cfg.val, classes, size, device, cfg.val_storage, Path(cfg.out), log)
     images_u8, labels = images_u8.to(device), labels.to(device)
     cache, cache_bytes, check, teacher_classes, teacher_stats = None, 0, {}, None, None
@@ -1542,7 +1629,7 @@ def comparison(schedules: list[str], summaries: list[dict]) -> str:
 def run_fingerprint(cfg: Config) -> str:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
     same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
-            "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""),
+            "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""), ("labels", ""),
             ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""))}  # at their defaults,
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()  # newer flags leave older fingerprints as they were
 

@@ -783,6 +783,116 @@ def test_untrusted_pickles_and_missing_cuda_are_refused(tiny, tmp_path, capsys):
         assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
+# a distilled set saved as tensors (DC / DM / MTT), --data FILE.pt
+CIFAR10 = [torch.tensor(v).view(1, 3, 1, 1) for v in hald.NORMALIZATIONS["cifar10"]]
+
+
+def tensor_set(tiny, seed=0):
+    """tiny's 12 distilled images as dataset condensation code saves them: float, normalised with the CIFAR-10 statistics,
+    with noise that takes them outside [0, 1] (optimised pixels are unconstrained), classes in mixed order."""
+    images, labels, _ = hald.load_distilled(tiny["data"], 3, 16)
+    g = torch.Generator().manual_seed(seed)
+    x = images.float() / 255 + 0.1 * torch.randn(images.shape, generator=g)
+    order = torch.randperm(len(x), generator=g)
+    return ((x - CIFAR10[0]) / CIFAR10[1])[order], labels[order]
+
+
+def save_tensor_set(layout: str, x, y, root: Path) -> tuple:
+    """The set in one of the layouts --data reads; returns its path and the flags it needs."""
+    root.mkdir(parents=True, exist_ok=True)
+    if layout in ("images_best", "--labels"):  # MTT: images alone, labels in a file beside them
+        torch.save(x, root / "images_best.pt")
+        torch.save(y, root / ("labels_best.pt" if layout == "images_best" else "y.pth"))
+        return root / "images_best.pt", ["--labels", str(root / "y.pth")] if layout == "--labels" else []
+    blob = {"images": {"images": x, "labels": y}, "image_syn": {"image_syn": x, "label_syn": y, "syn_lr": torch.tensor(0.01)},
+            "res": {"data": [[x[:4] * 0, y[:4]], [x, y]], "accs_all_exps": {"ConvNet": [0.3, 0.4]}},  # DC / DM: the last pair
+            "pair": (x, y)}[layout]
+    torch.save(blob, root / "set.pth")
+    return root / "set.pth", []
+
+
+@pytest.mark.parametrize("layout", ["images", "image_syn", "res", "pair", "images_best", "--labels"])
+def test_tensor_set_layouts_train_end_to_end(tiny, tmp_path, capsys, layout):
+    """Each layout trains with the teacher, checked, on the set de-normalised with --normalize; its classes take the
+    teacher's names; the start-up line names the file and the layout."""
+    path, extra = save_tensor_set(layout, *tensor_set(tiny), tmp_path / "set")
+    assert hald.main(tiny_args(tiny, tmp_path / "out", "--data", str(path), "--normalize", "cifar10", *extra)) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["teacher_agreement"] > 50 and summary["classes"]["data"] == [f"class{c}" for c in range(4)]
+    assert "student_crop_js_mean" in summary["drift"] and summary["soft_labels_per_class"] == 4
+    out = capsys.readouterr().out
+    assert re.search(rf"8 images of 16 px in 4 classes from {re.escape(str(path))} \(.+\) \| schedule", out)
+    assert {"res": "the last of 2 [images, labels] pairs", "images_best": "labels from", "--labels": "y.pth",
+            "pair": "an (images, labels) pair", "images": "a dict of images and labels"}.get(layout, layout) in out
+
+
+def test_tensor_set_values_survive_loading_unchanged(tiny, tmp_path, capsys):
+    """De-normalised (file * std + mean) in float32, values outside [0, 1] kept; the first IPC images of each class
+    in file order, classes contiguous; 1 channel repeated to 3; --image-size resizes."""
+    x, y = tensor_set(tiny)
+    torch.save({"images": x, "labels": y}, tmp_path / "set.pt")
+    images, labels, classes, layout = hald.load_tensor_set(tmp_path / "set.pt", 2, 0, hald.NORMALIZATIONS["cifar10"])
+    first = torch.cat([(y == c).nonzero().flatten()[:2] for c in range(4)])
+    assert images.dtype == torch.float32 and torch.equal(images, x[first] * CIFAR10[1] + CIFAR10[0])
+    assert images.min() < 0 and images.max() > 1
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and classes == ["0", "1", "2", "3"] and layout == "a dict of images and labels"
+    assert "uses the first 1 of about 3 images per class" in (hald.load_tensor_set(tmp_path / "set.pt", 1) and capsys.readouterr().out)
+    torch.save((x[:, :1], y), tmp_path / "grey.pt")
+    grey = hald.load_tensor_set(tmp_path / "grey.pt", 3, 8, hald.NORMALIZATIONS["none"])[0]
+    assert grey.shape == (12, 3, 8, 8) and torch.equal(grey[:, 0], grey[:, 2])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("3-d", "the images must be float (N, C, H, W) with 1 or 3 channels and H = W, got (12, 3, 16)"),
+    ("4 channels", "got (12, 4, 16, 16) torch.float32"),
+    ("uint8", "got (12, 3, 16, 16) torch.uint8"),
+    ("11 labels", "12 images but labels (11,)"),
+    ("5 classes", "has 4 classes but --data has 5"),
+    ("fewer than ipc", "has 1 images, fewer than --ipc 2"),
+    ("1e4", "holds values from"),
+    ("nan", "holds NaN or infinite values"),
+    ("zca", "looks ZCA-whitened"),
+    ("layout", "holds a dict of state_dict, epoch, no layout hald.py knows"),
+    ("no labels", "holds images only"),
+    ("missing", "does not exist"),
+    ("--labels with a folder", "--labels is for a --data tensor file"),
+])
+def test_bad_tensor_sets_give_a_one_line_error_and_write_nothing(tiny, tmp_path, capsys, case, message):
+    x, y = tensor_set(tiny)
+    blob = {"3-d": (x[..., 0], y), "4 channels": (torch.cat([x, x[:, :1]], 1), y), "uint8": (x.to(torch.uint8), y),
+            "11 labels": (x, y[:11]), "5 classes": (x, torch.arange(5).repeat(3)[:12]),
+            "fewer than ipc": (x, torch.where((y == 3) & ((y == 3).cumsum(0) > 1), 0, y)), "1e4": (x * 1e4, y), "nan": (x.index_put((torch.tensor([5]),), torch.tensor(float("nan"))), y),
+            "zca": (0.45 * torch.randn(x.shape), y),  # the statistics of whitened images: low contrast, no spatial correlation
+            "layout": {"state_dict": {}, "epoch": 3}, "no labels": x}.get(case)
+    path = tmp_path / "images.pt"
+    if blob is not None:
+        torch.save(blob, path)
+    data = ["--data", str(tiny["data"]), "--labels", str(path)] if case == "--labels with a folder" else ["--data", str(path)]
+    assert hald.main(tiny_args(tiny, tmp_path / "out", *data, "--normalize", "cifar10", "--schedule", "hard")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hald: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_hot_labels_give_the_same_run_as_indices_and_resume(tiny, tmp_path, capsys):
+    x, y = tensor_set(tiny)
+    torch.save({"image_syn": x, "label_syn": y}, tmp_path / "index.pt")
+    torch.save({"image_syn": x, "label_syn": F.one_hot(y, 4).float() * 0.9}, tmp_path / "one_hot.pt")
+    runs = {}
+    for name in ("index", "one_hot"):
+        args = ["--data", str(tmp_path / f"{name}.pt"), "--normalize", "cifar10", "--save-model", str(tmp_path / f"{name}.student")]
+        assert hald.main(tiny_args(tiny, tmp_path / name, *args)) == 0
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        runs[name] = summary["final_top1"], summary["drift"], torch.load(tmp_path / f"{name}.student", weights_only=True)["state_dict"]
+        assert capsys.readouterr().out.count("each image takes the class of its largest (argmax)") == (name == "one_hot")
+    assert runs["index"][:2] == runs["one_hot"][:2] and all(torch.equal(v, runs["one_hot"][2][k]) for k, v in runs["index"][2].items())
+    cache = torch.load(tmp_path / "index" / "soft_labels.pt", weights_only=True)["header"]
+    assert cache == torch.load(tmp_path / "one_hot" / "soft_labels.pt", weights_only=True)["header"]  # same images, same cache
+    assert hald.main(tiny_args(tiny, tmp_path / "index", "--data", str(tmp_path / "index.pt"), "--normalize", "cifar10", "--resume")) == 0
+    out = capsys.readouterr().out
+    assert "reusing soft-label cache" in out and "resuming after epoch 4" in out
+
+
 # ------------------------------------------------- teachers of other projects, --evaluate, first contact
 @pytest.mark.parametrize("saved", ["plain", "wrapped"])
 def test_teacher_saved_by_another_project_trains_with_teacher_arch(demo_small, tmp_path, saved):
