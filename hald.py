@@ -12,13 +12,9 @@ hard (label-smoothed) labels, then replays the soft labels again.
     python hald.py --evaluate student.pt --val val/  # top-1 and top-5 of a saved model, no training
     python hald.py --help                            # every knob with its doc line
 
-Measured (README, 2-core x86_64 CPU; IPC 10, 300 epochs, the defaults: smoothing 0.1, T 4; last-epoch
-top-1, 3 seeds, soft-only -> HALD): BatchNorm ConvNet-3 (the default student; HALD soft 120 / hard 60 /
-soft 120) CIFAR-10 29.8 -> 33.8 % at 1 crop per image, 35.4 -> 34.4 % at 2; 200 classes (Tiny-ImageNet,
-32 px) at 1: 18.9 -> 21.3 %. ResNet-18 (the authors' split 75 / 150 / 75, its default) CIFAR-10 25.8 ->
-29.5 % at 1, 31.0 -> 30.7 % at 2. Generator-made CIFAR-10 sets (tools/distill.py), the default student:
-SRe2L-style 24.0 -> 27.1 % at 1, 39.7 -> 31.7 % at 10; RDED-style 28.8 -> 33.3 % at 1, 47.3 -> 39.5 % at 10.
-Compare the two on your data: --schedule "shs soft".
+Measured (README; 2-core x86_64 CPU, IPC 10, 300 epochs, the defaults, last-epoch top-1 over 3 seeds, soft-only
+-> HALD): CIFAR-10 29.8 -> 33.8 % at 1 crop per image, 35.4 -> 34.4 % at 2, 49.7 -> 38.5 % at 10; Tiny-ImageNet
+(200 classes, 32 px) 18.9 -> 21.3 % at 1. HALD pays at one crop per image; compare both: --schedule "shs soft".
 
 Sections follow one image from disk to the accuracy figure: config -> data -> crop
 sampler -> CutMix -> soft-label cache (relabel) -> losses -> schedule -> models ->
@@ -113,25 +109,23 @@ class Config:
                     "res_*.pt, MTT's images_best.pt, a dict of images and labels, a pair); not given: the bundled CIFAR-10 demo")
     labels: str = arg("", "labels of a --data tensor file that holds images only (class indices or one-hot rows); default: its "
                       "name with images replaced by labels (MTT's images_best.pt -> labels_best.pt)")
-    val: str = arg("", "ImageFolder of real validation images, its classes paired with --data's by sorted folder position "
-                   "(new000 -> n01440764, ...); required with --data")
+    val: str = arg("", "ImageFolder of real validation images, classes paired with --data's by sorted position; required with --data")
     ipc: int = arg(10, "images per class used from --data (the first IPC of each class: files sorted, a tensor file's in file order)")
     image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image (a tensor set is resized bilinearly)")
     normalize: str = arg("imagenet", "mean and std of the student's inputs, and of a teacher file that does not bring its own (a "
                          "hald.py checkpoint records its own): imagenet, cifar10 (DC / MTT's), cifar100, none, or m1,m2,m3,s1,s2,s3")
-    val_storage: str = arg("auto", "where the validation set is kept as uint8: auto (the GPU if it fits, else host memory within "
-                           "half of what is free, else a memory-mapped file in --out)", ("auto", "device", "memory", "file"))
+    val_storage: str = arg("auto", "where the decoded validation set is kept: auto (GPU, host memory, file: what fits)",
+                           ("auto", "device", "memory", "file"))
     # soft labels
     teacher: str = arg("", "hald.py checkpoint, weights with --teacher-arch, or a torchvision ImageNet model name[:weights] "
                        "(resnet18, resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); soft phases need one with --data; "
                        "several, comma-separated: an ensemble")
     teacher_weights: str = arg("", "weights of several comma-separated --teacher files, one number each (their logits are summed "
                                "with weights softmax(w / 10), as the authors'); none: 1/n each")
-    teacher_arch: str = arg("", "architecture of a --teacher or --evaluate file not written by hald.py (a state_dict, alone or "
-                            f"under {', '.join(WEIGHT_KEYS)}; module. and _orig_mod. prefixes dropped): convnet_bn, "
-                            "convnet_bn64, resnet18, ... (a ResNet gets the stem of its weights: 3x3 conv1 CIFAR, 7x7 ImageNet)")
-    check_teacher: bool = arg(True, "before training, measure the teacher's agreement with --data's folder labels and its "
-                              "accuracy on --val, and stop when either is near chance (a class order that does not match)")
+    teacher_arch: str = arg("", "architecture of a --teacher or --evaluate file not written by hald.py (a state_dict): "
+                            "convnet_bn, convnet, resnet18, ... (README: On your own data)")
+    check_teacher: bool = arg(True, "stop before training when the teacher's agreement with --data or its top-1 on --val is "
+                              "near chance (a class order that does not match)")
     teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics, authors' default) or eval", ("train", "eval"))
     slc: int = arg(100, "soft labels per class stored (a multiple of --ipc; slc/ipc crops per image)")
     temperature: float = arg(-1.0, "softmax temperature of stored labels and of the soft loss; -1 = auto: 4 up to 200 classes "
@@ -170,16 +164,14 @@ class Config:
     precision: str = arg("bf16", "CUDA arithmetic: bf16 autocast, or fp32 as the authors ran (the CPU always computes in fp32)",
                          ("bf16", "fp32"))
     compile: bool = arg(False, "torch.compile the student (pays off on long GPU runs; the first steps compile)")
-    cuda_graph: bool = arg(False, "CUDA: replay the student's forward + backward from a CUDA graph per input shape "
-                           "(small batches are launch-bound); with --compile: inductor's CUDA graphs")
+    cuda_graph: bool = arg(False, "CUDA: the student's forward + backward replayed from CUDA graphs (small batches)")
     eval_every: int = arg(20, "evaluate every N epochs (and always at the end); 0 = at the end only")
     drift_crops: int = arg(8, "crops per image for the drift diagnostics; 0 turns them off")
     out: str = arg("runs/hald", "output folder: metrics.jsonl, summary.json, the cache by default")
     overwrite: bool = arg(False, "replace the results of a finished or unfinished run in --out (refused otherwise)")
     save_model: str = arg("", "write the trained student here (usable as --teacher)")
     resume: bool = arg(False, "continue from OUT/checkpoint.pt (written after every epoch) with the same settings")
-    evaluate: str = arg("", "no training: top-1 and top-5 on --val of this model (a --save-model file, or weights with "
-                        "--teacher-arch); written to OUT/evaluation.json when --out is given")
+    evaluate: str = arg("", "no training: top-1 and top-5 on --val of this model file (OUT/evaluation.json with --out)")
     debug: bool = arg(False, "show tracebacks instead of one-line errors")
 
 
