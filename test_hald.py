@@ -604,7 +604,11 @@ def test_released_distilled_layouts_pair_by_position(tiny, tmp_path, capsys, nam
     out = capsys.readouterr().out
     assert f"classes of --data paired with --val {val} by sorted position: {naming[0]} -> n01440764, {naming[1]} -> n01443537" in out
     assert f"paired with teacher {tiny['teacher']} by sorted position: {naming[0]} -> class0" in out
+    rded = naming[0] == "00000"  # the authors' rule would label RDED's layout in eval mode: train measured better (README)
+    assert ("| teacher mode train (batch statistics; RDED's layout, which the authors relabel in eval mode: train measured better"
+            if rded else "| teacher mode train (batch statistics, the authors' mode for SRe2L-family sets)") in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["config"]["teacher_mode"] == "train"
     assert summary["classes"] == {"data": naming, "val": sorted(d.name for d in val.iterdir()), "teacher": [f"class{c}" for c in range(4)]}
     assert summary["teacher_agreement"] >= hald.chance_floor(4) and summary["teacher_top1"] >= hald.chance_floor(4)
     header = torch.load(tmp_path / "out" / "soft_labels.pt", weights_only=True)["header"]

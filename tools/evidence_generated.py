@@ -133,6 +133,26 @@ def table(dataset: str) -> str:
     return "\n".join(lines)
 
 
+def teacher_mode_table(dataset: str = "cifar10") -> str:
+    """The teacher's mode at relabel, train (batch statistics) against eval (running statistics), on each generated
+    set at each s that has eval runs: last-epoch top-1 by schedule, and eval minus train per seed."""
+    lines = ["| set | s | schedule | teacher train mode | teacher eval mode | eval - train (per seed) |", "|---|---|---|---|---|---|"]
+    folder = DATASETS[dataset]["results"] / "generated"
+    for kind in KINDS:
+        for s in sorted({s for ds, _, s, _ in PLAN if ds == dataset and s != 300}):
+            for sch in ("shs", "soft"):
+                runs = {mode: {x["config"]["seed"]: x for x in summaries(folder, f"{dataset}-{kind}{suffix}-{sch}-s{s}")}
+                        for mode, suffix in MODE_SUFFIX.items()}
+                seeds = sorted(runs["train"].keys() & runs["eval"].keys())
+                if not seeds:
+                    continue
+                diffs = [runs["eval"][k]["final_top1"] - runs["train"][k]["final_top1"] for k in seeds]
+                lines.append(f"| {kind} | {s} | {'HALD' if sch == 'shs' else 'soft-only'} | {cell([runs['train'][k] for k in seeds])} | "
+                             f"{cell([runs['eval'][k] for k in seeds])} | **{statistics.mean(diffs):+.1f}** "
+                             f"({', '.join(f'{d:+.1f}' for d in diffs)}) |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cifar", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 root with test/")
@@ -157,6 +177,7 @@ def main():
                 print(f"[{i + 1}/{len(jobs)}] {run_name(*job[:5], '-'.join(job[5]), job[6])}: {status} ({time.time() - start:.0f}s)", flush=True)
     for dataset in DATASETS:
         print(f"\n{dataset}: IPC 10, generator-made sets beside the real draw\n{table(dataset)}")
+    print(f"\ncifar10: the teacher's mode at relabel on the generator-made sets (IPC 10, default student)\n{teacher_mode_table()}")
 
 
 if __name__ == "__main__":
