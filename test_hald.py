@@ -1657,3 +1657,31 @@ def test_precision_is_bf16_or_fp32_on_cuda_and_fp32_on_the_cpu(monkeypatch):
     assert hald.autocast(torch.device("cuda"), "bf16") and not hald.autocast(torch.device("cuda"), "fp32")
     assert not hald.autocast(torch.device("cpu"), "bf16")  # the CPU always computes in fp32
     assert hald.parse_config(["--precision", "fp32"]).precision == "fp32"
+
+
+def test_normalize_is_recorded_and_a_checkpoint_brings_its_own(tiny, tmp_path, capsys):
+    """A student saved with --normalize cifar10 is evaluated with CIFAR-10's statistics by --evaluate without the flag, and
+    as a teacher it labels with them whatever the run's --normalize; older checkpoints (no statistics) mean ImageNet's."""
+    student = tmp_path / "student.pt"
+    assert hald.main(tiny_args(tiny, tmp_path / "s", "--schedule", "hard", "--normalize", "cifar10", "--save-model", str(student))) == 0
+    saved = torch.load(student, weights_only=True)
+    assert (tuple(saved["mean"]), tuple(saved["std"])) == hald.NORMALIZATIONS["cifar10"]
+    assert hald.main(["--evaluate", str(student), "--val", str(tiny["val"]), "--out", str(tmp_path / "e")]) == 0
+    result = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert (tuple(result["mean"]), tuple(result["std"])) == hald.NORMALIZATIONS["cifar10"]
+    assert result["top1"] == json.loads((tmp_path / "s" / "summary.json").read_text())["final_top1"]
+    model, _, _, stats = hald.load_teacher(str(student), [f"class{c}" for c in range(4)], 16, hald.NORMALIZATIONS["none"])
+    assert stats == hald.NORMALIZATIONS["cifar10"]  # the checkpoint's own wins over the run's
+    old = tmp_path / "old.pt"
+    torch.save({k: v for k, v in saved.items() if k not in ("mean", "std")}, old)
+    assert hald.load_teacher(str(old), [f"class{c}" for c in range(4)], 16, hald.NORMALIZATIONS["none"])[3] == hald.NORMALIZATIONS["imagenet"]
+    # a run with --normalize none labels with the teacher's statistics: its cache equals one of a run with cifar10
+    caches = []
+    for norm in ("none", "cifar10"):
+        out = tmp_path / f"t-{norm}"
+        assert hald.main(tiny_args(tiny, out, "--teacher", str(student), "--normalize", norm, "--no-check-teacher", "--epochs", "1",
+                                "--schedule", "soft")) == 0
+        caches.append(torch.load(out / "soft_labels.pt", weights_only=True)["labels"]["values"])
+    assert torch.equal(*caches)
+    with pytest.raises(hald.HaldError, match="--normalize 'imagenet2'"):
+        hald.mean_std_of("imagenet2")
