@@ -42,6 +42,9 @@ DATASETS = {
                               "ceiling": "ceiling-soft-only-a-fresh-label-per-crop-t-4"}),
 }
 KINDS = ("recover", "select")
+# the recover set as tools/distill.py --save-tensor wrote it before its rounding to 8-bit PNG (sets/cifar10-recover-tensor.pt),
+# run only when asked (--kind recover-tensor): against the PNG set, what writing PNGs costs
+TENSOR_KINDS = ("recover-tensor",)
 # (dataset, student, crops per image s, seeds) in order of priority; s = 300 is the unlimited-label ceiling (soft-only)
 PLAN = [("cifar10", "convnet_bn", 1, 3), ("cifar10", "convnet_bn", 10, 3), ("cifar10", "convnet_bn", 2, 3),
         ("cifar10", "convnet_bn", 300, 1), ("tiny32", "convnet_bn64", 1, 3), ("tiny32", "convnet_bn64", 2, 3),
@@ -81,7 +84,8 @@ def run(job, data_roots: dict) -> str:
     if all(kept(dataset, n).exists() for n in names.values()):
         return "done"
     out = ROOT / "runs" / "generated" / run_name(dataset, kind, model, s, seed, "-".join(schedules), mode)
-    hald_args = ["--data", str(ROOT / "sets" / f"{dataset}-{kind}"), "--val", str(Path(data_roots[dataset]) / d["val"]),
+    data = ROOT / "sets" / (f"{dataset}-{kind}.pt" if kind in TENSOR_KINDS else f"{dataset}-{kind}")
+    hald_args = ["--data", str(data), "--val", str(Path(data_roots[dataset]) / d["val"]),
                  "--teacher", str(d["teacher"]), "--model", model, *PINNED, *d["args"], "--slc", str(10 * s),
                  "--teacher-mode", mode, "--seed", str(seed), "--schedule", " ".join(schedules)]
     status = run_one((out, hald_args))[1]
@@ -153,6 +157,23 @@ def teacher_mode_table(dataset: str = "cifar10") -> str:
     return "\n".join(lines)
 
 
+def tensor_table(dataset: str = "cifar10") -> str:
+    """The recover set from its tensor file (the optimised values) against its PNGs (rounded to 8 bits): top-1 by
+    schedule and s, and tensor minus PNG per seed."""
+    lines = ["| s | schedule | PNG (8-bit) | tensor file | tensor - PNG (per seed) |", "|---|---|---|---|---|"]
+    folder = DATASETS[dataset]["results"] / "generated"
+    for s in sorted({s for ds, _, s, _ in PLAN if ds == dataset and s != 300}):
+        for sch in ("shs", "soft"):
+            runs = {kind: {x["config"]["seed"]: x for x in summaries(folder, f"{dataset}-{kind}-{sch}-s{s}")} for kind in ("recover", "recover-tensor")}
+            seeds = sorted(runs["recover"].keys() & runs["recover-tensor"].keys())
+            if seeds:
+                diffs = [runs["recover-tensor"][k]["final_top1"] - runs["recover"][k]["final_top1"] for k in seeds]
+                lines.append(f"| {s} | {'HALD' if sch == 'shs' else 'soft-only'} | {cell([runs['recover'][k] for k in seeds])} | "
+                             f"{cell([runs['recover-tensor'][k] for k in seeds])} | **{statistics.mean(diffs):+.1f}** "
+                             f"({', '.join(f'{d:+.1f}' for d in diffs)}) |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cifar", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 root with test/")
@@ -160,7 +181,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     parser.add_argument("--only", default="", help="only the plan lines whose 'dataset student' contains this text")
     parser.add_argument("--seeds", default="", help="only these seeds (comma-separated; default: each plan line's)")
-    parser.add_argument("--kind", default="", choices=("", *KINDS), help="only the sets of this kind")
+    parser.add_argument("--kind", default="", choices=("", *KINDS, *TENSOR_KINDS), help="only the sets of this kind")
     parser.add_argument("--teacher-mode", default="train", choices=tuple(MODE_SUFFIX), help="the teacher's mode at relabel")
     parser.add_argument("--crops", default="", help="only these crops per image s (comma-separated; 300 = the ceiling)")
     parser.add_argument("--table-only", action="store_true", help="print the tables from the committed summaries, run nothing")
@@ -178,6 +199,7 @@ def main():
     for dataset in DATASETS:
         print(f"\n{dataset}: IPC 10, generator-made sets beside the real draw\n{table(dataset)}")
     print(f"\ncifar10: the teacher's mode at relabel on the generator-made sets (IPC 10, default student)\n{teacher_mode_table()}")
+    print(f"\ncifar10: the recover set from its tensor file and from its PNGs (IPC 10, default student)\n{tensor_table()}")
 
 
 if __name__ == "__main__":
