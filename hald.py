@@ -1060,7 +1060,7 @@ def load_teachers(specs: str, weights: str, classes: list, image_size: int, stat
 def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, stats, min_val: int = 5000, rank: int = 0, world: int = 1,
                   precision: str = "bf16") -> dict:
     """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%) with the
-    folder labels of the distilled images, and its top-1 and top-5 (%) on --val (every k-th image, at least min_val).
+    class labels of the distilled images (folders, or a tensor file's labels), and its top-1 and top-5 (%) on --val (every k-th image, at least min_val).
     A class order of --data or --val that does not match the teacher's drops the figure concerned to about 100 / C."""
     teacher.eval()
     agree = torch.zeros((), dtype=torch.long, device=labels.device)
@@ -1418,7 +1418,7 @@ def soft_labels(cfg: Config, teacher, images_u8, labels, classes, val, device, g
     check = {}
     for who, model in [(f" of {spec}", m) for spec, m in members] + [(" of the ensemble" if members else "", teacher)] if cfg.check_teacher else []:
         check = teacher_check(model, images_u8, labels, val, device, stats, rank=rank, world=world, precision=cfg.precision)
-        log(f"teacher check{who}: agrees with the folder labels of --data on {check['teacher_agreement']:.1f} % of the "
+        log(f"teacher check{who}: agrees with the class labels of --data on {check['teacher_agreement']:.1f} % of the "
             f"{len(images_u8)} images; top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on "
             f"{check['teacher_check_val_images']:,} of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")
         floor = chance_floor(len(classes))

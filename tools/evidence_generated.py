@@ -42,9 +42,10 @@ DATASETS = {
                               "ceiling": "ceiling-soft-only-a-fresh-label-per-crop-t-4"}),
 }
 KINDS = ("recover", "select")
-# the recover set as tools/distill.py --save-tensor wrote it before its rounding to 8-bit PNG (sets/cifar10-recover-tensor.pt),
-# run only when asked (--kind recover-tensor): against the PNG set, what writing PNGs costs
-TENSOR_KINDS = ("recover-tensor",)
+# a second recover set (the same command, one thread: other images than sets/cifar10-recover), written by tools/distill.py
+# --save-tensor both as PNGs (sets/cifar10-recover-png/) and as the floats before their rounding to 8 bits
+# (sets/cifar10-recover-tensor.pt): run only when asked (--kind), the pair says what writing PNGs costs
+TENSOR_KINDS = ("recover-png", "recover-tensor")
 # (dataset, student, crops per image s, seeds) in order of priority; s = 300 is the unlimited-label ceiling (soft-only)
 PLAN = [("cifar10", "convnet_bn", 1, 3), ("cifar10", "convnet_bn", 10, 3), ("cifar10", "convnet_bn", 2, 3),
         ("cifar10", "convnet_bn", 300, 1), ("tiny32", "convnet_bn64", 1, 3), ("tiny32", "convnet_bn64", 2, 3),
@@ -84,7 +85,7 @@ def run(job, data_roots: dict) -> str:
     if all(kept(dataset, n).exists() for n in names.values()):
         return "done"
     out = ROOT / "runs" / "generated" / run_name(dataset, kind, model, s, seed, "-".join(schedules), mode)
-    data = ROOT / "sets" / (f"{dataset}-{kind}.pt" if kind in TENSOR_KINDS else f"{dataset}-{kind}")
+    data = ROOT / "sets" / (f"{dataset}-{kind}.pt" if kind.endswith("-tensor") else f"{dataset}-{kind}")
     hald_args = ["--data", str(data), "--val", str(Path(data_roots[dataset]) / d["val"]),
                  "--teacher", str(d["teacher"]), "--model", model, *PINNED, *d["args"], "--slc", str(10 * s),
                  "--teacher-mode", mode, "--seed", str(seed), "--schedule", " ".join(schedules)]
@@ -158,17 +159,17 @@ def teacher_mode_table(dataset: str = "cifar10") -> str:
 
 
 def tensor_table(dataset: str = "cifar10") -> str:
-    """The recover set from its tensor file (the optimised values) against its PNGs (rounded to 8 bits): top-1 by
-    schedule and s, and tensor minus PNG per seed."""
+    """The second recover set from its tensor file (the optimised values) against its PNGs (rounded to 8 bits): top-1
+    by schedule and s, and tensor minus PNG per seed."""
     lines = ["| s | schedule | PNG (8-bit) | tensor file | tensor - PNG (per seed) |", "|---|---|---|---|---|"]
     folder = DATASETS[dataset]["results"] / "generated"
     for s in sorted({s for ds, _, s, _ in PLAN if ds == dataset and s != 300}):
         for sch in ("shs", "soft"):
-            runs = {kind: {x["config"]["seed"]: x for x in summaries(folder, f"{dataset}-{kind}-{sch}-s{s}")} for kind in ("recover", "recover-tensor")}
-            seeds = sorted(runs["recover"].keys() & runs["recover-tensor"].keys())
+            runs = {kind: {x["config"]["seed"]: x for x in summaries(folder, f"{dataset}-{kind}-{sch}-s{s}")} for kind in TENSOR_KINDS}
+            seeds = sorted(runs["recover-png"].keys() & runs["recover-tensor"].keys())
             if seeds:
-                diffs = [runs["recover-tensor"][k]["final_top1"] - runs["recover"][k]["final_top1"] for k in seeds]
-                lines.append(f"| {s} | {'HALD' if sch == 'shs' else 'soft-only'} | {cell([runs['recover'][k] for k in seeds])} | "
+                diffs = [runs["recover-tensor"][k]["final_top1"] - runs["recover-png"][k]["final_top1"] for k in seeds]
+                lines.append(f"| {s} | {'HALD' if sch == 'shs' else 'soft-only'} | {cell([runs['recover-png'][k] for k in seeds])} | "
                              f"{cell([runs['recover-tensor'][k] for k in seeds])} | **{statistics.mean(diffs):+.1f}** "
                              f"({', '.join(f'{d:+.1f}' for d in diffs)}) |")
     return "\n".join(lines)
