@@ -1060,7 +1060,7 @@ def load_teachers(specs: str, weights: str, classes: list, image_size: int, stat
 def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, stats, min_val: int = 5000, rank: int = 0, world: int = 1,
                   precision: str = "bf16") -> dict:
     """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%) with the
-    class labels of the distilled images (folders, or a tensor file's labels), and its top-1 and top-5 (%) on --val (every k-th image, at least min_val).
+    class labels of the distilled images, and its top-1 and top-5 (%) on --val (every k-th image, at least min_val).
     A class order of --data or --val that does not match the teacher's drops the figure concerned to about 100 / C."""
     teacher.eval()
     agree = torch.zeros((), dtype=torch.long, device=labels.device)
