@@ -211,6 +211,11 @@ def mean_std_of(spec: str) -> tuple:
     return values[:3], values[3:]
 
 
+def normalization(cfg: Config) -> str:
+    """The --normalize a run uses: --recipe's when --normalize is left at imagenet (resolve_settings, a tensor set, --evaluate)."""
+    return RECIPES[cfg.recipe][2] if cfg.recipe != "none" and cfg.normalize == "imagenet" else cfg.normalize
+
+
 def check_config(cfg: Config) -> None:
     """Reject bad settings before any work is done."""
     if cfg.ipc < 1 or cfg.epochs < 1:
@@ -1324,8 +1329,7 @@ def resolve_settings(cfg: Config, num_classes: int, image_size: int = 0) -> Conf
     auto = {"label_smoothing": AUTO_LABEL_SMOOTHING if measured else AUTHORS_LABEL_SMOOTHING,
             "temperature": AUTO_TEMPERATURE if measured else AUTHORS_TEMPERATURE,
             "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model), "lr": lr, "eta": eta}
-    normalize = recipe[2] if recipe and cfg.normalize == "imagenet" else cfg.normalize
-    return dataclasses.replace(cfg, normalize=normalize, **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
+    return dataclasses.replace(cfg, normalize=normalization(cfg), **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
 
 
 def teacher_mode_why(mode: str, classes: list) -> str:
@@ -1522,8 +1526,7 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     given = cfg  # the auto values depend on the class count and size: a folder's listing and one header, or the tensor set
     tensors = None
     if Path(cfg.data).suffix in TENSOR_SUFFIXES:  # read once, de-normalised with the statistics it was saved with
-        saved = RECIPES[cfg.recipe][2] if cfg.recipe != "none" and cfg.normalize == "imagenet" else cfg.normalize  # as resolve_settings
-        tensors = load_tensor_set(cfg.data, cfg.ipc, cfg.image_size, mean_std_of(saved), cfg.labels, log)
+        tensors = load_tensor_set(cfg.data, cfg.ipc, cfg.image_size, mean_std_of(normalization(cfg)), cfg.labels, log)
     if cfg.labels and not tensors:
         raise HaldError(f"--labels is for a --data tensor file (.pt, .pth); the classes of an ImageFolder are its folders: drop it")
     files, classes = (None, tensors[2]) if tensors else list_image_folder(cfg.data, log=lambda *_: None)
@@ -1725,7 +1728,7 @@ def evaluate_file(cfg: Config, log=print) -> dict:
         size = val["images"].shape[-1]
         layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # as the student was evaluated
         model = model_from_weights(weights, len(classes), size, f"model {cfg.evaluate}").to(device, memory_format=layout)
-        stats = weights["stats"] or mean_std_of(cfg.normalize)  # a hald.py checkpoint's own, else --normalize
+        stats = weights["stats"] or mean_std_of(normalization(cfg))  # a hald.py checkpoint's own, else --normalize (or --recipe's)
         top1, top5 = evaluate(model, val, device, stats, precision=cfg.precision)
     result = {"model": cfg.evaluate, "identity": weights["identity"], "arch": weights["arch"], "image_size": size,
               "mean": list(stats[0]), "std": list(stats[1]), "val": cfg.val, "val_images": len(val["labels"]), "top1": top1, "top5": top5}

@@ -1677,3 +1677,6 @@ def test_normalize_is_recorded_and_a_checkpoint_brings_its_own(tiny, tmp_path, c
     assert torch.equal(*caches)
     with pytest.raises(hald.HaldError, match="--normalize 'imagenet2'"):
         hald.mean_std_of("imagenet2")
+    # one rule for training, tensor sets and --evaluate: --recipe's statistics unless --normalize says otherwise
+    assert [hald.normalization(hald.Config(recipe=r, normalize=n)) for r, n in
+            (("cifar100", "imagenet"), ("cifar100", "cifar10"), ("none", "imagenet"))] == ["cifar100", "cifar10", "imagenet"]
