@@ -1,10 +1,9 @@
 """HALD: Soft -> Hard -> Soft training of a student on a distilled image set.
 
-Reference implementation of *Hard Labels In! Rethinking the Role of Hard Labels in
-Mitigating Local Semantic Drift* (Cui et al., arXiv 2512.15647). A teacher labels a
-fixed budget of random crops of the distilled images (SLC soft labels per class); the
-student replays those crops with their soft labels, then trains on fresh crops with
-hard (label-smoothed) labels, then replays the soft labels again.
+Reference implementation of *Hard Labels In! Rethinking the Role of Hard Labels in Mitigating Local Semantic Drift*
+(Cui et al., arXiv 2512.15647). A teacher labels a fixed budget of random crops of the distilled images (SLC soft labels
+per class); the student replays those crops with their soft labels, then trains on fresh crops with hard (label-smoothed)
+labels, then replays the soft labels again.
 
     python hald.py                                   # demo: HALD vs soft-only on bundled CIFAR-10 files
     python hald.py --data distilled/ --val val/ --ipc 10 --teacher resnet18 --schedule "shs soft"
@@ -16,9 +15,8 @@ Measured (README; 2-core x86_64 CPU, IPC 10, 300 epochs, the defaults, last-epoc
 -> HALD): CIFAR-10 29.8 -> 33.8 % at 1 crop per image, 35.4 -> 34.4 % at 2, 49.7 -> 38.5 % at 10; Tiny-ImageNet
 (200 classes, 32 px) 18.9 -> 21.3 % at 1. HALD pays at one crop per image; compare both: --schedule "shs soft".
 
-Sections follow one image from disk to the accuracy figure: config -> data -> crop
-sampler -> CutMix -> soft-label cache (relabel) -> losses -> schedule -> models ->
-diagnostics -> train/eval -> main.
+Sections follow one image from disk to the accuracy figure: config -> data -> crop sampler -> CutMix -> soft-label
+cache (relabel) -> losses -> schedule -> models -> diagnostics -> train/eval -> main.
 """
 
 import argparse
@@ -65,9 +63,8 @@ AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE = 0.8, 20.0
 # --recipe: the authors' datasets (name, classes, --normalize); with one, their smoothing 0.8 and T 20 at any class count
 RECIPES = {"imagenet1k": ("ImageNet-1K", 1000, "imagenet"), "tiny-imagenet": ("Tiny-ImageNet", 200, "imagenet"),
            "cifar100": ("CIFAR-100", 100, "cifar100"), "imagenette": ("ImageNette", 10, "imagenet"), "imagewoof": ("ImageWoof", 10, "imagenet")}
-# -1 = auto for --lr and --eta: the authors' tuned [lr, eta] (their validate/hyper.yaml) per dataset and student as rows
-# (from IPC, lr, eta), each in force up to the next. ImageNette and ImageWoof: their common value ("mostly 5e-4"), not
-# read row by row. Every setting without a row: lr 1e-3, eta 2 (1 from IPC 50), their most common values.
+# -1 = auto for --lr and --eta: the authors' tuned values (validate/hyper.yaml) per dataset and student, as rows (from IPC,
+# lr, eta). ImageNette and ImageWoof: their "mostly 5e-4". No row: lr 1e-3, eta 2 (1 from IPC 50), their most common.
 AUTHORS_LR_ETA = {
     ("imagenet1k", "resnet18"): [(1, 1e-3, 2.0), (50, 1e-3, 1.0)],
     ("imagenet1k", "resnet50"): [(1, 5e-4, 2.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)],
@@ -95,39 +92,32 @@ def arg(default, help, choices=None):
 
 
 GROUPS = {"data": "data", "teacher": "soft labels", "model": "student and schedule", "batch_size": "optimisation", "seed": "run"}
-# `python hald.py` with no --data: the bundled CIFAR-10 demo at 1 crop per image, HALD's budget (with this
-# student it gained 4.0 points there on the full test set, 3 seeds; at 2 soft-only won), against soft-only
-# from the same cache, in 200 epochs (3 minutes on 2 CPU cores). Flags given on the command line win.
+# `python hald.py` with no --data: the bundled CIFAR-10 demo, HALD against soft-only from one cache at 1 crop per image
+# (HALD's budget: +4.0 points on the full test set, 3 seeds), 200 epochs (3 minutes on 2 CPU cores). Given flags win.
 DEMO_FLAGS = {"schedule": "shs soft", "slc": 10, "epochs": 200}
 
 
 @dataclass
 class Config:
     # data
-    data: str = arg("", "ImageFolder of the distilled images (one folder per class), or a tensor file (.pt, .pth) of images (N, C, H, W) "
-                    "normalised with --normalize's statistics and their labels, as dataset condensation code saves them (DC / DM's "
-                    "res_*.pt, MTT's images_best.pt, a dict of images and labels, a pair); not given: the bundled CIFAR-10 demo")
-    labels: str = arg("", "labels of a --data tensor file that holds images only (class indices or one-hot rows); default: its "
-                      "name with images replaced by labels (MTT's images_best.pt -> labels_best.pt)")
+    data: str = arg("", "ImageFolder of the distilled images, or a tensor file (.pt, .pth) of images (N, C, H, W) normalised with "
+                    "--normalize's statistics and their labels (DC / DM's res_*.pt, MTT's images_best.pt, ...); none: the bundled demo")
+    labels: str = arg("", "labels of a --data tensor file of images only; default: its name with images -> labels (MTT's labels_best.pt)")
     val: str = arg("", "ImageFolder of real validation images, classes paired with --data's by sorted position; required with --data")
     ipc: int = arg(10, "images per class used from --data (the first IPC of each class: files sorted, a tensor file's in file order)")
     image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image (a tensor set is resized bilinearly)")
-    normalize: str = arg("imagenet", "mean and std of the student's inputs, and of a teacher file that does not bring its own (a "
-                         "hald.py checkpoint records its own): imagenet, cifar10 (DC / MTT's), cifar100, none, or m1,m2,m3,s1,s2,s3")
-    val_storage: str = arg("auto", "where the decoded validation set is kept: auto (GPU, host memory, file: what fits)",
+    normalize: str = arg("imagenet", "mean and std of the student's inputs and of a teacher file without its own: imagenet, cifar10 "
+                         "(DC / MTT's), cifar100, none, or m1,m2,m3,s1,s2,s3")
+    val_storage: str = arg("auto", "where the decoded --val images are kept; auto: the GPU, host memory or a file, what fits",
                            ("auto", "device", "memory", "file"))
     # soft labels
-    teacher: str = arg("", "hald.py checkpoint, weights with --teacher-arch, or a torchvision ImageNet model name[:weights] "
-                       "(resnet18, resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); soft phases need one with --data; "
-                       "several, comma-separated: an ensemble")
-    teacher_weights: str = arg("", "weights of several comma-separated --teacher files, one number each (their logits are summed "
-                               "with weights softmax(w / 10), as the authors'); none: 1/n each")
-    teacher_arch: str = arg("", "architecture of a --teacher or --evaluate file not written by hald.py (a state_dict): "
-                            "convnet_bn, convnet, resnet18, ... (README: On your own data)")
-    check_teacher: bool = arg(True, "stop before training when the teacher's agreement with --data or its top-1 on --val is "
-                              "near chance (a class order that does not match)")
-    teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics; the authors' for SRe2L-family "
-                            "sets, measured better here also on RDED-style sets) or eval", ("train", "eval"))
+    teacher: str = arg("", "hald.py checkpoint, weights with --teacher-arch, or a torchvision ImageNet name[:weights] (resnet18, "
+                       "resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); several, comma-separated: an ensemble")
+    teacher_weights: str = arg("", "one weight per --teacher of an ensemble (logits summed with softmax(w / 10)); none: 1/n each")
+    teacher_arch: str = arg("", "architecture of a --teacher or --evaluate file not written by hald.py: convnet_bn, resnet18, ...")
+    check_teacher: bool = arg(True, "stop before training when the teacher agrees with --data or --val near chance (class order)")
+    teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics, the authors' for SRe2L-family sets, "
+                            "measured better here on RDED-style sets too) or eval", ("train", "eval"))
     slc: int = arg(100, "soft labels per class stored (a multiple of --ipc; slc/ipc crops per image)")
     temperature: float = arg(-1.0, "softmax temperature of stored labels and of the soft loss; -1 = auto: 4 up to 200 classes "
                              "(measured better than the authors' 20 at 10 and 200, README), the authors' 20 above")
@@ -138,32 +128,29 @@ class Config:
     cache: str = arg("", "soft-label cache file; default OUT/soft_labels.pt; reused when its fingerprint matches")
     rebuild_cache: bool = arg(False, "rebuild the cache when it exists but was made for other settings")
     # student and schedule
-    model: str = arg("convnet_bn", "student: convnet_bn (ConvNet-3, BatchNorm), convnet (instance norm), a width such as convnet_bn64, "
-                     "resnet18 (CIFAR stem <= 64 px) or a torchvision name")
-    schedule: str = arg("shs", "shs (HALD), soft, hard, hs, sh, hsh, alt-hard-n, alt-hard-2n, alt-soft-n, alt-soft-2n, hybrid, or "
-                        "phase:epochs,...; several ('shs soft') train from one cache into OUT/<schedule>/, then a comparison")
+    model: str = arg("convnet_bn", "student: convnet_bn (ConvNet-3, BatchNorm), convnet (instance norm), a width and depth such as "
+                     "convnet_bn64_d4, resnet18 (CIFAR stem <= 64 px) or a torchvision name")
+    schedule: str = arg("shs", "shs (HALD), soft, hard, hybrid, hs, sh, hsh, alt-hard-n, alt-soft-2n, ..., or phase:epochs,...; "
+                        "several ('shs soft') train from one cache into OUT/<schedule>/, then a comparison")
     epochs: int = arg(300, "training epochs in all")
-    soft_epochs: int = arg(-1, "soft epochs of the presets (HALD: half before, half after the hard phase); -1 = auto: 4/5 "
-                           "for the BatchNorm ConvNet-3s (convnet_bn...), the authors' half for the others (README)")
-    label_smoothing: float = arg(-1.0, "label smoothing of hard targets (timm: off-value smoothing/C); -1 = auto: 0.1 up to 200 "
-                                 "classes (measured better than the authors' 0.8 at 10 and 200, README), the authors' 0.8 above")
+    soft_epochs: int = arg(-1, "soft epochs of the presets (HALD: half before, half after the hard phase); -1 = auto: 4/5 for "
+                           "the BatchNorm ConvNet-3s (convnet_bn...), the authors' half for the others (README)")
+    label_smoothing: float = arg(-1.0, "label smoothing of hard targets (timm's); -1 = auto: 0.1 up to 200 classes (measured better "
+                                 "than the authors' 0.8 at 10 and 200, README), the authors' 0.8 above")
     hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
     hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
     # optimisation
     batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
-    lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset (by class count and size, or --recipe), "
-                    "student and IPC, else 1e-3 (README)")
+    lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (README)")
     weight_decay: float = arg(0.01, "AdamW weight decay, applied to weights with ndim > 1 only")
-    eta: float = arg(-1.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); -1 = auto: the authors' as for "
-                     "--lr, else 2 below IPC 50 and 1 from it")
-    recipe: str = arg("none", "the authors' whole recipe for one of their datasets, whose class count --data must have: their "
-                      "--normalize (when left at imagenet), smoothing 0.8, T 20, --lr and --eta (each unless given)", ("none", *RECIPES))
+    eta: float = arg(-1.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); -1 = auto, as for --lr")
+    recipe: str = arg("none", "the authors' recipe for their dataset (--data must have its classes): its --normalize, smoothing 0.8, "
+                      "T 20, --lr and --eta, each unless given", ("none", *RECIPES))
     # run
     seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
     device: str = arg("auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)", ("auto", "cpu", "cuda"))
-    precision: str = arg("bf16", "CUDA arithmetic: bf16 autocast, or fp32 as the authors ran (the CPU always computes in fp32)",
-                         ("bf16", "fp32"))
+    precision: str = arg("bf16", "CUDA arithmetic: bf16 autocast, or fp32 as the authors ran (the CPU computes in fp32)", ("bf16", "fp32"))
     compile: bool = arg(False, "torch.compile the student (pays off on long GPU runs; the first steps compile)")
     cuda_graph: bool = arg(False, "CUDA: the student's forward + backward replayed from CUDA graphs (small batches)")
     eval_every: int = arg(20, "evaluate every N epochs (and always at the end); 0 = at the end only")
@@ -317,8 +304,8 @@ TENSOR_KEYS = (("images", "labels"), ("image_syn", "label_syn"), ("x", "y"))  # 
 
 
 def read_tensor_set(path: Path, labels_file: str = "") -> tuple:
-    """(images, labels, layout) of a tensor file: a dict under TENSOR_KEYS, DC / DM's {"data": [[images, labels], ...]} (the
-    last pair), a pair, or images alone with --labels or the file named with labels for images (MTT's labels_best.pt)."""
+    """(images, labels, layout) of a tensor file: a dict under TENSOR_KEYS, DC / DM's {"data": [[images, labels], ...]}
+    (the last pair), a pair, or images alone with their labels file (--labels, or MTT's labels_best.pt beside them)."""
     if not path.is_file():
         raise HaldError(f"--data {path} does not exist: give an ImageFolder or a tensor file of the distilled set")
     blob, layout = load_trusted(path, "--data tensor file"), "an (images, labels) pair"
@@ -330,40 +317,35 @@ def read_tensor_set(path: Path, labels_file: str = "") -> tuple:
     blob = (blob, None) if torch.is_tensor(blob) else blob
     if not (isinstance(blob, (list, tuple)) and len(blob) == 2):
         found = f"a dict of {', '.join(map(str, blob))}" if isinstance(blob, dict) else f"a {type(blob).__name__}"
-        raise HaldError(f"--data {path} holds {found}, no layout hald.py knows: save a dict of images and labels (or image_syn "
-                        f"and label_syn), {{'data': [[images, labels]]}}, an (images, labels) pair, or the images with --labels")
+        raise HaldError(f"--data {path} holds {found}, no layout hald.py knows: save a dict of images and labels, "
+                        f"{{'data': [[images, labels]]}}, an (images, labels) pair, or the images with --labels")
     images, labels = blob
     if labels is None or labels_file:
         other = Path(labels_file) if labels_file else path.with_name(path.name.replace("images", "labels"))
         if other == path or not other.is_file():
-            raise HaldError(f"--data {path} holds images only and {'--labels ' if labels_file else ''}{other} is not a file: "
-                            f"give the labels file with --labels")
+            raise HaldError(f"--data {path} holds images only and {other} is not a file: give the labels file with --labels")
         labels, layout = load_trusted(other, "--labels file"), f"images, labels from {other}"
     return images, labels, layout
 
 
 def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagenet"], labels_file: str = "", log=print):
-    """The first `ipc` images of each class of a tensor file (read_tensor_set), in file order, as float32 (N, 3, S, S) in [0, 1]
-    units (file * std + mean, not clipped: optimised pixels are unconstrained; 1 channel repeated to 3 as for grey files;
-    fp32 even on CUDA: sets are small, and fp16 would round them), labels (N,), class names "0", "1", ... and the layout."""
+    """The first `ipc` images per class of a tensor file, in file order, as float32 (N, 3, S, S) in [0, 1] units (file * std
+    + mean, not clipped: optimised pixels are unconstrained; grey repeated to 3 channels), labels, class names "0", ..., layout."""
     path = Path(path)
     images, labels, layout = read_tensor_set(path, labels_file)
     if not (torch.is_tensor(images) and images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3)
             and images.shape[2] == images.shape[3] and images.numel()):
         got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
-        raise HaldError(f"--data {path}: the images must be float (N, C, H, W) with 1 or 3 channels and H = W, got {got}: "
-                        f"save them as one such tensor (8-bit images: as an ImageFolder)")
+        raise HaldError(f"--data {path}: the images must be float (N, C, H, W) with 1 or 3 channels and H = W, got {got}")
     if not (torch.is_tensor(labels) and labels.ndim in (1, 2) and len(labels) == len(images)) or labels.ndim == 1 and (
             labels.is_floating_point() or labels.min() < 0):
         got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
-        raise HaldError(f"--data {path}: {len(images)} images but labels {got}: give one label per image, as class indices "
-                        f"(N,) from 0 or as one-hot / soft rows (N, classes)")
+        raise HaldError(f"--data {path}: {len(images)} images but labels {got}: give class indices (N,) or one-hot rows (N, C)")
     if labels.ndim == 2:
         log(f"note: the labels of {path} are rows of {labels.shape[1]} values: each image takes the class of its largest (argmax)")
     num_classes, labels = (labels.shape[1], labels.argmax(1)) if labels.ndim == 2 else (int(labels.max()) + 1, labels.long())
-    # ZCA-whitened sets (MTT's --zca) are refused, as hald.py does not apply ZCA: whitening (regularisation 0.1) lowers the
-    # contrast (per-channel std of normalised CIFAR-10 images 1.2 -> 0.45) and the correlation of neighbouring pixels (0.93 ->
-    # 0.4; sets distilled from real images keep 0.9). Sets optimised from noise lack that correlation but keep std near 1: both
+    # ZCA-whitened sets (MTT's --zca) are refused, as hald.py does not apply ZCA: whitening lowers the contrast (std of
+    # normalised CIFAR-10 1.2 -> 0.45) and the correlation of neighbouring pixels (0.93 -> 0.4); sets from noise keep std ~1
     x = images.float()
     neighbours = torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
     if x.std((0, 2, 3)).mean() < 0.8 and neighbours < 0.6:
@@ -374,8 +356,8 @@ def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagene
     if not x.isfinite().all():
         raise HaldError(f"--data {path} holds NaN or infinite values: the distillation diverged or the file is damaged")
     if x.min() < -5 or x.max() > 6:  # images lie near [0, 1]; optimised pixels go a little beyond
-        raise HaldError(f"--data {path} holds values from {x.min():.3g} to {x.max():.3g} once de-normalised (x * std + mean), not "
-                        f"images: give --normalize the statistics it was saved with (none for [0, 1]; 0-255 values: divide by 255)")
+        raise HaldError(f"--data {path} holds values from {x.min():.3g} to {x.max():.3g} once de-normalised (x * std + mean): give "
+                        f"--normalize the statistics it was saved with (none for [0, 1]; 0-255 values: divide by 255)")
     classes = [str(c) for c in range(num_classes)]
     check_ipc(torch.bincount(labels, minlength=num_classes).tolist(), classes, ipc, path, log)
     x = x[torch.cat([(labels == c).nonzero().flatten()[:ipc] for c in range(num_classes)])]
@@ -392,9 +374,8 @@ def note_numeric_order(classes: list[str], where: str, log=print) -> None:
 
 
 def pair_classes(classes: list[str], other: list[str], what: str, log=print, ours: str = "--data") -> None:
-    """Classes are paired by sorted folder position, the order of torchvision's ImageFolder, in which the
-    authors' code and SRe2L, FADRM, LPLD evaluate (distilled folders new000... against ImageNet's n01440764...):
-    the counts must agree, the names may differ. The teacher check finds an order that does not match."""
+    """Classes are paired by sorted folder position, as torchvision's ImageFolder, the authors, SRe2L and FADRM pair them
+    (new000... against n01440764...): counts must agree, names may differ; the teacher check finds a wrong order."""
     if len(other) != len(classes):
         raise HaldError(f"{what} has {len(other)} classes but {ours} has {len(classes)}: "
                         f"both must hold the same classes, paired by sorted folder position")
@@ -404,8 +385,8 @@ def pair_classes(classes: list[str], other: list[str], what: str, log=print, our
 
 
 def val_storage_for(nbytes: int, device: torch.device) -> str:
-    """Where a decoded validation set of nbytes goes: the GPU when it takes under half its free memory, else host
-    memory within half of what is available (shared by this machine's processes under torchrun), else a mapped file."""
+    """Where nbytes of decoded validation images go: the GPU under half its free memory, else host memory within half of
+    what is available (shared by this machine's processes under torchrun), else a mapped file."""
     if device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] // 2:
         return "device"
     try:
@@ -424,9 +405,8 @@ def decode_into(out: torch.Tensor, paths, size: int, center_crop: bool, chunk: i
 
 
 def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), storage: str = "auto", spill_dir=None, log=print) -> dict:
-    """The validation set decoded once as uint8 (N, 3, S, S): on the device, in host memory, or in a
-    memory-mapped file in spill_dir (reused while the files are unchanged), so evaluation never decodes.
-    Its classes are paired with `classes` (None: no pairing); size 0: the height of its first image."""
+    """The validation set decoded once as uint8 (N, 3, S, S) on the device, in host memory or in a mapped file in spill_dir
+    (reused while the files are unchanged); classes paired with `classes` (None: not); size 0: its first image's height."""
     files, val_classes = list_image_folder(root)
     if classes is not None:
         pair_classes(classes, val_classes, f"--val {root}", log)
@@ -461,8 +441,7 @@ def mean_std(device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 (B, 3, H, W), or float in [0, 1] units -> float (B, 3, H, W) normalised, in place on one new
-    tensor: each fresh batch-sized tensor costs the CPU page faults (README, Benchmark)."""
+    """uint8 (B, 3, H, W), or float in [0, 1] units -> float normalised, in place on one new tensor (README, Benchmark)."""
     m, s = mean_std(images.device, tuple(mean), tuple(std))
     x = images.to(torch.float32, copy=True)
     return (x.div_(255) if images.dtype == torch.uint8 else x).sub_(m).div_(s)
@@ -475,12 +454,9 @@ def model_layout(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------- crop sampler
 def sample_crops(n: int, height: int, width: int, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop boxes with torchvision's distribution, plus horizontal flips (p = 0.5).
-
-    Returns boxes (n, 4) as fractions (top, left, height, width) of the image and flips (n,) bool.
-    torchvision tries up to 10 (area, aspect) draws and falls back to a centre crop; all draws
-    of all images are made at once here and the first valid one per image is kept.
-    """
+    """RandomResizedCrop boxes with torchvision's distribution, as fractions (n, 4) (top, left, height, width), and
+    horizontal flips (n,) bool (p = 0.5). torchvision's up to 10 (area, aspect) draws, falling back to a centre crop,
+    are drawn for all images at once; the first valid one per image is kept."""
     area = height * width
     target = area * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=gen)
     log_r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
@@ -505,12 +481,8 @@ def sample_crops(n: int, height: int, width: int, gen: torch.Generator, scale=(0
 
 
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each image to its box, resize to (size, size) bilinearly and flip where asked, in one call.
-
-    images (B, C, H, W) float; boxes (B, 4) fractions (top, left, height, width); flips (B,).
-    Matches torchvision's resized_crop (bilinear, no antialias) per image: sample points are
-    clamped to the box, as interpolating the cropped image clamps them to its border.
-    """
+    """Crop images (B, C, H, W) float to boxes (B, 4) (sample_crops'), resize to (size, size) and flip where flips (B,) say,
+    in one call. Matches torchvision's resized_crop (bilinear, no antialias): sample points are clamped to the box."""
     B, _, H, W = images.shape
     top, left, h, w = boxes.to(images).unbind(1)  # each (B,); fractions to pixels with Python scalars (no host sync)
     top, left, h, w = top * H, left * W, h * H, w * W
@@ -580,11 +552,10 @@ def bn_train_mode(model: nn.Module, batch_statistics: bool) -> nn.Module:
 
 
 class SoftLabelCache:
-    """The fixed budget of soft labels: `crops_per_image` passes over the images (SLC / IPC), each cut into fixed
-    batches, replayed whole (with a train-mode teacher a crop's label depends on its batch: the authors' batch-specific
-    soft labels). In stored order (L = passes * num_images): index (L,) image, boxes (L, 4) crop fractions (top, left,
-    height, width), flips (L,), partner (L,) CutMix partner's position in its batch, cut (num_batches, 4) CutMix box
-    (y0, y1, x0, x1) in output pixels (None without CutMix), probs (L, C) fp16 softmax(teacher logits / T)."""
+    """The fixed budget of soft labels: `crops_per_image` passes over the images (SLC / IPC), each cut into fixed batches
+    replayed whole (a train-mode teacher's label depends on the batch: the authors' batch-specific labels). Per stored crop
+    (L = passes * num_images): index (L,) image, boxes (L, 4), flips (L,), partner (L,) CutMix partner's position in its
+    batch, probs (L, C) fp16 softmax(logits / T); cut (batches, 4) CutMix box in output pixels (None without CutMix)."""
 
     def __init__(self, index, boxes, flips, partner, cut, probs, num_images: int, batch_size: int, size: int):
         self.index, self.boxes, self.flips, self.partner, self.cut, self.probs = index, boxes, flips, partner, cut, probs
@@ -607,11 +578,9 @@ class SoftLabelCache:
         """Relabel: draw every crop and CutMix, run the teacher (an nn.Module returning logits) on each batch, keep
         softmax(logits / temperature). images: (N, 3, H, W) uint8, or float in [0, 1] units; crops are `size` px.
         Under torchrun every rank draws the same crops and labels every world-th batch."""
-        if temperature <= 0 or crops_per_image < 1 or batch_size < 1 or not 0 < crop_scale <= 1:
-            raise HaldError(f"the cache needs temperature > 0, crops_per_image >= 1, batch_size >= 1 and crop_scale in (0, 1], "
-                            f"got {temperature}, {crops_per_image}, {batch_size} and {crop_scale}")
-        if teacher_mode not in ("train", "eval"):
-            raise HaldError(f"teacher_mode must be 'train' (BatchNorm batch statistics) or 'eval', got {teacher_mode!r}")
+        if temperature <= 0 or crops_per_image < 1 or batch_size < 1 or not 0 < crop_scale <= 1 or teacher_mode not in ("train", "eval"):
+            raise HaldError(f"the cache needs temperature > 0, crops_per_image >= 1, batch_size >= 1, crop_scale in (0, 1] and teacher_mode "
+                            f"train or eval, got {temperature}, {crops_per_image}, {batch_size}, {crop_scale} and {teacher_mode!r}")
         n, (H, W), passes = len(images), images.shape[-2:], crops_per_image
         batches = stored_batches(n, batch_size, passes)
         index = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
@@ -656,8 +625,7 @@ class SoftLabelCache:
 
 # the cache on disk (hald.py's own format; a copier of the cache may leave this layer out)
 def pack_labels(probs: torch.Tensor, topk: int = 0, bits: int = 16) -> dict:
-    """Compact storage of (L, C) probabilities: all classes or the `topk` largest (values and
-    int16 class indices), as fp16 or as 8-bit codes between a per-label fp16 min and max."""
+    """Compact (L, C) probabilities: all classes or the `topk` largest (values, int16 indices), fp16 or 8-bit min-max codes."""
     packed = {}
     if 0 < topk < probs.shape[1]:
         probs, indices = probs.topk(topk, 1)
@@ -672,8 +640,7 @@ def pack_labels(probs: torch.Tensor, topk: int = 0, bits: int = 16) -> dict:
 
 
 def unpack_labels(packed: dict, num_classes: int) -> torch.Tensor:
-    """Inverse of pack_labels -> (L, C) float. Top-k labels get the mass outside the top-k spread evenly over the other
-    classes and sum to 1; full vectors come back as stored (within half a code step at 8 bits)."""
+    """pack_labels' inverse -> (L, C) float; top-k labels spread the rest of the mass evenly over the other classes."""
     if "codes" in packed:
         lo, hi = packed["lo"].float(), packed["hi"].float()
         values = lo + packed["codes"].float() / 255 * (hi - lo)
@@ -699,16 +666,14 @@ CACHE_TENSORS = ("index", "boxes", "flips", "partner", "cut", "labels")
 
 
 def compact_labels_(cache: SoftLabelCache, topk: int = 0, bits: int = 16) -> dict:
-    """The cache's labels packed for storage (pack_labels); the cache then reads them back as stored, since
-    top-k and 8-bit labels are lossy and training must see what a reused cache will hold."""
+    """The cache's labels packed (pack_labels) and read back: lossy labels train as a reused cache will hold them."""
     packed = pack_labels(cache.probs.float(), topk, bits)
     cache.probs = unpack_labels(packed, cache.probs.shape[1]).half()
     return packed
 
 
 def save_cache(cache: SoftLabelCache, packed: dict, header: dict, path) -> int:
-    """Write the cache with its header (the settings it was made with and their fingerprint) and a sha256 of its
-    tensors; returns the file's size in bytes."""
+    """Write the cache, its header (settings and their fingerprint) and its tensors' sha256; returns the file's bytes."""
     cut = cache.cut if cache.cut is not None else torch.full((len(cache), 4), -1, dtype=torch.short)  # -1s: no CutMix
     tensors = dict(index=cache.index, boxes=cache.boxes, flips=cache.flips, partner=cache.partner, cut=cut, labels=packed)
     tensors = {k: v if isinstance(v, dict) else v.cpu() for k, v in tensors.items()}
@@ -736,8 +701,7 @@ def load_cache(path, header: dict) -> SoftLabelCache:
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary file next to `path`, renamed to it at the end: a crash or a full disk leaves the old file or the new
-    one, and a write that fails (no space, read-only, no permission) ends in one line naming the file."""
+    """A temporary file renamed to `path` at the end: a crash leaves the old file or the new one, a failed write one line."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -745,8 +709,8 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise HaldError(f"cannot write {path} ({e.strerror or e}): free space on its disk or make it writable (or choose "
-                        f"another --out / --cache), then run the same command again (with --resume when a run had started)") from None
+        raise HaldError(f"cannot write {path} ({e.strerror or e}): free space or make it writable (or choose another --out / "
+                        f"--cache), then run the command again (with --resume once a run had started)") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -767,8 +731,8 @@ def load_trusted(path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a foreign pickle, ...
-        raise HaldError(f"cannot load {what} {path} ({type(e).__name__}): it is truncated, corrupted, or holds Python "
-                        f"objects beyond tensors, which hald.py never unpickles; save tensors only (a model's state_dict)") from None
+        raise HaldError(f"cannot load {what} {path} ({type(e).__name__}): it is truncated, corrupted, or holds Python objects, "
+                        f"which hald.py never unpickles; save tensors only (a model's state_dict)") from None
 
 
 # ----------------------------------------------------------------------------- losses
@@ -809,13 +773,9 @@ PRESETS = ("shs", "soft", "hard", "hs", "sh", "hsh", "hybrid", "alt-hard-n", "al
 
 
 def build_schedule(spec: str, epochs: int, soft_epochs=None, crops_per_image: int = 1) -> list:
-    """The training schedule as data: a list of (phase, epochs), phase in soft, hard, hybrid.
-
-    Presets follow the authors' S1-S8 (at their split, soft_epochs 150 of 300): shs = HALD (S6),
-    hs = S1, sh = S8, hsh = S7, the alternating blocks of n = slc/ipc or 2n epochs (S2-S5); soft,
-    hard and hybrid fill every epoch; soft_epochs None: the authors' half. An explicit spec such as
-    soft:75,hard:150,soft:75 must add up to `epochs`.
-    """
+    """The schedule as data: [(phase, epochs), ...], phase soft, hard or hybrid. Presets are the authors' S1-S8: shs = HALD
+    (S6), hs = S1, sh = S8, hsh = S7, alternating blocks of n = slc/ipc or 2n epochs (S2-S5); soft_epochs None: the
+    authors' half. An explicit spec such as soft:75,hard:150,soft:75 must add up to `epochs`."""
     S = epochs // 2 if soft_epochs is None else soft_epochs
     if not 0 <= S <= epochs:
         raise HaldError(f"soft_epochs {S} must be between 0 and epochs {epochs}")
@@ -848,17 +808,14 @@ def build_schedule(spec: str, epochs: int, soft_epochs=None, crops_per_image: in
 
 
 def auto_soft_epochs(epochs: int, model: str) -> int:
-    """-1 = auto for --soft-epochs, by student. BatchNorm ConvNet-3s (convnet_bn, convnet_bn64, ...): 4/5 of
-    the epochs, HALD soft 120 / hard 60 / soft 120 of 300, which beat the authors' 75 / 150 / 75 at 10 and at
-    200 classes (3 seeds each). Every other student: the authors' half, which trained the better ResNet-18
-    and instance-norm ConvNet-3 on CIFAR-10 (3 seeds each; RESULTS.md)."""
+    """-1 = auto for --soft-epochs: 4/5 for the BatchNorm ConvNet-3s (soft 120 / hard 60 / soft 120 of 300 beat the authors'
+    75 / 150 / 75 at 10 and 200 classes), the authors' half for the others (better there; 3 seeds each, RESULTS.md)."""
     return epochs * 4 // 5 if model.startswith("convnet_bn") else epochs // 2
 
 
 def auto_lr_eta(num_classes: int, image_size: int, model: str, ipc: int, recipe: str = "none") -> tuple:
-    """-1 = auto for --lr and --eta: the AUTHORS_LR_ETA row of the dataset, named by --recipe or by the class count
-    where that is unambiguous (1,000: ImageNet-1K; 200: Tiny-ImageNet, at any size; 100 at 32 px: CIFAR-100), and the
-    student, from the largest IPC at or below --ipc (below the first: the first). -> lr, eta, why (start-up line)."""
+    """-1 = auto for --lr and --eta: the AUTHORS_LR_ETA row of the dataset (--recipe, or 1,000 classes, 200, 100 at 32 px),
+    student and largest IPC at or below --ipc (else the first). -> lr, eta, why (for the start-up line)."""
     dataset = recipe if recipe != "none" else {1000: "imagenet1k", 200: "tiny-imagenet"}.get(
         num_classes, "cifar100" if (num_classes, image_size) == (100, 32) else "")
     rows = AUTHORS_LR_ETA.get((dataset, model))
@@ -885,15 +842,15 @@ def convnet(num_classes: int, image_size: int, width: int = 128, depth: int = 3,
 
 
 def torchvision_models(name: str = "", flag: str = "model"):
-    """torchvision.models, imported only when needed (a torchvision built for another torch fails at import), and a
-    check of an architecture's name, None for a ConvNet (a typo such as resnet81 is found before any image is decoded)."""
+    """torchvision.models, imported when needed, after checking an architecture's name (None for a ConvNet): a typo such as
+    resnet81 is found before any image is decoded."""
     if name and CONVNET.fullmatch(name):
         return None
     try:
         import torchvision
     except Exception as e:  # ImportError, or operators registered for another torch (RuntimeError)
         raise HaldError(f"torchvision does not work with the installed torch {torch.__version__} ({type(e).__name__}: "
-                        f"{str(e)[:120]}): pip install the torchvision release made for it (pytorch.org/get-started/previous-versions)") from None
+                        f"{str(e)[:120]}): pip install the torchvision release made for it") from None
     if name and name not in torchvision.models.list_models():
         near = difflib.get_close_matches(name, torchvision.models.list_models(), 3)
         raise HaldError(f"unknown architecture {name!r} for {flag}: " + (f"did you mean {' or '.join(near)}? " if near else "")
@@ -902,9 +859,8 @@ def torchvision_models(name: str = "", flag: str = "model"):
 
 
 def build_model(name: str, num_classes: int, image_size: int, weights=None, cifar_stem: bool | None = None) -> nn.Module:
-    """convnet / convnet_bn (optionally with a width and a depth: convnet_bn64, convnet_bn_d4), or a torchvision model.
-    ResNets get the CIFAR stem (3x3 stride-1 conv, no max-pool) on inputs <= 64 px without pretrained weights, or as
-    cifar_stem says."""
+    """convnet / convnet_bn (with a width and depth: convnet_bn64, convnet_bn_d4) or a torchvision model; ResNets get the
+    CIFAR stem (3x3 stride-1 conv, no max-pool) on inputs <= 64 px without pretrained weights, or as cifar_stem says."""
     m = CONVNET.fullmatch(name)
     if m:
         return convnet(num_classes, image_size, width=int(m[2] or 128), depth=int(m[3] or 3), norm="batch" if m[1] else "instance")
@@ -920,21 +876,16 @@ def build_model(name: str, num_classes: int, image_size: int, weights=None, cifa
 
 
 def save_checkpoint(model: nn.Module, arch: str, classes: list, image_size: int, path, stats=NORMALIZATIONS["imagenet"]) -> None:
-    """A student that --teacher and --evaluate accept: architecture, class names, input size, the mean and std
-    its inputs were normalised with, and weights."""
+    """A student for --teacher and --evaluate: architecture, class names, input size, mean and std, weights."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_atomic({"format": MODEL_FORMAT, "arch": arch, "classes": classes, "image_size": image_size,
                  "mean": list(stats[0]), "std": list(stats[1]), "state_dict": state}, path)
 
 
 def foreign_naming(state: dict, arch: str) -> tuple[dict, str, str]:
-    """Two other projects' names for the layers of hald.py's models, recognised from the keys alone: the state renamed,
-    its architecture, and a note of what was found ("" for neither: the state unchanged, a misfit refused as before).
-    The CIFAR model-pool ResNet (the HALD authors' models/resnet.py: shortcut, linear) is torchvision's ResNet with the
-    CIFAR stem under other names. The ConvNet of DC / DM / MTT (features.N, classifier) is hald.py's convnet; its width,
-    depth and norm are read from the weights (GroupNorm has no running_mean), so any convnet name loads it, and a name
-    that says otherwise is corrected in the note rather than refused: the file fits that one ConvNet and no other. (A
-    GroupNorm(1, w) "layer norm" ConvNet has the same keys and shapes, and is read as instance norm.)"""
+    """Other projects' names for hald.py's models, recognised from the keys: -> state renamed, architecture, note ("": not
+    recognised, unchanged). The authors' CIFAR model-pool ResNet (shortcut, linear) is torchvision's with the CIFAR stem;
+    DC / DM / MTT's ConvNet (features.N, classifier) is hald.py's, its width, depth and norm read from the weights."""
     convs = [k for k in state if re.fullmatch(r"features\.\d+\.weight", k) and state[k].dim() == 4]
     if CONVNET.fullmatch(arch) and convs == [f"features.{4 * i}.weight" for i in range(len(convs))] and "classifier.weight" in state:
         bn, width, depth = any(k.endswith(".running_mean") for k in state), len(state[convs[0]]), len(convs)
@@ -953,9 +904,8 @@ def foreign_naming(state: dict, arch: str) -> tuple[dict, str, str]:
 
 
 def read_weights(path, arch: str = "", what: str = "model", log=print) -> dict:
-    """A model file, tensors only, with its identity: a hald.py checkpoint, or another project's state_dict (alone or under
-    one of WEIGHT_KEYS, without DataParallel's module. and torch.compile's _orig_mod. prefixes) of architecture `arch`,
-    in hald.py's names or in one of the namings foreign_naming knows (renamed, with a note)."""
+    """A model file (tensors only) with its identity: a hald.py checkpoint, or a state_dict of `arch` (alone or under one of
+    WEIGHT_KEYS, prefixes module. and _orig_mod. dropped, foreign namings renamed with a note)."""
     blob, identity = load_trusted(path, what), "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
         if arch not in ("", blob["arch"]):
@@ -976,7 +926,7 @@ def read_weights(path, arch: str = "", what: str = "model", log=print) -> dict:
 
 
 def model_from_weights(weights: dict, num_classes: int, image_size: int, what: str) -> nn.Module:
-    """The model of read_weights with its weights loaded strictly: missing, unexpected and misshapen keys in one line."""
+    """read_weights' model loaded strictly: missing, unexpected and misshapen keys in one line."""
     state, arch, conv1 = weights["state_dict"], weights["arch"], weights["state_dict"].get("conv1.weight")
     model = build_model(arch, num_classes, image_size, cifar_stem=None if conv1 is None else conv1.shape[-1] == 3)
     own = model.state_dict()
@@ -995,8 +945,7 @@ def model_from_weights(weights: dict, num_classes: int, image_size: int, what: s
 
 
 def torchvision_weights(spec: str):
-    """'resnet50:IMAGENET1K_V1' -> ('resnet50', its weights enum). Without a tag: IMAGENET1K_V1, the
-    weights the authors used (torchvision's DEFAULT is a later recipe for some models), else DEFAULT."""
+    """'resnet50:IMAGENET1K_V1' -> ('resnet50', weights). No tag: IMAGENET1K_V1 as the authors (else DEFAULT)."""
     if spec.endswith((".pt", ".pth")):
         raise HaldError(f"teacher checkpoint {spec} does not exist: check the path")
     name, _, tag = spec.partition(":")
@@ -1013,9 +962,8 @@ def torchvision_weights(spec: str):
 
 
 def load_teacher(spec: str, classes: list, image_size: int, stats=NORMALIZATIONS["imagenet"], log=print, arch: str = "") -> tuple:
-    """A model file (read_weights) or a torchvision ImageNet model (name[:weights]), its classes paired with the data's.
-    Returns the model, its identity (for the cache fingerprint), its class names (None: not known) and the (mean, std)
-    it sees: a hald.py checkpoint's own, ImageNet's for torchvision weights, else `stats` (the run's --normalize)."""
+    """A model file or a torchvision ImageNet model (name[:weights]), classes paired with the data's. -> model, identity
+    (for the cache's fingerprint), class names (None: unknown), (mean, std): its own if known, else `stats`."""
     if Path(spec).is_file():
         weights = read_weights(spec, arch, "teacher", log)
         if weights["classes"]:
@@ -1033,8 +981,7 @@ def load_teacher(spec: str, classes: list, image_size: int, stats=NORMALIZATIONS
 
 
 class TeacherEnsemble(nn.Module):
-    """Several teachers as one, as the authors' relabel takes several (--model-choice): their logits weighted and
-    summed, then one softmax at T. Weights 1/n each, or softmax(w / 10) of the given weights (their --model-weight)."""
+    """Several teachers as one (the authors' --model-choice): logits weighted 1/n, or softmax(w / 10), and summed."""
 
     def __init__(self, teachers: list, weights=None):
         super().__init__()
@@ -1047,43 +994,38 @@ class TeacherEnsemble(nn.Module):
 
 
 def load_teachers(specs: str, weights: str, classes: list, image_size: int, stats, log=print, arch: str = "") -> tuple:
-    """--teacher: load_teacher's (model, identity, class names, mean and std) for one teacher, or for several
-    comma-separated ones a TeacherEnsemble weighted by --teacher-weights (--teacher-arch: one, or one per teacher)."""
+    """--teacher: load_teacher's tuple for one, or a TeacherEnsemble of several (--teacher-arch: one, or one each)."""
     specs, archs = specs.split(","), arch.split(",") if "," in arch else [arch] * len(specs.split(","))
     loaded = [load_teacher(spec, classes, image_size, stats, log, a) for spec, a in zip(specs, archs)]
     if len(loaded) == 1:
         return loaded[0]
     if len({str(t[3]) for t in loaded}) > 1:
-        raise HaldError(f"the teachers {', '.join(specs)} normalise their inputs differently ({'; '.join(str(t[3]) for t in loaded)}): "
-                        f"an ensemble labels one normalised batch, so give teachers trained with the same statistics")
+        raise HaldError(f"the teachers {', '.join(specs)} normalise their inputs differently: give teachers of the same statistics")
     w = [float(v) for v in weights.split(",")] if weights else None
     identity = " + ".join(t[1] for t in loaded) + (f" weighted {w}" if w else "")
     return TeacherEnsemble([t[0] for t in loaded], w), identity, next((t[2] for t in loaded if t[2]), None), loaded[0][3]
 
 
 @torch.no_grad()
-def teacher_check(teacher: nn.Module, images_u8, labels, val: dict, device, stats, min_val: int = 5000, rank: int = 0, world: int = 1,
+def teacher_check(teacher: nn.Module, images, labels, val: dict, device, stats, min_val: int = 5000, rank: int = 0, world: int = 1,
                   precision: str = "bf16") -> dict:
-    """The teacher against the data before training (eval mode, full images, T = 1): its top-1 agreement (%) with the
-    class labels of the distilled images, and its top-1 and top-5 (%) on --val (every k-th image, at least min_val).
-    A class order of --data or --val that does not match the teacher's drops the figure concerned to about 100 / C."""
+    """The teacher (eval mode, T = 1) before training: its agreement (%) with the distilled images' labels, top-1 and top-5
+    on --val (every k-th image, at least min_val). A wrong class order drops the figure concerned to about 100 / C."""
     teacher.eval()
     agree = torch.zeros((), dtype=torch.long, device=labels.device)
-    for s in range(0, len(images_u8), 256):
+    for s in range(0, len(images), 256):
         with autocast(device, precision):
-            agree += (teacher(model_layout(normalize(images_u8[s:s + 256], *stats))).argmax(1) == labels[s:s + 256]).sum()
+            agree += (teacher(model_layout(normalize(images[s:s + 256], *stats))).argmax(1) == labels[s:s + 256]).sum()
     step = max(1, len(val["labels"]) // min_val)
     sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
     top1, top5 = evaluate(teacher, sample, device, stats, rank=rank, world=world, precision=precision)
-    return {"teacher_agreement": 100 * agree.item() / len(images_u8), "teacher_top1": top1, "teacher_top5": top5,
+    return {"teacher_agreement": 100 * agree.item() / len(images), "teacher_top1": top1, "teacher_top5": top5,
             "teacher_check_val_images": len(sample["labels"])}
 
 
 def chance_floor(num_classes: int) -> float:
-    """Below this (%), a teacher's top-1 is near chance: twice chance, at least chance + 0.25 points (a
-    permuted order at 1,000 classes gives 0.1 +- 0.05 % on 5,000 images), at most halfway to 100 %.
-    Measured with the bundled demo (10 classes): 86 % agreement and 78 % top-1 in the right order,
-    2-3 % agreement with --data reversed or shuffled, 1.6 % top-1 with --val rotated (README)."""
+    """Near chance below this (%): twice chance, at least chance + 0.25 (0.1 +- 0.05 % permuted at 1,000 classes), at most
+    halfway to 100 %. The demo: 86 % agreement, 78 % top-1 in order; 2-3 % and 1.6 % with a wrong order (README)."""
     chance = 100 / num_classes
     return min(max(2 * chance, chance + 0.25), (chance + 100) / 2)
 
@@ -1103,30 +1045,30 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def crop_probs(model, images_u8, k: int, size: int, scale: float, gen, stats, batch_size: int = 256) -> torch.Tensor:
+def crop_probs(model, images, k: int, size: int, scale: float, gen, stats, batch_size: int = 256) -> torch.Tensor:
     """Eval-mode probabilities (T = 1) of k random crops per image -> (N, k, C)."""
     model.eval()
-    n = len(images_u8)
+    n = len(images)
     boxes, flips = sample_crops(n * k, size, size, gen, scale=(scale, 1.0))
     index = torch.arange(n).repeat_interleave(k)
-    out = [F.softmax(model(replay(images_u8, index[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size],
+    out = [F.softmax(model(replay(images, index[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size],
                                   None, None, size, *stats)).float(), 1).cpu() for s in range(0, n * k, batch_size)]
     return torch.cat(out).view(n, k, -1)
 
 
-def drift_report(teacher, student, images_u8, labels, k: int, size: int, scale: float, gen, stats=(NORMALIZATIONS["imagenet"],) * 2,
+def drift_report(teacher, student, images, labels, k: int, size: int, scale: float, gen, stats=(NORMALIZATIONS["imagenet"],) * 2,
                  max_images: int = 1000) -> dict:
     """Local semantic drift of the teacher over the relabel crop distribution, and the student's agreement between
     two crops of one image (the paper's Jensen-Shannon analysis). stats: the (mean, std) of the teacher and the student."""
-    pick = torch.randperm(len(images_u8), generator=gen)[:max_images].sort().values
-    images_u8, labels = images_u8[pick.to(images_u8.device)], labels[pick]
+    pick = torch.randperm(len(images), generator=gen)[:max_images].sort().values
+    images, labels = images[pick.to(images.device)], labels[pick]
     report = {"drift_images": len(pick)}
     if teacher is not None:
-        probs = crop_probs(teacher, images_u8, k, size, scale, gen, stats[0])
+        probs = crop_probs(teacher, images, k, size, scale, gen, stats[0])
         spread = crop_prob_spread(probs)
         report.update(teacher_crop_trace_mean=spread.mean().item(), teacher_crop_trace_median=spread.median().item(),
                       teacher_crop_mismatch=(probs.argmax(2) != labels[:, None].cpu()).float().mean().item())
-    pair = crop_probs(student, images_u8, 2, size, scale, gen, stats[1])
+    pair = crop_probs(student, images, 2, size, scale, gen, stats[1])
     report["student_crop_js_mean"] = js_divergence(pair[:, 0], pair[:, 1]).mean().item()
     return report
 
@@ -1171,8 +1113,7 @@ def evaluate(model: nn.Module, val: dict, device: torch.device, stats=NORMALIZAT
 
 
 def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.Generator) -> list[int]:
-    """`count` stored batches without replacement from a shuffled pool, refilled when empty:
-    every stored batch is seen once per pass over the pool (the authors' soft-phase sampler)."""
+    """`count` stored batch ids from a shuffled pool, refilled when empty: each once per pass (the authors' sampler)."""
     drawn = []
     while len(drawn) < count:
         if not pool:
@@ -1185,22 +1126,17 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
               batch_size: int = 16, size: int = 0, temperature: float = 20.0, smoothing: float = 0.8, crop_scale: float = 0.08,
               cutmix: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, hybrid_lambda: float = 1.0, hybrid_crops: str = "fresh",
               hybrid_t2: bool = False, precision: str = "bf16", log=print, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """One epoch (one pass over the images) of the soft, hard or hybrid phase; returns the mean loss (0-dim tensor).
-
-    soft: whole stored batches of `cache` (a SoftLabelCache) with their teacher labels, drawn from `pool` (a list
-    kept across epochs, empty at the start); hard: fresh crops + CutMix of a shuffled pass, label-smoothed targets;
-    hybrid: the stored batch with its soft labels plus hard targets on fresh crops of the same images (or on the
-    stored crops themselves). images (N, 3, H, W) uint8 or float in [0, 1] units, labels (N,) on one device; gens:
-    CPU generators "pool" and "hard"; size: crop size (0: the images' height). Defaults are the authors' values.
-    Under torchrun (net wrapped in DDP) every rank draws the same global batch and trains on its slice, weighted
-    so that the averaged gradient is the one of the whole batch."""
+    """One pass over the images in the soft, hard or hybrid phase; returns the mean loss (0-dim). soft: stored batches of
+    `cache` with their teacher labels, drawn from `pool` (a list kept across epochs, [] at first); hard: fresh crops +
+    CutMix, label-smoothed targets; hybrid: both, the hard term on fresh or on the stored crops. images (N, 3, H, W) uint8
+    or float in [0, 1], labels (N,); gens: CPU generators "pool" and "hard"; size 0: the images' height. Under torchrun
+    (DDP) every rank draws the global batch and trains on its slice, weighted to give the whole batch's gradient."""
     if phase not in ("soft", "hard", "hybrid"):
         raise HaldError(f"phase must be soft, hard or hybrid, got {phase!r}")
     if phase != "hard" and (cache is None or pool is None):
         raise HaldError(f"the {phase} phase replays stored batches: pass cache (a SoftLabelCache) and pool (a list, [] at first)")
     if phase != "hard" and cache.batch_size != batch_size:
-        raise HaldError(f"the cache stores batches of {cache.batch_size} images but batch_size is {batch_size}: "
-                        f"train with the batch size the cache was built with")
+        raise HaldError(f"the cache stores batches of {cache.batch_size} images but batch_size is {batch_size}: use the cache's")
     n, B, device, (H, W) = len(images), batch_size, images.device, images.shape[-2:]
     size = size or H
     steps = math.ceil(n / B)  # one pass over the images, whatever the phase
@@ -1258,8 +1194,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group, NCCL on CUDA and gloo on the CPU, and
-    return (device, rank, world size); a plain run is rank 0 of 1 and touches torch.distributed not at all."""
+    """Under torchrun join the process group (NCCL on CUDA, gloo on the CPU) -> device, rank, world size; else 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return device, 0, 1
@@ -1274,10 +1209,8 @@ def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
 
 
 class GraphedForward:
-    """The student's forward and backward replayed from a CUDA graph, one per input shape
-    (torch.cuda.make_graphed_callables): at batch 16 an eager step is bound by kernel launches.
-    Loss and AdamW step stay eager. Capture runs warm-up passes that would move BatchNorm
-    statistics; they are put back, so a graphed run trains as an eager one."""
+    """The student's forward and backward replayed from one CUDA graph per input shape (a batch of 16 is bound by kernel
+    launches); loss and AdamW stay eager. Capture's warm-up would move BatchNorm statistics: they are put back."""
 
     def __init__(self, model: nn.Module, precision: str = "bf16"):
         self.model, self.graphs, self.precision = model, {}, precision
@@ -1300,8 +1233,7 @@ def speed_up(model: nn.Module, compile: bool, cuda_graph: bool, precision: str =
 
 
 def make_generators(seed: int) -> dict[str, torch.Generator]:
-    """Independent CPU streams, so the cache, the soft order and the fresh crops do not shift
-    each other (reusing a cache gives the same run as rebuilding it) and match across devices."""
+    """Independent CPU streams: a reused cache gives the run a rebuilt one gives, on any device."""
     return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(("relabel", "pool", "hard", "drift"))}
 
 
@@ -1317,9 +1249,8 @@ def header_height(files) -> int:
 
 
 def resolve_settings(cfg: Config, num_classes: int, image_size: int = 0) -> Config:
-    """The -1 = auto values, resolved once (summary.json records the resolved config): label smoothing and T
-    by class count (AUTO_*: the authors' above the largest count measured or with --recipe), the soft epochs by
-    student, lr and eta by dataset, student and IPC (auto_lr_eta); --recipe's --normalize when left at imagenet."""
+    """The -1 = auto values, resolved once (summary.json records them): smoothing and T by class count (AUTO_*; the authors'
+    above it or with --recipe), soft epochs by student, lr and eta by auto_lr_eta; --recipe's --normalize."""
     recipe = RECIPES.get(cfg.recipe)
     if recipe and recipe[1] != num_classes:
         raise HaldError(f"--recipe {cfg.recipe} is for {recipe[0]}'s {recipe[1]:,} classes but --data has {num_classes:,}: "
@@ -1332,19 +1263,8 @@ def resolve_settings(cfg: Config, num_classes: int, image_size: int = 0) -> Conf
     return dataclasses.replace(cfg, normalize=normalization(cfg), **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
 
 
-def teacher_mode_why(mode: str, classes: list) -> str:
-    """Why the teacher labels in this mode. The authors relabel RDED sets (class folders 00000 ...) in eval mode and the
-    others in train mode; on RDED-style sets eval mode labelled worse here too (README), so train is the default for all."""
-    if mode == "eval":
-        return "running statistics"
-    rded = all(re.fullmatch(r"\d{5}", c) for c in classes)
-    return ("batch statistics; RDED's layout, which the authors relabel in eval mode: train measured better on such sets, "
-            "README" if rded else "batch statistics, the authors' mode for SRe2L-family sets")
-
-
 def with_demo_defaults(cfg: Config) -> Config:
-    """The bundled demo's files only when --data is not given: a user's own data never meets the demo's
-    teacher or validation images by accident."""
+    """The bundled demo's files only without --data: a user's data never meets the demo's teacher or --val by accident."""
     if not cfg.data and not DEMO.is_dir():  # an installed hald (pip install .): the demo stays in the checkout
         raise HaldError("--data is missing: give --data, --val and --teacher (the bundled demo runs from a checkout: python hald.py)")
     if not cfg.data:
@@ -1369,9 +1289,8 @@ def check_out(cfg: Config) -> None:
 
 
 def replace_earlier_demo(out: Path, log=print) -> None:
-    """`python hald.py` again (make demo): the demo's own folder, the default --out, is replaced when it holds
-    finished demos only (a summary.json naming the bundled images for every run in it or one folder down).
-    Anything else, an unfinished demo included, is left to check_out."""
+    """`python hald.py` again: the default --out is replaced when it holds finished demos only (every summary.json in it or
+    one folder down names the bundled images); anything else, an unfinished demo included, is left to check_out."""
     runs = {p.parent for name in ("summary.json", "checkpoint.pt") for p in (*out.glob(name), *out.glob(f"*/{name}"))}
     try:
         demos = all(json.loads((run / "summary.json").read_text())["config"]["data"] == str(DEMO / "distilled") for run in runs)
@@ -1389,53 +1308,48 @@ def check_run(cfg: Config, schedule, world: int) -> None:
         if name:
             torchvision_models(name, flag)
     if soft and not cfg.teacher:
-        raise HaldError(f"--teacher is missing: the schedule {cfg.schedule} has soft phases, whose labels a teacher gives "
-                        f"(a hald.py checkpoint, another project's weights with --teacher-arch, or a torchvision name such as "
-                        f"resnet18); --schedule hard needs none")
+        raise HaldError(f"--teacher is missing: the soft phases of --schedule {cfg.schedule} need one (a hald.py checkpoint, "
+                        f"weights with --teacher-arch, or a torchvision name such as resnet18); --schedule hard needs none")
     for spec in cfg.teacher.split(",") if soft else []:  # a missing checkpoint or an unknown name, before any image is decoded
         if not Path(spec).is_file():
             torchvision_weights(spec)
             if cfg.teacher_arch:
                 raise HaldError(f"--teacher-arch is for a --teacher file; the torchvision teacher {spec} brings its own: drop it")
+    n = len(cfg.teacher.split(","))
     try:
-        weights = [float(w) for w in cfg.teacher_weights.split(",")] if cfg.teacher_weights else []
+        weights = [float(w) for w in cfg.teacher_weights.split(",")] if cfg.teacher_weights else [1.0] * n
     except ValueError:
-        weights = None
-    if cfg.teacher_weights and (weights is None or len(weights) != len(cfg.teacher.split(","))):
-        raise HaldError(f"--teacher-weights {cfg.teacher_weights} must be one number per --teacher ({len(cfg.teacher.split(','))} "
-                        f"comma-separated): e.g. --teacher-weights {','.join(['1'] * len(cfg.teacher.split(',')))}")
+        weights = []
+    if len(weights) != n:
+        raise HaldError(f"--teacher-weights {cfg.teacher_weights} must be one number per --teacher ({n} comma-separated)")
     if soft and (cfg.slc < 1 or cfg.slc % cfg.ipc):
-        raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: each image gets slc/ipc crops; "
-                        f"use e.g. --slc {max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc}")
+        raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: use e.g. --slc "
+                        f"{max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc} (slc/ipc crops per image)")
     if cfg.batch_size % world:
-        raise HaldError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of the {world} processes: "
-                        f"change --batch-size or --nproc_per_node")
+        raise HaldError(f"--batch-size {cfg.batch_size} is the global batch: make it a multiple of the {world} processes")
 
 
-def soft_labels(cfg: Config, teacher, images_u8, labels, classes, val, device, gens, rank, world, log=print):
-    """The teacher (load_teacher's model, identity and class names) checked against the data, then the soft-label
-    cache built or reused. Returns teacher, cache, its size in bytes and the teacher check's figures."""
-    size, out = images_u8.shape[-1], Path(cfg.out)
+def soft_labels(cfg: Config, teacher, images, labels, classes, val, device, gens, rank, world, log=print):
+    """The teacher (load_teachers' tuple) checked, then the cache built or reused. -> teacher, cache, its bytes, the check."""
+    size, out = images.shape[-1], Path(cfg.out)
     teacher, teacher_id, teacher_classes, stats = teacher
     teacher = teacher.to(device).eval()
     members = list(zip(cfg.teacher.split(","), teacher.teachers)) if isinstance(teacher, TeacherEnsemble) else []
     check = {}
     for who, model in [(f" of {spec}", m) for spec, m in members] + [(" of the ensemble" if members else "", teacher)] if cfg.check_teacher else []:
-        check = teacher_check(model, images_u8, labels, val, device, stats, rank=rank, world=world, precision=cfg.precision)
-        log(f"teacher check{who}: agrees with the class labels of --data on {check['teacher_agreement']:.1f} % of the "
-            f"{len(images_u8)} images; top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on "
-            f"{check['teacher_check_val_images']:,} of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")
-        floor = chance_floor(len(classes))
-        bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < floor]
+        check = teacher_check(model, images, labels, val, device, stats, rank=rank, world=world, precision=cfg.precision)
+        figures = (f"agrees with the class labels of --data on {check['teacher_agreement']:.1f} % of the {len(images)} images; "
+                   f"top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on {check['teacher_check_val_images']:,}"
+                   f" of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")
+        log(f"teacher check{who}: {figures}")
+        bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < chance_floor(len(classes))]
         if bad:
-            raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (agreement with --data "
-                            f"{check['teacher_agreement']:.1f} %, top-1 on --val {check['teacher_top1']:.1f} %, chance "
-                            f"{100 / len(classes):.1f} %): classes are paired by sorted folder position, so name the folders to "
-                            f"sort in the teacher's class order (or pass --no-check-teacher to train anyway)")
-    header = dict(format=CACHE_FORMAT, classes=classes, num_images=len(images_u8), ipc=cfg.ipc, slc=cfg.slc,
+            raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (it {figures}): classes pair by "
+                            f"sorted folder position, so name the folders in the teacher's order (or pass --no-check-teacher)")
+    header = dict(format=CACHE_FORMAT, classes=classes, num_images=len(images), ipc=cfg.ipc, slc=cfg.slc,
                   passes=cfg.slc // cfg.ipc, image_size=size, batch_size=cfg.batch_size, temperature=cfg.temperature,
                   teacher=teacher_id, teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3],
-                  cutmix=cfg.cutmix, seed=cfg.seed, images_sha256=tensors_digest({"images": images_u8, "labels": labels}),
+                  cutmix=cfg.cutmix, seed=cfg.seed, images_sha256=tensors_digest({"images": images, "labels": labels}),
                   values="probs", label_topk=cfg.label_topk, label_bits=cfg.label_bits,
                   **({"teacher_mean_std": stats} if stats != NORMALIZATIONS["imagenet"] else {}))  # older caches stay valid
     header["fingerprint"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
@@ -1444,7 +1358,7 @@ def soft_labels(cfg: Config, teacher, images_u8, labels, classes, val, device, g
         cache = load_cache(cache_path, header)
         log(f"reusing soft-label cache {cache_path}")
     else:
-        cache = SoftLabelCache.build(teacher, images_u8, size=size, crops_per_image=cfg.slc // cfg.ipc, batch_size=cfg.batch_size,
+        cache = SoftLabelCache.build(teacher, images, size=size, crops_per_image=cfg.slc // cfg.ipc, batch_size=cfg.batch_size,
                                      temperature=cfg.temperature, gen=gens["relabel"], crop_scale=cfg.crop_scale, cutmix=cfg.cutmix,
                                      teacher_mode=cfg.teacher_mode, mean=stats[0], std=stats[1], precision=cfg.precision, log=log,
                                      rank=rank, world=world)
@@ -1472,10 +1386,9 @@ def build_student(cfg: Config, num_classes: int, size: int, device, world: int, 
     return model, speed_up(net, cfg.compile, cfg.cuda_graph, cfg.precision), make_optimizer(model, cfg.lr, cfg.weight_decay, device)
 
 
-def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log=print, later: int = 0):
-    """The schedule, epoch by epoch, with a checkpoint after each (resumable) and evaluations; returns the history
-    and the number of its epochs trained before a resume. The time left counts `later` epochs of runs to come."""
-    out, size, C = Path(cfg.out), images_u8.shape[-1], len(val["classes"])
+def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens, device, rank, world, log=print, later: int = 0):
+    """The schedule epoch by epoch, a checkpoint after each -> history, epochs trained before a resume. `later`: epochs to come."""
+    out, size, C = Path(cfg.out), images.shape[-1], len(val["classes"])
     phases = [phase for phase, count in schedule for _ in range(count)]
     stats = mean_std_of(cfg.normalize)
     epoch_settings = dict(batch_size=cfg.batch_size, size=size, temperature=cfg.temperature, smoothing=cfg.label_smoothing,
@@ -1494,7 +1407,7 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
         phase, t0 = phases[epoch], time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
-        loss = run_epoch(phase, net, opt, images_u8, labels, C, gens, cache, pool, **epoch_settings, log=log, rank=rank, world=world).item()
+        loss = run_epoch(phase, net, opt, images, labels, C, gens, cache, pool, **epoch_settings, log=log, rank=rank, world=world).item()
         if not math.isfinite(loss):
             raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr")
         row = {"epoch": epoch + 1, "phase": phase, "loss": loss, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
@@ -1513,9 +1426,8 @@ def fit(cfg: Config, schedule, model, net, opt, images_u8, labels, cache, val, g
 
 
 def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> dict:
-    """The pipeline: settings checked, data and teacher loaded, soft labels built or reused (teacher checked),
-    student built, schedule run, results written. Returns the summary. later: epochs of the runs to come;
-    comparing: one run of several from one cache."""
+    """The pipeline: settings checked, data and teacher loaded, soft labels built or reused, student trained, results
+    written. -> summary. later: epochs of the runs to come; comparing: one run of several from one cache."""
     cfg = with_demo_defaults(cfg)
     check_config(cfg)
     check_out(cfg)
@@ -1523,51 +1435,53 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
     if cfg.cuda_graph and (device.type != "cuda" or world > 1):
         raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
-    given = cfg  # the auto values depend on the class count and size: a folder's listing and one header, or the tensor set
+    given = cfg  # auto values depend on the class count and size
     tensors = None
     if Path(cfg.data).suffix in TENSOR_SUFFIXES:  # read once, de-normalised with the statistics it was saved with
         tensors = load_tensor_set(cfg.data, cfg.ipc, cfg.image_size, mean_std_of(normalization(cfg)), cfg.labels, log)
     if cfg.labels and not tensors:
-        raise HaldError(f"--labels is for a --data tensor file (.pt, .pth); the classes of an ImageFolder are its folders: drop it")
+        raise HaldError("--labels is for a --data tensor file (.pt, .pth); an ImageFolder's classes are its folders: drop it")
     files, classes = (None, tensors[2]) if tensors else list_image_folder(cfg.data, log=lambda *_: None)
     cfg = resolve_settings(cfg, len(classes), tensors[0].shape[-1] if tensors else cfg.image_size or header_height(files))
     schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, cfg.slc // cfg.ipc)
     check_run(cfg, schedule, world)
     start, gens = time.time(), make_generators(cfg.seed)
 
-    images_u8, labels, classes = tensors[:3] if tensors else load_distilled(cfg.data, cfg.ipc, cfg.image_size, log)  # u8 or float
-    n, C, size = len(images_u8), len(classes), images_u8.shape[-1]
+    images, labels, classes = tensors[:3] if tensors else load_distilled(cfg.data, cfg.ipc, cfg.image_size, log)  # u8 or float
+    n, C, size = len(images), len(classes), images.shape[-1]
     if cfg.batch_size > n:
         raise HaldError(f"--batch-size {cfg.batch_size} is larger than the {n} distilled images: lower it")
     if 0 < n % cfg.batch_size < world:
-        raise HaldError(f"the last batch of a pass ({n % cfg.batch_size} images) must hold at least one image per process "
-                        f"({world}): change --batch-size or --nproc_per_node")
+        raise HaldError(f"the last batch ({n % cfg.batch_size} images) needs an image per process ({world}): change --batch-size")
     soft = any(phase != "hard" for phase, _ in schedule)
     auto = given.label_smoothing == -1 or soft and given.temperature == -1
     rule = f"recipe {cfg.recipe}" if cfg.recipe != "none" else "auto: " + (
         f"measured better at 10 and {AUTO_MEASURED_CLASSES} classes" if C <= AUTO_MEASURED_CLASSES
         else f"the authors' values above {AUTO_MEASURED_CLASSES} classes, where hald.py has not measured")
     lr_rule = ("auto" if cfg.recipe == "none" else f"recipe {cfg.recipe}") + ": " + auto_lr_eta(C, size, cfg.model, cfg.ipc, cfg.recipe)[2]
+    rded = all(re.fullmatch(r"\d{5}", c) for c in classes)  # RDED's folders 00000, ...: the authors relabel them in eval mode
+    mode_why = "running statistics" if cfg.teacher_mode == "eval" else "batch statistics" + (
+        "; RDED's layout, which the authors relabel in eval mode: train measured better on such sets, README" if rded
+        else ", the authors' mode for SRe2L-family sets")
     log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes from {cfg.data}"
         + (f" ({tensors[3]})" if tensors else "") + f" | schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "")
         + f"label smoothing {cfg.label_smoothing:g}" + (f", T {cfg.temperature:g}" if soft else "") + (f" ({rule})" if auto else "")
         + f" | lr {cfg.lr:g}, eta {cfg.eta:g}" + (f" ({lr_rule})" if -1 in (given.lr, given.eta) else "")
-        + (f" | teacher mode {cfg.teacher_mode} ({teacher_mode_why(cfg.teacher_mode, classes)})" if soft else ""))
+        + (f" | teacher mode {cfg.teacher_mode} ({mode_why})" if soft else ""))
     if cfg.schedule == "shs" and not comparing and cfg.slc >= 2 * cfg.ipc and C <= AUTO_MEASURED_CLASSES:
-        log(f"note: {cfg.slc // cfg.ipc} stored crops per image: up to {AUTO_MEASURED_CLASSES} classes HALD minus soft-only went "
-            f"from -1.7 to +5.2 points at 2, by set and seed, and soft-only won by 8 to 13 points at 10 with every BatchNorm "
-            f"student measured (README: When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them")
+        log(f"note: {cfg.slc // cfg.ipc} stored crops per image: HALD minus soft-only went from -1.7 to +5.2 points at 2 and soft-only"
+            f" won by 8 to 13 at 10 (README: When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them")
     stats = mean_std_of(cfg.normalize)
     teacher = load_teachers(cfg.teacher, cfg.teacher_weights, classes, size, stats, log, cfg.teacher_arch) if soft else None  # misfits found early
     classes = list(teacher[2]) if tensors and soft and teacher[2] else classes  # a tensor set's classes are numbers: the teacher's names
     val = load_val(cfg.val, classes, size, device, cfg.val_storage, Path(cfg.out), log)
-    images_u8, labels = images_u8.to(device), labels.to(device)
+    images, labels = images.to(device), labels.to(device)
     cache, cache_bytes, check, teacher_classes, teacher_stats = None, 0, {}, None, None
     if soft:
         teacher_classes, teacher_stats = teacher[2:]
-        teacher, cache, cache_bytes, check = soft_labels(cfg, teacher, images_u8, labels, classes, val, device, gens, rank, world, log)
+        teacher, cache, cache_bytes, check = soft_labels(cfg, teacher, images, labels, classes, val, device, gens, rank, world, log)
     model, net, opt = build_student(cfg, C, size, device, world, log)
-    history, resumed = fit(cfg, schedule, model, net, opt, images_u8, labels, cache, val, gens, device, rank, world, log, later)
+    history, resumed = fit(cfg, schedule, model, net, opt, images, labels, cache, val, gens, device, rank, world, log, later)
     if rank > 0:  # rank 0 writes the results: drift diagnostics, the saved student, summary.json and curves.png
         return {}
     out, evals = Path(cfg.out), [row for row in history if "top1" in row]
@@ -1575,7 +1489,7 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     best = max((row["top1"], row["epoch"]) for row in evals)
     drift = {}
     if cfg.drift_crops:
-        drift = drift_report(teacher, model, images_u8, labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"], (teacher_stats, stats))
+        drift = drift_report(teacher, model, images, labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"], (teacher_stats, stats))
         log("drift: " + ", ".join(f"{k} {v:.4g}" for k, v in drift.items()))
     if cfg.save_model:
         save_checkpoint(model, cfg.model, classes, size, cfg.save_model, stats)
@@ -1597,9 +1511,8 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
 
 
 def train_all(cfg: Config, log=print) -> list[dict]:
-    """One run per schedule in --schedule ('shs soft'): from one soft-label cache, each into OUT/<schedule>/, then
-    a side-by-side comparison (printed, written to OUT/comparison.json, drawn in OUT/comparison.png). One schedule:
-    train(). The demo (no --data) into the default --out replaces an earlier demo there."""
+    """One run per schedule of --schedule ('shs soft') from one cache, each into OUT/<schedule>/, then a comparison (printed,
+    OUT/comparison.json and .png). One schedule: train(). The demo into the default --out replaces an earlier demo."""
     if not cfg.data and cfg.out == Config.out and not cfg.resume:
         replace_earlier_demo(Path(cfg.out), log)
     schedules = cfg.schedule.split()
@@ -1703,7 +1616,7 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "", log=pr
 
 
 def code_version() -> dict:
-    """hald.py's sha256, and the git commit when the file lies in a git checkout: a result names its code."""
+    """hald.py's sha256, and the git commit in a checkout: a result names its code."""
     try:  # outside a checkout git says so on stderr: no commit
         git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):  # no git
@@ -1712,8 +1625,7 @@ def code_version() -> dict:
 
 
 def evaluate_file(cfg: Config, log=print) -> dict:
-    """--evaluate: a model file's top-1 and top-5 (%) on --val, printed, and written to OUT/evaluation.json when
-    --out is given. Nothing trained, nothing else written (a validation set kept in a file lives in a temporary folder)."""
+    """--evaluate: a model file's top-1 and top-5 (%) on --val, printed and (with --out) written to OUT/evaluation.json."""
     check_config(cfg)
     if not cfg.val:
         raise HaldError("--evaluate needs --val: the real validation images as an ImageFolder")
