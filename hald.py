@@ -1574,10 +1574,9 @@ def restore_state(path, run_id: str, model, opt, gens: dict):
 
 
 def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "", log=print) -> None:
-    """Validation top-1 over the epochs, the epochs of every phase but soft shaded. One run (curves.png): in the
-    phase's colour, with a second panel for the training loss of each phase on its own axis (a soft KL near 0.05
-    and a hard cross-entropy near 2 do not share a scale). The schedules of a comparison (comparison.png): each in
-    its colour, its final top-1 in the legend. Needs matplotlib; without it, a note."""
+    """Validation top-1 over the epochs, every phase but soft shaded: one run (curves.png) over a panel of its training loss
+    by phase (log scale: a soft KL near 0.05 beside a cross-entropy near 2), or the schedules of a comparison
+    (comparison.png), each in its colour with its final top-1 in the legend. Needs matplotlib; without it, a note."""
     try:
         import matplotlib
 
@@ -1597,18 +1596,11 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "", log=pr
         top.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green" if one else f"C{i}", ms=3,
                  label=f"{name}: {evals[-1]['top1']:.2f} %")
     top.set(ylabel="validation top-1 (%)", title=title)
-    if not one:
-        top.legend(title="final top-1")
-        top.set_xlabel("epoch (shaded: a schedule's hard phase, in its colour)")
-    else:
-        phases = list(dict.fromkeys(r["phase"] for r in history))
-        other = bottom.twinx() if "soft" in phases and len(phases) > 1 else bottom  # soft on the left, the rest on the right
-        for phase in phases:
-            ax = bottom if phase == "soft" else other
-            rows = [r for r in history if r["phase"] == phase]
-            ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase])
-            ax.set_ylabel(f"{'soft (KL)' if phase == 'soft' else ' / '.join(p for p in phases if p != 'soft')} loss", color=colours[phase])
-        bottom.set_xlabel("epoch (shaded: orange hard, purple hybrid; white soft)")
+    for phase in dict.fromkeys(r["phase"] for r in history) if one else ():
+        rows = [r for r in history if r["phase"] == phase]
+        bottom.semilogy([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase], label=f"{phase} loss")
+    bottom.legend(title=None if one else "final top-1")
+    bottom.set_xlabel("epoch (shaded: orange hard, purple hybrid; white soft)" if one else "epoch (shaded: a schedule's hard phase)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
