@@ -578,9 +578,10 @@ class SoftLabelCache:
         """Relabel: draw every crop and CutMix, run the teacher (an nn.Module returning logits) on each batch, keep
         softmax(logits / temperature). images: (N, 3, H, W) uint8, or float in [0, 1] units; crops are `size` px.
         Under torchrun every rank draws the same crops and labels every world-th batch."""
-        if temperature <= 0 or crops_per_image < 1 or batch_size < 1 or not 0 < crop_scale <= 1 or teacher_mode not in ("train", "eval"):
-            raise HaldError(f"the cache needs temperature > 0, crops_per_image >= 1, batch_size >= 1, crop_scale in (0, 1] and teacher_mode "
-                            f"train or eval, got {temperature}, {crops_per_image}, {batch_size}, {crop_scale} and {teacher_mode!r}")
+        bad = temperature <= 0 or crops_per_image < 1 or batch_size < 1 or not 0 < crop_scale <= 1
+        if bad or teacher_mode not in ("train", "eval"):
+            raise HaldError(f"the cache needs temperature > 0, crops_per_image >= 1, batch_size >= 1, crop_scale in (0, 1], teacher_mode "
+                            f"train or eval; got {temperature}, {crops_per_image}, {batch_size}, {crop_scale}, {teacher_mode!r}")
         n, (H, W), passes = len(images), images.shape[-2:], crops_per_image
         batches = stored_batches(n, batch_size, passes)
         index = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
@@ -1342,7 +1343,8 @@ def soft_labels(cfg: Config, teacher, images, labels, classes, val, device, gens
                    f"top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on {check['teacher_check_val_images']:,}"
                    f" of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")
         log(f"teacher check{who}: {figures}")
-        bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < chance_floor(len(classes))]
+        floor = chance_floor(len(classes))
+        bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < floor]
         if bad:
             raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (it {figures}): classes pair by "
                             f"sorted folder position, so name the folders in the teacher's order (or pass --no-check-teacher)")
