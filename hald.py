@@ -169,14 +169,13 @@ def parse_config(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
         flag, choices = "--" + f.name.replace("_", "-"), f.metadata["choices"]
-        shown = (f.default if f.default != "" else "none") if isinstance(f.default, str) else f.default
+        shown = "none" if f.default == "" else f.default
         demo = f"; the demo without --data: {DEMO_FLAGS[f.name]}" if f.name in DEMO_FLAGS else ""
         help = f.metadata["help"] + (f" (one of: {', '.join(map(str, choices))})" if choices else "") + f" [default: {shown}{demo}]"
-        if f.type in ("bool", bool):
+        if f.type is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            group.add_argument(flag, type=kind, metavar=f.name.upper(), help=help)
+        else:  # int, float or str: the field's annotation converts the flag's text
+            group.add_argument(flag, type=f.type, metavar=f.name.upper(), help=help)
     given = vars(parser.parse_args(argv))
     if "data" not in given:
         given = {**DEMO_FLAGS, **given}
