@@ -138,6 +138,16 @@ def table(dataset: str) -> str:
     return "\n".join(lines)
 
 
+def paired_cells(base: dict, other: dict) -> str:
+    """Two sets of runs by seed -> "base | other | mean difference (per seed)" over the seeds both have ("" for none)."""
+    seeds = sorted(base.keys() & other.keys())
+    if not seeds:
+        return ""
+    diffs = [other[k]["final_top1"] - base[k]["final_top1"] for k in seeds]
+    return (f"{cell([base[k] for k in seeds])} | {cell([other[k] for k in seeds])} | **{statistics.mean(diffs):+.1f}** "
+            f"({', '.join(f'{d:+.1f}' for d in diffs)})")
+
+
 def teacher_mode_table(dataset: str = "cifar10") -> str:
     """The teacher's mode at relabel, train (batch statistics) against eval (running statistics), on each generated
     set at each s that has eval runs: last-epoch top-1 by schedule, and eval minus train per seed."""
@@ -148,13 +158,9 @@ def teacher_mode_table(dataset: str = "cifar10") -> str:
             for sch in ("shs", "soft"):
                 runs = {mode: {x["config"]["seed"]: x for x in summaries(folder, f"{dataset}-{kind}{suffix}-{sch}-s{s}")}
                         for mode, suffix in MODE_SUFFIX.items()}
-                seeds = sorted(runs["train"].keys() & runs["eval"].keys())
-                if not seeds:
-                    continue
-                diffs = [runs["eval"][k]["final_top1"] - runs["train"][k]["final_top1"] for k in seeds]
-                lines.append(f"| {kind} | {s} | {'HALD' if sch == 'shs' else 'soft-only'} | {cell([runs['train'][k] for k in seeds])} | "
-                             f"{cell([runs['eval'][k] for k in seeds])} | **{statistics.mean(diffs):+.1f}** "
-                             f"({', '.join(f'{d:+.1f}' for d in diffs)}) |")
+                pair = paired_cells(runs["train"], runs["eval"])
+                if pair:
+                    lines.append(f"| {kind} | {s} | {'HALD' if sch == 'shs' else 'soft-only'} | {pair} |")
     return "\n".join(lines)
 
 
@@ -166,12 +172,9 @@ def tensor_table(dataset: str = "cifar10") -> str:
     for s in sorted({s for ds, _, s, _ in PLAN if ds == dataset and s != 300}):
         for sch in ("shs", "soft"):
             runs = {kind: {x["config"]["seed"]: x for x in summaries(folder, f"{dataset}-{kind}-{sch}-s{s}")} for kind in TENSOR_KINDS}
-            seeds = sorted(runs["recover-png"].keys() & runs["recover-tensor"].keys())
-            if seeds:
-                diffs = [runs["recover-tensor"][k]["final_top1"] - runs["recover-png"][k]["final_top1"] for k in seeds]
-                lines.append(f"| {s} | {'HALD' if sch == 'shs' else 'soft-only'} | {cell([runs['recover-png'][k] for k in seeds])} | "
-                             f"{cell([runs['recover-tensor'][k] for k in seeds])} | **{statistics.mean(diffs):+.1f}** "
-                             f"({', '.join(f'{d:+.1f}' for d in diffs)}) |")
+            pair = paired_cells(runs["recover-png"], runs["recover-tensor"])
+            if pair:
+                lines.append(f"| {s} | {'HALD' if sch == 'shs' else 'soft-only'} | {pair} |")
     return "\n".join(lines)
 
 
