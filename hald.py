@@ -1436,7 +1436,7 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
     if cfg.cuda_graph and (device.type != "cuda" or world > 1):
         raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
-    given = cfg  # auto values depend on the class count and size
+    given = cfg  # the flags as given: the start-up line says which values were auto
     tensors = None
     if Path(cfg.data).suffix in TENSOR_SUFFIXES:  # read once, de-normalised with the statistics it was saved with
         tensors = load_tensor_set(cfg.data, cfg.ipc, cfg.image_size, mean_std_of(normalization(cfg)), cfg.labels, log)
@@ -1460,7 +1460,7 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
         f"measured better at 10 and {AUTO_MEASURED_CLASSES} classes" if C <= AUTO_MEASURED_CLASSES
         else f"the authors' values above {AUTO_MEASURED_CLASSES} classes, where hald.py has not measured")
     lr_rule = ("auto" if cfg.recipe == "none" else f"recipe {cfg.recipe}") + ": " + auto_lr_eta(C, size, cfg.model, cfg.ipc, cfg.recipe)[2]
-    rded = all(re.fullmatch(r"\d{5}", c) for c in classes)  # RDED's folders 00000, ...: the authors relabel them in eval mode
+    rded = all(re.fullmatch(r"\d{5}", c) for c in classes)  # RDED's class folders 00000, 00001, ...
     mode_why = "running statistics" if cfg.teacher_mode == "eval" else "batch statistics" + (
         "; RDED's layout, which the authors relabel in eval mode: train measured better on such sets, README" if rded
         else ", the authors' mode for SRe2L-family sets")
@@ -1597,9 +1597,10 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "", log=pr
         top.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green" if one else f"C{i}", ms=3,
                  label=f"{name}: {evals[-1]['top1']:.2f} %")
     top.set(ylabel="validation top-1 (%)", title=title)
-    for phase in dict.fromkeys(r["phase"] for r in history) if one else ():
-        rows = [r for r in history if r["phase"] == phase]
-        bottom.semilogy([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase], label=f"{phase} loss")
+    if one:  # the run's training loss by phase
+        for phase in dict.fromkeys(r["phase"] for r in history):
+            rows = [r for r in history if r["phase"] == phase]
+            bottom.semilogy([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase], label=f"{phase} loss")
     bottom.legend(title=None if one else "final top-1")
     bottom.set_xlabel("epoch (shaded: orange hard, purple hybrid; white soft)" if one else "epoch (shaded: a schedule's hard phase)")
     fig.tight_layout()
