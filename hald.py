@@ -79,6 +79,7 @@ AUTHORS_LR_ETA = {
        for model in ("resnet18", "resnet50", "resnet101")},
 }
 CONVNET = re.compile(r"convnet(_bn)?(\d*)(?:_d([1-9]\d*))?")  # hald.py's own: convnet, convnet_bn, convnet_bn64, convnet_bn_d4, ...
+SWITCHES = ("keep", "reset", "reset-v", "t2")  # --phase-switch: what AdamW carries from one phase into the next
 WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
 
 
@@ -140,6 +141,8 @@ class Config:
     hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
     hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
+    phase_switch: str = arg("keep", "AdamW across a soft <-> hard switch: keep its state (the authors'), reset it, reset-v (the "
+                            "second moment restarted from the new phase's gradient), or t2 (kept; soft loss x T^2)", SWITCHES)
     # optimisation
     batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
     lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (README)")
@@ -830,6 +833,21 @@ def lr_at(epoch: int, lr: float, epochs: int, eta: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * epoch / (epochs * eta)))
 
 
+def switch_phase(opt: torch.optim.Optimizer, how: str) -> None:
+    """Call when the phase changes: reset clears the (Adam) state; reset-v restarts the second moment from the next
+    gradient (v / (1 - beta2^t) = g^2 at the next step), keeping the momentum; keep and t2 (a loss scale) change nothing."""
+    if how == "reset":
+        opt.state.clear()
+    elif how == "reset-v":
+        def restart(opt, *_):
+            for group in opt.param_groups:
+                for p in (p for p in group["params"] if p.grad is not None and opt.state.get(p)):
+                    state = opt.state[p]
+                    state["exp_avg_sq"].copy_(p.grad.square() * (1 - group["betas"][1] ** float(state["step"])))
+            hook.remove()
+        hook = opt.register_step_pre_hook(restart)
+
+
 # ----------------------------------------------------------------------------- models
 def convnet(num_classes: int, image_size: int, width: int = 128, depth: int = 3, norm: str = "instance") -> nn.Sequential:
     """ConvNet-3 of dataset distillation papers: [conv 3x3, norm, ReLU, avg-pool 2] x depth, linear."""
@@ -1125,7 +1143,7 @@ def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.G
 def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict, cache=None, pool=None, *,
               batch_size: int = 16, size: int = 0, temperature: float = 20.0, smoothing: float = 0.8, crop_scale: float = 0.08,
               cutmix: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, hybrid_lambda: float = 1.0, hybrid_crops: str = "fresh",
-              hybrid_t2: bool = False, precision: str = "bf16", log=print, rank: int = 0, world: int = 1) -> torch.Tensor:
+              t2: bool = False, precision: str = "bf16", log=print, rank: int = 0, world: int = 1) -> torch.Tensor:
     """One pass over the images in the soft, hard or hybrid phase; returns the mean loss (0-dim). soft: stored batches of
     `cache` with their teacher labels, drawn from `pool` (a list kept across epochs, [] at first); hard: fresh crops +
     CutMix, label-smoothed targets; hybrid: both, the hard term on fresh or on the stored crops. images (N, 3, H, W) uint8
@@ -1172,12 +1190,12 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
         with autocast(device, precision):
             logits = net(model_layout(x))
         if phase == "soft":
-            loss = soft_loss(logits, probs, temperature)
+            loss = soft_loss(logits, probs, temperature) * (temperature**2 if t2 else 1)
         elif phase == "hard":
             loss = hard_loss(logits, targets)
         else:
             soft_logits, hard_logits = logits.split(len(x_soft)) if x_hard is not None else (logits, logits)
-            loss = hybrid_loss(soft_logits, probs, temperature, hard_logits, targets, hybrid_lambda, hybrid_t2)
+            loss = hybrid_loss(soft_logits, probs, temperature, hard_logits, targets, hybrid_lambda, t2)
         if world > 1:  # DDP averages over ranks: weight each slice by its share of the global batch
             loss = loss * (world * len(x_soft if x_soft is not None else x_hard) / len(index))
         opt.zero_grad(set_to_none=True)
@@ -1394,7 +1412,7 @@ def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens
     stats = mean_std_of(cfg.normalize)
     epoch_settings = dict(batch_size=cfg.batch_size, size=size, temperature=cfg.temperature, smoothing=cfg.label_smoothing,
                           crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, mean=stats[0], std=stats[1], hybrid_lambda=cfg.hybrid_lambda,
-                          hybrid_crops=cfg.hybrid_crops, hybrid_t2=cfg.hybrid_t2, precision=cfg.precision)
+                          hybrid_crops=cfg.hybrid_crops, t2=cfg.hybrid_t2 or cfg.phase_switch == "t2", precision=cfg.precision)
     run_id = run_fingerprint(cfg)
     pool, history, first = [], [], 0
     if cfg.resume and (out / "checkpoint.pt").exists():
@@ -1408,6 +1426,8 @@ def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens
         phase, t0 = phases[epoch], time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
+        if epoch and phase != phases[epoch - 1]:
+            switch_phase(opt, cfg.phase_switch)
         loss = run_epoch(phase, net, opt, images, labels, C, gens, cache, pool, **epoch_settings, log=log, rank=rank, world=world).item()
         if not math.isfinite(loss):
             raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr")
@@ -1551,7 +1571,7 @@ def run_fingerprint(cfg: Config) -> str:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
     same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
             "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""), ("labels", ""),
-            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""))}  # at their defaults,
+            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"))}  # at their defaults,
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()  # newer flags leave older fingerprints as they were
 
 

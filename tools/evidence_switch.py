@@ -1,0 +1,118 @@
+"""What AdamW carries across HALD's phase switch, and how long the hard phase should be (issue: a HALD that does not
+lose where it should win). hald.py's --phase-switch treatments and hard-phase sizes on the CIFAR-10 sets, beside the
+committed soft-only and HALD (state kept) runs of the same settings.
+
+    python tools/evidence_switch.py --jobs 2                     # every missing run, s = 10 first, then 2, then 1
+    python tools/evidence_switch.py --crops 10 --sets real       # a part of them
+    python tools/evidence_switch.py --table-only                 # the tables from the committed summaries
+
+Settings: the default student's (BatchNorm ConvNet-3, IPC 10, 300 epochs, HALD soft 120 / hard 60 / soft 120,
+smoothing 0.1, T 4, last-epoch top-1 on the 10,000 CIFAR-10 test images), pinned as in tools/evidence_generated.py.
+Sets: the bundled real draw (demo/distilled) and the two generator-made sets in sets/. One soft-label cache per set, s
+and seed (runs/switch/caches/), shared by every treatment of that cell: the same seed builds the same cache, so the
+committed soft-only and state-kept runs were trained from the same labels. Each finished run's summary.json is copied
+to results/cifar10/switch/<set>-<treatment>-s<s>-seed<seed>.json, which makes it count as done.
+"""
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence import cell, run_one  # noqa: E402
+from evidence_generated import PINNED  # noqa: E402
+
+KEPT = ROOT / "results" / "cifar10" / "switch"
+SETS = {"real": ROOT / "demo" / "distilled", "recover": ROOT / "sets" / "cifar10-recover", "select": ROOT / "sets" / "cifar10-select"}
+# treatment -> hald.py arguments on top of the pinned ones (item 1: the optimizer at the switch; item 2: hard-phase sizes)
+TREATMENTS = {"reset": ["--phase-switch", "reset"], "reset-v": ["--phase-switch", "reset-v"], "t2": ["--phase-switch", "t2"]}
+CROPS = (10, 2, 1)  # priority: the largest effect first
+
+
+def committed(set_name: str, treatment: str, s: int, seed: int) -> Path:
+    """The summary of a run: the soft-only and state-kept baselines where the earlier evidence committed them."""
+    if treatment in ("soft", "keep"):
+        if set_name == "real":
+            row = "convnet-3-bn-soft-only-t-4" if treatment == "soft" else "convnet-3-bn-hald-soft-120-hard-60-soft-120"
+            return ROOT / "results" / "cifar10" / "runs" / f"{row}-s{s}-seed{seed}.json"
+        return ROOT / "results" / "cifar10" / "generated" / f"cifar10-{set_name}-{'soft' if treatment == 'soft' else 'shs'}-s{s}-seed{seed}.json"
+    return KEPT / f"{set_name}-{treatment}-s{s}-seed{seed}.json"
+
+
+def run_cell(job, cifar: str) -> str:
+    """The treatments of one (set, s, seed), one after the other, from one cache."""
+    set_name, s, seed, treatments = job
+    done = 0
+    for treatment in treatments:
+        kept = committed(set_name, treatment, s, seed)
+        if kept.exists():
+            done += 1
+            continue
+        out = ROOT / "runs" / "switch" / kept.stem
+        cache = ROOT / "runs" / "switch" / "caches" / f"{set_name}-s{s}-seed{seed}.pt"
+        args = ["--data", str(SETS[set_name]), "--val", str(Path(cifar) / "test"), "--teacher", str(ROOT / "demo" / "teacher.pt"),
+                "--model", "convnet_bn", *PINNED, "--eval-every", "0", "--slc", str(10 * s), "--seed", str(seed), "--schedule", "shs",
+                "--cache", str(cache), *TREATMENTS[treatment]]
+        run_one((out, args))
+        if (out / "summary.json").exists():
+            KEPT.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / "summary.json", kept)
+            done += 1
+    return f"{done}/{len(treatments)} done"
+
+
+def load(set_name: str, treatment: str, s: int) -> dict:
+    """seed -> summary of the committed runs of one cell."""
+    paths = [committed(set_name, treatment, s, seed) for seed in range(3)]
+    return {seed: json.loads(p.read_text()) for seed, p in enumerate(paths) if p.exists()}
+
+
+def table(treatments: list) -> str:
+    """Last-epoch top-1 (mean +- std over seeds, each seed) by set, s and treatment, and each minus soft-only per seed."""
+    lines = ["| set | s | schedule | top-1 % | minus soft-only (per seed) |", "|---|---|---|---|---|"]
+    for set_name in SETS:
+        for s in sorted(CROPS):
+            soft = load(set_name, "soft", s)
+            for treatment in ["soft", "keep", *treatments]:
+                runs = load(set_name, treatment, s)
+                if not runs:
+                    continue
+                seeds = sorted(runs.keys() & soft.keys())
+                diffs = [runs[k]["final_top1"] - soft[k]["final_top1"] for k in seeds]
+                gain = "" if treatment == "soft" or not diffs else \
+                    f"**{statistics.mean(diffs):+.1f}** ({', '.join(f'{d:+.1f}' for d in diffs)})"
+                name = "soft-only" if treatment == "soft" else f"HALD, {treatment}"
+                lines.append(f"| {set_name} | {s} | {name} | {cell([runs[k] for k in sorted(runs)])} | {gain} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cifar", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 root with test/")
+    parser.add_argument("--jobs", type=int, default=2, help="cells in parallel (one thread each)")
+    parser.add_argument("--crops", default=",".join(map(str, CROPS)), help="crops per image s, in this order")
+    parser.add_argument("--sets", default=",".join(SETS), help="sets to run (comma-separated)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--treatments", default=",".join(TREATMENTS))
+    parser.add_argument("--table-only", action="store_true", help="print the table from the committed summaries, run nothing")
+    args = parser.parse_args()
+    treatments = args.treatments.split(",")
+    if not args.table_only:
+        if not (Path(args.cifar) / "test").is_dir():
+            sys.exit(f"evidence_switch: {args.cifar}/test not found: pass --cifar with the CIFAR-10 ImageFolder root")
+        jobs = [(set_name, int(s), int(seed), treatments) for s in args.crops.split(",") for seed in args.seeds.split(",")
+                for set_name in args.sets.split(",")]
+        start = time.time()
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for i, (job, status) in enumerate(zip(jobs, pool.map(lambda j: run_cell(j, args.cifar), jobs))):
+                print(f"[{i + 1}/{len(jobs)}] {job[0]} s={job[1]} seed {job[2]}: {status} ({time.time() - start:.0f}s)", flush=True)
+    print(f"cifar10: HALD's optimizer across the phase switch (IPC 10, default student)\n{table(treatments)}")
+
+
+if __name__ == "__main__":
+    main()
