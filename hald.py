@@ -33,9 +33,11 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -258,6 +260,15 @@ def decode_image(path: Path, size: int, center_crop: bool = False) -> torch.Tens
 
     try:
         with Image.open(path) as image:
+            if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grey (PNG, TIFF, PGM): scaled to 8 bits
+                import numpy as np
+
+                values = np.asarray(image, dtype=np.float64)
+                if values.min() < 0 or values.max() > 65535:
+                    raise ValueError(f"mode {image.mode} with values from {values.min():g} to {values.max():g}, beyond 16 bits")
+                image = Image.fromarray((values / 257).round().astype(np.uint8), "L")
+            elif image.mode not in ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"):
+                raise ValueError(f"mode {image.mode}, which hald.py does not read as colours; save it as 8-bit RGB or grey")
             image = image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise HaldError(f"cannot read image {path} ({e}): replace or remove the file") from None
@@ -338,11 +349,14 @@ def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagene
     if not (torch.is_tensor(images) and images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3)
             and images.shape[2] == images.shape[3] and images.numel()):
         got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
-        raise HaldError(f"--data {path}: the images must be float (N, C, H, W) with 1 or 3 channels and H = W, got {got}")
-    if not (torch.is_tensor(labels) and labels.ndim in (1, 2) and len(labels) == len(images)) or labels.ndim == 1 and (
-            labels.is_floating_point() or labels.min() < 0):
+        raise HaldError(f"--data {path}: the images must be float (N, C, H, W) with 1 or 3 channels and H = W, got {got}"
+                        + ("; 0-255 pixels: save images.float() / 255 and pass --normalize none" if "uint8" in got else ""))
+    if not (torch.is_tensor(labels) and labels.ndim in (1, 2) and len(labels) == len(images)):
         got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
         raise HaldError(f"--data {path}: {len(images)} images but labels {got}: give class indices (N,) or one-hot rows (N, C)")
+    if labels.ndim == 1 and (labels.is_floating_point() or labels.min() < 0):
+        raise HaldError(f"--data {path}: the labels are {labels.dtype} from {labels.min():g} to {labels.max():g}: give class indices "
+                        f"as integers from 0 (labels.long()), or one-hot rows (N, C)")
     if labels.ndim == 2:
         log(f"note: the labels of {path} are rows of {labels.shape[1]} values: each image takes the class of its largest (argmax)")
     num_classes, labels = (labels.shape[1], labels.argmax(1)) if labels.ndim == 2 else (int(labels.max()) + 1, labels.long())
@@ -360,8 +374,11 @@ def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagene
     if x.min() < -5 or x.max() > 6:  # images lie near [0, 1]; optimised pixels go a little beyond
         raise HaldError(f"--data {path} holds values from {x.min():.3g} to {x.max():.3g} once de-normalised (x * std + mean): give "
                         f"--normalize the statistics it was saved with (none for [0, 1]; 0-255 values: divide by 255)")
-    classes = [str(c) for c in range(num_classes)]
-    check_ipc(torch.bincount(labels, minlength=num_classes).tolist(), classes, ipc, path, log)
+    classes, counts = [str(c) for c in range(num_classes)], torch.bincount(labels, minlength=num_classes)
+    if (counts == 0).any():  # 1-based labels, or one out of range (255 as "ignore")
+        raise HaldError(f"--data {path}: the labels run from 0 to {num_classes - 1} but no image has class {(counts == 0).nonzero()[0, 0]}"
+                        f": give class indices 0 to C - 1 (1-based labels: subtract 1; a label out of range: fix or drop that image)")
+    check_ipc(counts.tolist(), classes, ipc, path, log)
     x = x[torch.cat([(labels == c).nonzero().flatten()[:ipc] for c in range(num_classes)])]
     if size and size != x.shape[-1]:
         x, layout = F.interpolate(x, (size, size), mode="bilinear", antialias=True), f"{layout}, resized from {x.shape[-1]} px"
@@ -447,6 +464,16 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
     m, s = mean_std(images.device, tuple(mean), tuple(std))
     x = images.to(torch.float32, copy=True)
     return (x.div_(255) if images.dtype == torch.uint8 else x).sub_(m).div_(s)
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Images as the pieces take them: (N, 3, H, W), uint8 or float in [0, 1] units (a little beyond: optimised pixels)."""
+    if not (torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3 and (images.dtype == torch.uint8 or images.is_floating_point())):
+        got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
+        raise HaldError(f"images must be (N, 3, H, W) uint8, or float in [0, 1] units, got {got}: channels first (x.permute(0, 3, 1, 2))")
+    if images.is_floating_point() and not (images.isfinite().all() and -5 <= images.min() and images.max() <= 6):
+        raise HaldError(f"float images must be finite and in [0, 1] units, got values from {images.min():.3g} to {images.max():.3g}: "
+                        f"divide 0-255 values by 255, undo a normalisation (x * std + mean)")
 
 
 def model_layout(x: torch.Tensor) -> torch.Tensor:
@@ -557,11 +584,14 @@ class SoftLabelCache:
     """The fixed budget of soft labels: `crops_per_image` passes over the images (SLC / IPC), each cut into fixed batches
     replayed whole (a train-mode teacher's label depends on the batch: the authors' batch-specific labels). Per stored crop
     (L = passes * num_images): index (L,) image, boxes (L, 4), flips (L,), partner (L,) CutMix partner's position in its
-    batch, probs (L, C) fp16 softmax(logits / T); cut (batches, 4) CutMix box in output pixels (None without CutMix)."""
+    batch, probs (L, C) fp16 softmax(logits / T); cut (batches, 4) CutMix box in output pixels (None without CutMix). It keeps
+    the temperature and the statistics it was made with: batch() normalises with these unless told the student's."""
 
-    def __init__(self, index, boxes, flips, partner, cut, probs, num_images: int, batch_size: int, size: int):
+    def __init__(self, index, boxes, flips, partner, cut, probs, num_images: int, batch_size: int, size: int, *, temperature: float,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.index, self.boxes, self.flips, self.partner, self.cut, self.probs = index, boxes, flips, partner, cut, probs
         self.num_images, self.batch_size, self.size = num_images, batch_size, size
+        self.temperature, self.mean, self.std = temperature, tuple(mean), tuple(std)
         self.batches = stored_batches(num_images, batch_size, len(index) // num_images)
 
     def __len__(self):
@@ -584,6 +614,7 @@ class SoftLabelCache:
         if bad or teacher_mode not in ("train", "eval"):
             raise HaldError(f"the cache needs temperature > 0, crops_per_image >= 1, batch_size >= 1, crop_scale in (0, 1], teacher_mode "
                             f"train or eval; got {temperature}, {crops_per_image}, {batch_size}, {crop_scale}, {teacher_mode!r}")
+        check_images(images)
         n, (H, W), passes = len(images), images.shape[-2:], crops_per_image
         batches = stored_batches(n, batch_size, passes)
         index = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
@@ -614,12 +645,17 @@ class SoftLabelCache:
         for name, b in teacher.named_buffers():
             b.copy_(buffers[name])
         teacher.eval()
-        return cls(index.int(), boxes, flips, partner.short(), None if cut is None else cut.short(), probs.half().cpu(), n, batch_size, size)
+        if not probs.isfinite().all():  # a teacher that overflows: named here, before anything is stored
+            raise HaldError("the teacher's outputs hold NaN or infinite values: check its file (or its --teacher-arch and --normalize)")
+        return cls(index.int(), boxes, flips, partner.short(), None if cut is None else cut.short(), probs.half().cpu(), n, batch_size,
+                   size, temperature=temperature, mean=mean, std=std)
 
-    def batch(self, k: int, images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        """Stored batch k replayed: crops (B, 3, S, S), teacher probabilities (B, C) float, image indices,
-        CutMix partner positions and box (None, None without CutMix)."""
-        s, e = self.batches[k]
+    def batch(self, k: int, images, mean=None, std=None):
+        """Stored batch k replayed, normalised with mean and std (None: the cache's): crops (B, 3, S, S), teacher probabilities
+        (B, C) float, image indices, CutMix partner positions and box (None, None without CutMix)."""
+        if len(images) != self.num_images:
+            raise HaldError(f"the cache was made from {self.num_images} images, not {len(images)}: pass the same images")
+        mean, std, (s, e) = self.mean if mean is None else mean, self.std if std is None else std, self.batches[k]
         index, partner = self.index[s:e].long(), self.partner[s:e].long()
         box = self.cut[k].long() if self.cut is not None else None
         x = replay(images, index, self.boxes[s:e], self.flips[s:e], partner, box, self.size, mean, std)
@@ -668,6 +704,19 @@ def tensors_digest(tensors: dict) -> str:
 CACHE_TENSORS = ("index", "boxes", "flips", "partner", "cut", "labels")
 
 
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def cache_header(*, classes: list, num_images: int, passes: int, image_size: int, batch_size: int, cutmix: bool, temperature: float,
+                 **settings) -> dict:
+    """The header a cache file needs: what load_cache rebuilds the cache from, any further settings the labels depend on
+    (teacher, seed, crop scale, ...; a teacher_mean_std other than ImageNet's), and the fingerprint of them all."""
+    header = dict(format=CACHE_FORMAT, classes=list(classes), num_images=num_images, passes=passes, image_size=image_size,
+                  batch_size=batch_size, cutmix=cutmix, temperature=temperature, **settings)
+    return {**header, "fingerprint": fingerprint(header)}
+
+
 def compact_labels_(cache: SoftLabelCache, topk: int = 0, bits: int = 16) -> dict:
     """The cache's labels packed (pack_labels) and read back: lossy labels train as a reused cache will hold them."""
     packed = pack_labels(cache.probs.float(), topk, bits)
@@ -698,8 +747,11 @@ def load_cache(path, header: dict) -> SoftLabelCache:
     if tensors_digest(t) != stored.get("sha256") or len(t["index"]) != header["passes"] * header["num_images"]:
         raise HaldError(f"cache {path} is corrupted (checksum or size mismatch): pass --rebuild-cache")
     probs = unpack_labels(t["labels"], len(header["classes"])).half()
+    if not probs.isfinite().all():
+        raise HaldError(f"cache {path} holds NaN or infinite labels: pass --rebuild-cache")
     return SoftLabelCache(t["index"], t["boxes"], t["flips"], t["partner"], t["cut"] if header["cutmix"] else None, probs,
-                          header["num_images"], header["batch_size"], header["image_size"])
+                          header["num_images"], header["batch_size"], header["image_size"], temperature=header["temperature"],
+                          **dict(zip(("mean", "std"), header.get("teacher_mean_std", (IMAGENET_MEAN, IMAGENET_STD)))))
 
 
 @contextlib.contextmanager
@@ -715,7 +767,8 @@ def atomic_path(path):
         raise HaldError(f"cannot write {path} ({e.strerror or e}): free space or make it writable (or choose another --out / "
                         f"--cache), then run the command again (with --resume once a run had started)") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a parent that is a file: the message above, not this
+            tmp.unlink(missing_ok=True)
 
 
 def save_atomic(obj, path) -> None:
@@ -958,6 +1011,10 @@ def model_from_weights(weights: dict, num_classes: int, image_size: int, what: s
         raise HaldError(f"{what} does not fit {arch} at {image_size} px: " + "; ".join(
             f"{kind} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "") for kind, keys in wrong.items() if keys)
             + ": give the architecture it was saved from with --teacher-arch (and its input size with --image-size)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:  # named here, not taken for a wrong class order by the teacher check
+        raise HaldError(f"{what} holds NaN or infinite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                        f"the file is damaged or its training diverged; use another")
     model.load_state_dict(state)
     return model
 
@@ -1153,8 +1210,11 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
         raise HaldError(f"phase must be soft, hard or hybrid, got {phase!r}")
     if phase != "hard" and (cache is None or pool is None):
         raise HaldError(f"the {phase} phase replays stored batches: pass cache (a SoftLabelCache) and pool (a list, [] at first)")
-    if phase != "hard" and cache.batch_size != batch_size:
-        raise HaldError(f"the cache stores batches of {cache.batch_size} images but batch_size is {batch_size}: use the cache's")
+    if phase != "hard" and (cache.batch_size, cache.temperature) != (batch_size, temperature):
+        raise HaldError(f"the cache holds batches of {cache.batch_size} labelled at T {cache.temperature:g} but batch_size is {batch_size} "
+                        f"and temperature {temperature:g}: use the cache's")
+    if {"hard", "pool"} - gens.keys():
+        raise HaldError(f"gens must hold the CPU generators 'pool' and 'hard', got {sorted(gens)}")
     n, B, device, (H, W) = len(images), batch_size, images.device, images.shape[-2:]
     size = size or H
     steps = math.ceil(n / B)  # one pass over the images, whatever the phase
@@ -1297,6 +1357,8 @@ def with_demo_defaults(cfg: Config) -> Config:
 def check_out(cfg: Config) -> None:
     """No silent overwrite: an --out that holds a finished run, or an unfinished one, is refused unless told."""
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise HaldError(f"--out {out} is a file: give a folder (it is created if missing)")
     if cfg.overwrite or cfg.resume:
         return
     if (out / "summary.json").exists():
@@ -1304,6 +1366,40 @@ def check_out(cfg: Config) -> None:
     if (out / "checkpoint.pt").exists():
         raise HaldError(f"--out {out} holds an unfinished run (checkpoint.pt): pass --resume to continue it, "
                         f"--overwrite to start again, or another --out")
+
+
+HELD = {}  # --out folder -> (its lock, made by this run), released when main() returns; a refused run leaves no folder
+
+
+def claim_out(out: Path, *files) -> None:
+    """One run per --out: an exclusive lock on OUT/.lock, which the system frees when the process ends, crash included; the
+    temporary files a killed run left in it are removed. --out and the folders of `files` are checked writable now, before
+    anything expensive."""
+    if str(out) in HELD:
+        return
+    created = not out.exists()
+    try:
+        for folder in (*(Path(f).parent for f in files if f), out):
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        lock = open(out / ".lock", "a+")
+    except OSError as e:
+        raise HaldError(f"cannot write in {e.filename or out} ({e.strerror or e}): make it writable or choose another --out") from None
+    try:
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no lock
+        pass
+    except OSError:
+        lock.seek(0)
+        raise HaldError(f"--out {out} is in use by {lock.read().strip() or 'another run'}: wait for it to end, or choose another --out") from None
+    lock.truncate(0)
+    lock.write(f"the run of process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    HELD[str(out)] = lock, created
+    for tmp in (*out.glob(".*.tmp"), *out.glob("*/.*.tmp")):  # atomic_path's, of a run killed while writing
+        tmp.unlink(missing_ok=True)
 
 
 def replace_earlier_demo(out: Path, log=print) -> None:
@@ -1365,13 +1461,11 @@ def soft_labels(cfg: Config, teacher, images, labels, classes, val, device, gens
         if bad:
             raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (it {figures}): classes pair by "
                             f"sorted folder position, so name the folders in the teacher's order (or pass --no-check-teacher)")
-    header = dict(format=CACHE_FORMAT, classes=classes, num_images=len(images), ipc=cfg.ipc, slc=cfg.slc,
-                  passes=cfg.slc // cfg.ipc, image_size=size, batch_size=cfg.batch_size, temperature=cfg.temperature,
-                  teacher=teacher_id, teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3],
-                  cutmix=cfg.cutmix, seed=cfg.seed, images_sha256=tensors_digest({"images": images, "labels": labels}),
-                  values="probs", label_topk=cfg.label_topk, label_bits=cfg.label_bits,
-                  **({"teacher_mean_std": stats} if stats != NORMALIZATIONS["imagenet"] else {}))  # older caches stay valid
-    header["fingerprint"] = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+    header = cache_header(classes=classes, num_images=len(images), ipc=cfg.ipc, slc=cfg.slc, passes=cfg.slc // cfg.ipc, image_size=size,
+                          batch_size=cfg.batch_size, temperature=cfg.temperature, teacher=teacher_id, teacher_mode=cfg.teacher_mode,
+                          crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3], cutmix=cfg.cutmix, seed=cfg.seed, values="probs",
+                          images_sha256=tensors_digest({"images": images, "labels": labels}), label_topk=cfg.label_topk,
+                          label_bits=cfg.label_bits, **({"teacher_mean_std": stats} if stats != NORMALIZATIONS["imagenet"] else {}))
     cache_path = Path(cfg.cache or out / "soft_labels.pt")
     if cache_path.exists() and not cfg.rebuild_cache:
         cache = load_cache(cache_path, header)
@@ -1413,10 +1507,11 @@ def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens
     epoch_settings = dict(batch_size=cfg.batch_size, size=size, temperature=cfg.temperature, smoothing=cfg.label_smoothing,
                           crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, mean=stats[0], std=stats[1], hybrid_lambda=cfg.hybrid_lambda,
                           hybrid_crops=cfg.hybrid_crops, t2=cfg.hybrid_t2 or cfg.phase_switch == "t2", precision=cfg.precision)
-    run_id = run_fingerprint(cfg)
+    settings = run_settings(cfg)
     pool, history, first = [], [], 0
+    runaway = 10 * math.log(max(C, 2)) * (cfg.temperature**2 if epoch_settings["t2"] else 1) * (1 + cfg.hybrid_lambda)
     if cfg.resume and (out / "checkpoint.pt").exists():
-        first, pool, history = restore_state(out / "checkpoint.pt", run_id, model, opt, gens)
+        first, pool, history = restore_state(out / "checkpoint.pt", settings, model, opt, gens)
         log(f"resuming after epoch {first} from {out / 'checkpoint.pt'}")
     if rank == 0:
         save_atomic("".join(json.dumps(row) + "\n" for row in history), out / "metrics.jsonl")
@@ -1429,14 +1524,18 @@ def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens
         if epoch and phase != phases[epoch - 1]:
             switch_phase(opt, cfg.phase_switch)
         loss = run_epoch(phase, net, opt, images, labels, C, gens, cache, pool, **epoch_settings, log=log, rank=rank, world=world).item()
-        if not math.isfinite(loss):
-            raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr")
+        if not math.isfinite(loss):  # from finite images, labels and weights (each checked where it arose): divergence
+            raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr (now {cfg.lr:g})")
         row = {"epoch": epoch + 1, "phase": phase, "loss": loss, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+        if loss > runaway and not any("warning" in r for r in history):  # a uniform guess scores ln C (x T^2, + the hybrid's)
+            row["warning"] = (f"the loss in epoch {epoch + 1} ({loss:.3g}) is over 10 times a uniform guess's: training is running "
+                              f"away (the student may end at chance); lower --lr (now {cfg.lr:g})")
+            log(f"warning: {row['warning']}")
         if epoch + 1 == len(phases) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):  # and always the last
             row["top1"], row["top5"] = evaluate(model, val, device, stats, rank=rank, world=world, precision=cfg.precision)
         history.append(row)
         if rank == 0:  # metrics.jsonl is rewritten whole (atomic): a full disk never leaves half a line
-            save_state(out / "checkpoint.pt", run_id, model, opt, epoch + 1, pool, gens, history)
+            save_state(out / "checkpoint.pt", settings, model, opt, epoch + 1, pool, gens, history)
             save_atomic("".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
         acc = f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if "top1" in row else ""
         elapsed = time.time() - started
@@ -1466,6 +1565,8 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     cfg = resolve_settings(cfg, len(classes), tensors[0].shape[-1] if tensors else cfg.image_size or header_height(files))
     schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, cfg.slc // cfg.ipc)
     check_run(cfg, schedule, world)
+    if rank == 0:
+        claim_out(Path(cfg.out), cfg.cache, cfg.save_model)
     start, gens = time.time(), make_generators(cfg.seed)
 
     images, labels, classes = tensors[:3] if tensors else load_distilled(cfg.data, cfg.ipc, cfg.image_size, log)  # u8 or float
@@ -1518,7 +1619,7 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     summary = {"final_top1": top1, "final_top5": top5, "best_top1": best[0], "best_epoch": best[1],
                "schedule": [list(p) for p in schedule], "soft_labels_per_class": cfg.slc if cache else 0,
                "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
-               **check, "drift": drift, "seconds": seconds, "config": dataclasses.asdict(cfg),
+               **check, "drift": drift, "warnings": [row["warning"] for row in history if "warning" in row], "seconds": seconds, "config": dataclasses.asdict(cfg),
                "classes": {"data": classes, "val": val["classes"], "teacher": teacher_classes},
                "versions": {"python": platform.python_version(), "torch": torch.__version__, **code_version()},
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
@@ -1544,6 +1645,8 @@ def train_all(cfg: Config, log=print) -> list[dict]:
                                 cache=cfg.cache or str(out / "soft_labels.pt")) for spec in schedules]
     for run in runs:  # before any work: a refusal never comes after the first run
         check_out(run)
+    if os.environ.get("RANK", "0") == "0":
+        claim_out(out)
     summaries = [train(run, log, later=cfg.epochs * (len(runs) - 1 - i), comparing=True) for i, run in enumerate(runs)]
     if summaries[0]:  # rank 0
         table = comparison(schedules, summaries)
@@ -1567,25 +1670,28 @@ def comparison(schedules: list[str], summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_fingerprint(cfg: Config) -> str:
+def run_settings(cfg: Config) -> dict:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
-    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
             "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""), ("labels", ""),
-            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"))}  # at their defaults,
-    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()  # newer flags leave older fingerprints as they were
+            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"))}  # at their
+    # defaults, newer flags are left out: older checkpoints' fingerprints stay as they were
 
 
-def save_state(path, run_id: str, model, opt, epoch: int, pool: list[int], gens: dict, history: list[dict]) -> None:
+def save_state(path, settings: dict, model, opt, epoch: int, pool: list[int], gens: dict, history: list[dict]) -> None:
     """Everything needed to continue exactly: weights, optimizer, position, soft pool and every RNG."""
-    save_atomic({"run": run_id, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+    save_atomic({"run": fingerprint(settings), "settings": json.dumps(settings), "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "pool": torch.tensor(pool, dtype=torch.long), "generators": {k: g.get_state() for k, g in gens.items()},
                  "torch_rng": torch.get_rng_state(), "history": json.dumps(history)}, path)
 
 
-def restore_state(path, run_id: str, model, opt, gens: dict):
+def restore_state(path, settings: dict, model, opt, gens: dict):
     state = load_trusted(path, "checkpoint")
-    if state.get("run") != run_id:
-        raise HaldError(f"{path} belongs to a run with other settings: resume with the same flags, or use another --out")
+    if state.get("run") != fingerprint(settings):
+        then = json.loads(state.get("settings", "{}"))  # checkpoints before hald.py recorded them: {}
+        changed = [f"--{k.replace('_', '-')} {then.get(k)} then, {settings.get(k)} now" for k in sorted(then.keys() | settings.keys())
+                   if then.get(k) != settings.get(k)] if then else ["not recorded in this older checkpoint"]
+        raise HaldError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): resume with the same flags, or use another --out")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     for k, g in gens.items():
@@ -1666,9 +1772,17 @@ def evaluate_file(cfg: Config, log=print) -> dict:
 
 
 # ------------------------------------------------------------------------------- main
+def stopped(number, frame):
+    """SIGTERM (a scheduler's preemption or time limit) and SIGHUP (a closed terminal) stop a run as Ctrl-C does."""
+    raise KeyboardInterrupt(number)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, code, speaks = parse_config(argv), 2, os.environ.get("RANK", "0") == "0"  # under torchrun: rank 0 says it once
+    stops = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread()}
+    for sig in stops:
+        signal.signal(sig, stopped)
     try:
         evaluate_file(cfg) if cfg.evaluate else train_all(cfg)
         code = 0
@@ -1677,13 +1791,21 @@ def main(argv=None) -> int:
             raise
         if speaks:
             print(f"hald: error: {e}", file=sys.stderr)
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; the checkpoint of the last finished epoch stays
-        code, python = 130, os.path.relpath(sys.executable)  # .venv/bin/python, or the name of one on the PATH
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; the checkpoint of the last finished epoch stays
+        code, python = 128 + (e.args[0] if e.args else signal.SIGINT), os.path.relpath(sys.executable)  # .venv/bin/python, or the name of one on the PATH
         again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else shlex.join(
             [python if not python.startswith("..") else Path(sys.executable).name, sys.argv[0], *argv] + ["--resume"] * (not cfg.resume)))
         if speaks:
-            print("hald: interrupted" + ("" if cfg.evaluate else f"; to continue from the last finished epoch: {again}"), file=sys.stderr)
+            print(f"hald: {'interrupted' if code == 130 else 'stopped by ' + signal.Signals(code - 128).name}"
+                  + ("" if cfg.evaluate else f"; to continue from the last finished epoch: {again}"), file=sys.stderr)
     finally:  # also after --debug or an unexpected exception
+        for sig, handler in stops.items():
+            signal.signal(sig, handler)
+        while HELD:
+            out, (lock, created) = HELD.popitem()
+            lock.close()
+            if code and created and [p.name for p in Path(out).iterdir()] == [".lock"]:
+                shutil.rmtree(out, ignore_errors=True)
         distributed = "torch.distributed" in sys.modules and torch.distributed.is_initialized()
         if distributed:
             if code == 0:  # the other ranks wait while rank 0 writes the results: a rank that left the group

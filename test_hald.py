@@ -221,7 +221,7 @@ def test_defaults_and_evidence_keep_their_lr_eta_and_fingerprints(monkeypatch):
     before = {("convnet_bn", 10): "6ec1dadea879d5bc", ("resnet18", 10): "f2f337ac1e4bc2aa", ("convnet_bn64", 200): "f79cae98c3f986a9"}
     for (model, classes), fingerprint in before.items():
         cfg = hald.resolve_settings(hald.Config(data="d", val="v", teacher="t", model=model), classes, 32)
-        assert hald.run_fingerprint(cfg)[:16] == fingerprint
+        assert hald.fingerprint(hald.run_settings(cfg))[:16] == fingerprint
 
 
 def test_recipe_applies_the_authors_dataset_settings():
@@ -371,8 +371,12 @@ def test_pieces_check_their_inputs():
     net = hald.build_model("convnet8", 5, 16)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     gens = {"pool": torch.Generator(), "hard": torch.Generator()}
-    with pytest.raises(ValueError, match="cache stores batches of 4 images but batch_size is 8"):
-        hald.run_epoch("soft", net, opt, images, torch.zeros(10, dtype=torch.long), 5, gens, cache, [], batch_size=8)
+    for settings in (dict(batch_size=8, temperature=4.0), dict(batch_size=4, temperature=20.0)):  # both the cache's or refused
+        with pytest.raises(ValueError, match="the cache holds batches of 4 labelled at T 4 but batch_size is"):
+            hald.run_epoch("soft", net, opt, images, torch.zeros(10, dtype=torch.long), 5, gens, cache, [], **settings)
+    with pytest.raises(ValueError, match=r"gens must hold the CPU generators 'pool' and 'hard', got \['hard'\]"):
+        hald.run_epoch("soft", net, opt, images, torch.zeros(10, dtype=torch.long), 5, {"hard": gens["hard"]}, cache, [], batch_size=4,
+                       temperature=4.0)
     with pytest.raises(ValueError, match="pass cache"):
         hald.run_epoch("soft", net, opt, images, torch.zeros(10, dtype=torch.long), 5, gens, batch_size=4)
 
@@ -837,7 +841,11 @@ def test_tensor_set_values_survive_loading_unchanged(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("3-d", "the images must be float (N, C, H, W) with 1 or 3 channels and H = W, got (12, 3, 16)"),
     ("4 channels", "got (12, 4, 16, 16) torch.float32"),
-    ("uint8", "got (12, 3, 16, 16) torch.uint8"),
+    ("uint8", "got (12, 3, 16, 16) torch.uint8; 0-255 pixels: save images.float() / 255 and pass --normalize none"),
+    ("label out of range", "the labels run from 0 to 99 but no image has class 4: give class indices 0 to C - 1"),
+    ("1-based labels", "no image has class 0"),
+    ("negative label", "the labels are torch.int64 from -1 to 3: give class indices as integers from 0"),
+    ("float labels", "the labels are torch.float32 from 0 to 3"),
     ("11 labels", "12 images but labels (11,)"),
     ("5 classes", "has 4 classes but --data has 5"),
     ("fewer than ipc", "has 1 images, fewer than --ipc 2"),
@@ -852,7 +860,9 @@ def test_tensor_set_values_survive_loading_unchanged(tiny, tmp_path, capsys):
 def test_bad_tensor_sets_give_a_one_line_error_and_write_nothing(tiny, tmp_path, capsys, case, message):
     x, y = tensor_set(tiny)
     blob = {"3-d": (x[..., 0], y), "4 channels": (torch.cat([x, x[:, :1]], 1), y), "uint8": (x.to(torch.uint8), y),
-            "11 labels": (x, y[:11]), "5 classes": (x, torch.arange(5).repeat(3)[:12]),
+            "11 labels": (x, y[:11]), "label out of range": (x, y.index_put((torch.tensor([0]),), torch.tensor(99))),
+            "1-based labels": (x, y + 1), "negative label": (x, y.index_put((torch.tensor([0]),), torch.tensor(-1))),
+            "float labels": (x, y.float()), "5 classes": (x, torch.arange(5).repeat(3)[:12]),
             "fewer than ipc": (x, torch.where((y == 3) & ((y == 3).cumsum(0) > 1), 0, y)), "1e4": (x * 1e4, y), "nan": (x.index_put((torch.tensor([5]),), torch.tensor(float("nan"))), y),
             "zca": (0.45 * torch.randn(x.shape), y),  # the statistics of whitened images: low contrast, no spatial correlation
             "layout": {"state_dict": {}, "epoch": 3}, "no labels": x}.get(case)
@@ -1420,20 +1430,21 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
 
 # --------------------------------------------------------------------------- copy-paste
 def readme_copy_table() -> dict:
-    """The README's copy table: piece -> (names, lines stated)."""
+    """The README's copy table: piece -> (names, lines stated, import statements)."""
     text = (HERE / "README.md").read_text()
     table = text[text.index("<!-- copy table -->"):text.index("<!-- end of copy table -->")]
     rows = {}
     for line in table.splitlines()[3:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]  # "the names of *crops*": that row's names too
         names = [n for row in re.findall(r"\*([\w -]+)\*", cells[1]) for n in rows[row][0]] + re.findall(r"`(\w+)`", cells[1])
-        rows[cells[0]] = (sorted(set(names)), int(cells[2]))
+        rows[cells[0]] = (sorted(set(names)), int(cells[3]), re.findall(r"`([^`]+)`", cells[2]))
     return rows
 
 
-def lift(names: list):
+def lift(names: list, imports: list):
     """The named top-level definitions taken out of hald.py's source as text, executed in a fresh namespace that holds
-    only hald.py's imports (the standard library and torch) and them; returns the namespace and their line count."""
+    only the import statements given (each one of hald.py's: the standard library and torch) and them; returns the
+    namespace, their line count and the import statements of hald.py's that they use."""
     import ast
     import builtins
     import dis
@@ -1452,18 +1463,21 @@ def lift(names: list):
     assert sorted({name_of(n) for n in chosen}) == sorted(set(names)), "a name of the table is not defined at the top of hald.py"
     spans = [(min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]), n.end_lineno) for n in chosen]
     pasted = "\n\n".join("\n".join(lines[a - 1:b]) for a, b in spans)
-    imports = "\n".join(ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)))
-    assert all(m.split(".")[0] in sys.stdlib_module_names | {"torch"} for m in re.findall(r"^(?:from|import) ([\w.]+)", imports, re.M))
+    ours = {alias.asname or alias.name.split(".")[0]: ast.get_source_segment(source, n) for n in tree.body
+            if isinstance(n, (ast.Import, ast.ImportFrom)) for alias in n.names}  # bound name -> its statement
+    assert set(imports) <= set(ours.values()), f"{sorted(set(imports) - set(ours.values()))} are not hald.py's imports"
+    assert all(m.split(".")[0] in sys.stdlib_module_names | {"torch"} for m in re.findall(r"^(?:from|import) ([\w.]+)", "\n".join(imports), re.M))
     namespace = {"__name__": "pasted"}
-    exec(compile(imports + "\n\n" + pasted, "pasted.py", "exec"), namespace)  # no `from __future__ import annotations`
+    exec(compile("\n".join(imports) + "\n\n" + pasted, "pasted.py", "exec"), namespace)  # no `from __future__ import annotations`
 
     def globals_used(code):
         names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
         return names.union(*(globals_used(c) for c in code.co_consts if hasattr(c, "co_code")))
 
-    missing = globals_used(compile(pasted, "pasted.py", "exec")) - set(namespace) - set(dir(builtins))
-    assert not missing, f"the pasted names need {sorted(missing)} too: add them to the README's copy table"
-    return namespace, sum(b - a + 1 for a, b in spans)
+    used = globals_used(compile(pasted, "pasted.py", "exec"))
+    missing = used - set(namespace) - set(dir(builtins))
+    assert not missing, f"the pasted names need {sorted(missing)} too: add them (or their imports) to the README's copy table"
+    return namespace, sum(b - a + 1 for a, b in spans), sorted({ours[n] for n in used if n in ours}, key=list(ours.values()).index)
 
 
 def use_crops(p, g):
@@ -1496,6 +1510,21 @@ def use_schedule(p, g):
     assert p["build_schedule"]("alt-soft-n", 10, 5, 3) == hald.build_schedule("alt-soft-n", 10, 5, 3)
     assert p["lr_at"](150, 1e-3, 300, 2) == hald.lr_at(150, 1e-3, 300, 2)
     assert sorted(p["draw_soft_batches"]([], 7, 7, g)) == list(range(7))
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    for how in ("keep", "reset-v", "reset"):  # the next step after a switch; each on the state the one before left
+        net(torch.randn(4, 3, generator=g)).square().mean().backward()
+        before = {k: v.clone() for k, v in opt.state[net.weight].items()} if opt.state else {}
+        p["switch_phase"](opt, how)
+        if how == "reset":
+            assert not opt.state  # cleared: the next step starts AdamW afresh
+            continue
+        grad, momentum = net.weight.grad.clone(), before.get("exp_avg", torch.zeros(2, 3))
+        opt.step()
+        state = opt.state[net.weight]
+        assert torch.allclose(state["exp_avg"], 0.9 * momentum + 0.1 * grad)  # the momentum carried on in both
+        if how == "reset-v":  # bias-corrected second moment = the gradient squared: the old one forgotten
+            assert torch.allclose(state["exp_avg_sq"] / (1 - 0.999 ** state["step"].item()), grad.square(), rtol=1e-4)
 
 
 def tiny_setup():
@@ -1531,8 +1560,10 @@ def use_epoch(p, g):
 def use_cache_file(p, g, tmp_path):
     teacher, images, _ = tiny_setup()
     cache = hald.SoftLabelCache.build(teacher, images, size=16, crops_per_image=1, batch_size=4, temperature=4.0, gen=g, log=lambda *_: None)
-    header = dict(format=hald.CACHE_FORMAT, num_images=10, passes=1, image_size=16, batch_size=4, classes=list("abcde"), cutmix=True,
-                  fingerprint="f" * 64)
+    header = p["cache_header"](classes=list("abcde"), num_images=10, passes=1, image_size=16, batch_size=4, cutmix=True, temperature=4.0,
+                               seed=0)
+    assert header == hald.cache_header(classes=list("abcde"), num_images=10, passes=1, image_size=16, batch_size=4, cutmix=True,
+                                       temperature=4.0, seed=0) and len(header["fingerprint"]) == 64
     p["save_cache"](cache, p["compact_labels_"](cache, 3, 8), header, tmp_path / "c.pt")
     loaded = hald.load_cache(tmp_path / "c.pt", header)  # the pasted writer and hald.py's reader agree
     assert torch.equal(loaded.probs, cache.probs) and torch.equal(p["load_cache"](tmp_path / "c.pt", header).probs, cache.probs)
@@ -1546,9 +1577,10 @@ USES = {"crops": use_crops, "CutMix": use_cutmix, "losses": use_losses, "schedul
 def test_every_row_of_the_readme_copy_table_runs_alone(piece, tmp_path):
     rows = readme_copy_table()
     assert set(rows) == set(USES), "every row of the README's copy table is tested here, and only those"
-    names, stated = rows[piece]
-    pasted, lines = lift(names)
+    names, stated, imports = rows[piece]
+    pasted, lines, used = lift(names, imports)
     assert lines == stated, f"the README says {stated} lines for {piece}, the names take {lines}: update the table"
+    assert imports == used, f"{piece} imports {used}, the README lists {imports}: update the table"
     g = torch.Generator().manual_seed(0)
     USES[piece](pasted, g, tmp_path) if piece == "cache file" else USES[piece](pasted, g)
 
@@ -1680,3 +1712,105 @@ def test_normalize_is_recorded_and_a_checkpoint_brings_its_own(tiny, tmp_path, c
     # one rule for training, tensor sets and --evaluate: --recipe's statistics unless --normalize says otherwise
     assert [hald.normalization(hald.Config(recipe=r, normalize=n)) for r, n in
             (("cifar100", "imagenet"), ("cifar100", "cifar10"), ("none", "imagenet"))] == ["cifar100", "cifar10", "imagenet"]
+
+
+# ----------------------------------------------------------------------- nothing silently wrong
+def test_sigterm_stops_like_ctrl_c_and_one_run_holds_an_out(tiny, tmp_path, capsys):
+    """SIGTERM (a scheduler's preemption): one line with the resume command, exit 143, no temporary file; while the run
+    lives a second run on its --out is refused naming it; a temporary file of a killed run is gone once the next starts."""
+    args = tiny_args(tiny, tmp_path / "run", "--epochs", "300", "--eval-every", "100", "--drift-crops", "0")
+    proc = subprocess.Popen([sys.executable, str(HERE / "hald.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.01)
+    assert hald.main([*args, "--resume"]) == 2
+    assert f"is in use by the run of process {proc.pid} on " in capsys.readouterr().err
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and err.count("\n") == 1 and err.startswith("hald: stopped by SIGTERM; to continue from the last "
+                                                                              "finished epoch: ") and err.rstrip().endswith("--resume"), err
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    (tmp_path / "run" / ".checkpoint.pt.999999.tmp").write_bytes(b"half")  # what a kill -9 during a write leaves
+    assert hald.main([*args[:-12], "--epochs", "300", "--eval-every", "0", "--drift-crops", "0", "--resume", "--schedule", "hard",
+                      "--epochs", "1", "--out", str(tmp_path / "run")]) == 2  # refused (other settings), the folder claimed
+    assert not (tmp_path / "run" / ".checkpoint.pt.999999.tmp").exists()
+
+
+def test_write_problems_are_one_line_before_any_work(tiny, tmp_path, capsys):
+    """--out naming a file, and an unwritable --save-model place, refused at start: no teacher check, no relabel."""
+    (tmp_path / "file").write_text("x")
+    for extra in (["--out", str(tmp_path / "file")], ["--save-model", str(tmp_path / "file" / "student.pt")]):
+        assert hald.main(tiny_args(tiny, tmp_path / "out", *extra)) == 2
+        err = capsys.readouterr()
+        assert err.err.count("\n") == 1 and ("is a file" in err.err or "cannot write in" in err.err) and "teacher check" not in err.out
+    assert not (tmp_path / "out").exists()  # a refused run leaves no folder behind
+    with pytest.raises(hald.HaldError, match="cannot write"):  # the atomic write's cleanup does not hide its message
+        hald.save_atomic("text", tmp_path / "file" / "summary.json")
+
+
+def test_a_refused_resume_names_the_settings_that_differ(tiny, tmp_path, capsys):
+    assert hald.main(tiny_args(tiny, tmp_path, "--schedule", "hard")) == 0
+    assert hald.main(tiny_args(tiny, tmp_path, "--schedule", "hard", "--lr", "0.5", "--seed", "3", "--resume")) == 2
+    assert "belongs to a run with other settings (--lr 0.001 then, 0.5 now; --seed 0 then, 3 now)" in capsys.readouterr().err
+
+
+def test_non_finite_teachers_and_caches_are_named_where_they_arise(tiny, tmp_path, capsys):
+    """A teacher with one NaN weight (with or without the teacher check), one whose outputs overflow, a cache file of NaN
+    labels: each one line naming it, nothing stored; a runaway --lr is said once and the run ends."""
+    blob = torch.load(tiny["teacher"], weights_only=True)
+    blob["state_dict"] = {k: v.clone() for k, v in blob["state_dict"].items()}
+    blob["state_dict"]["0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(blob, tmp_path / "nan.pt")
+    for extra in ([], ["--no-check-teacher"]):
+        assert hald.main(tiny_args(tiny, tmp_path / "out", "--teacher", str(tmp_path / "nan.pt"), *extra)) == 2
+        err = capsys.readouterr().err
+        assert "holds NaN or infinite weights (0.weight)" in err and "class order" not in err
+    assert not (tmp_path / "out").exists()
+    teacher, images, _ = tiny_setup()
+    with torch.no_grad():
+        teacher[-1].weight.fill_(3e38)  # finite weights, infinite logits
+    with pytest.raises(hald.HaldError, match="the teacher's outputs hold NaN or infinite values"):
+        hald.SoftLabelCache.build(teacher, images, size=16, crops_per_image=1, batch_size=4, temperature=4.0, gen=torch.Generator())
+    assert hald.main(tiny_args(tiny, tmp_path / "a")) == 0
+    cache = torch.load(tmp_path / "a" / "soft_labels.pt", weights_only=True)
+    cache["labels"]["values"][0, 0] = float("nan")
+    cache["header"]["sha256"] = hald.tensors_digest({k: cache[k] for k in hald.CACHE_TENSORS})
+    torch.save(cache, tmp_path / "a" / "soft_labels.pt")
+    assert hald.main(tiny_args(tiny, tmp_path / "a", "--overwrite")) == 2
+    assert "holds NaN or infinite labels: pass --rebuild-cache" in capsys.readouterr().err
+    assert hald.main(tiny_args(tiny, tmp_path / "lr", "--lr", "100", "--schedule", "hard", "--label-smoothing", "0")) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: the loss in epoch 1 (") == 1 and "training is running away" in out
+    assert json.loads((tmp_path / "lr" / "summary.json").read_text())["warnings"][0].startswith("the loss in epoch 1")
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["warnings"] == []  # a run that learns: none
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_images_are_scaled_and_other_modes_named(tmp_path, mode):
+    value = 128 * 257  # mid-grey in 16 bits
+    grey = np.full((4, 5), value, dtype=np.uint16)
+    path = tmp_path / ("grey.png" if mode == "I;16" else "grey.tif")  # a 16-bit PNG; a 32-bit integer TIFF of 16-bit values
+    (Image.fromarray(grey) if mode == "I;16" else Image.fromarray(grey.astype(np.int32))).save(path)
+    assert Image.open(path).mode == mode
+    assert hald.decode_image(path, 0).unique().tolist() == [128]
+    Image.fromarray(np.full((4, 5), 0.5, dtype=np.float32), "F").save(tmp_path / "float.tif")
+    with pytest.raises(hald.HaldError, match=r"float.tif \(mode F, which hald.py does not read as colours"):
+        hald.decode_image(tmp_path / "float.tif", 0)
+
+
+def test_the_cache_checks_its_images_and_keeps_its_statistics():
+    teacher, images, _ = tiny_setup()
+    build = dict(size=16, crops_per_image=1, batch_size=4, temperature=4.0)
+    for bad, message in ((images.permute(0, 2, 3, 1), r"\(10, 16, 16, 3\) torch.uint8: channels first"),
+                         (images.long(), "torch.int64"), (images.float(), "values from 0 to 255: divide 0-255 values by 255")):
+        with pytest.raises(hald.HaldError, match=message):
+            hald.SoftLabelCache.build(teacher, bad, gen=torch.Generator(), **build)
+    cifar = hald.NORMALIZATIONS["cifar10"]
+    cache = hald.SoftLabelCache.build(teacher, images, gen=torch.Generator().manual_seed(0), mean=cifar[0], std=cifar[1], **build)
+    assert (cache.temperature, cache.mean, cache.std) == (4.0, *cifar)
+    assert torch.equal(cache.batch(1, images)[0], cache.batch(1, images, *cifar)[0])  # its own statistics by default
+    assert not torch.equal(cache.batch(1, images)[0], cache.batch(1, images, *hald.NORMALIZATIONS["imagenet"])[0])  # a student's own
+    with pytest.raises(hald.HaldError, match="made from 10 images, not 9"):
+        cache.batch(0, images[:9])
