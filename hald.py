@@ -81,7 +81,6 @@ AUTHORS_LR_ETA = {
        for model in ("resnet18", "resnet50", "resnet101")},
 }
 CONVNET = re.compile(r"convnet(_bn)?(\d*)(?:_d([1-9]\d*))?")  # hald.py's own: convnet, convnet_bn, convnet_bn64, convnet_bn_d4, ...
-SWITCHES = ("keep", "reset", "reset-v", "t2")  # --phase-switch: what AdamW carries from one phase into the next
 WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
 
 
@@ -143,8 +142,8 @@ class Config:
     hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
     hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
-    phase_switch: str = arg("keep", "AdamW across a soft <-> hard switch: keep its state (the authors'), reset it, reset-v (the "
-                            "second moment restarted from the new phase's gradient), or t2 (kept; soft loss x T^2)", SWITCHES)
+    phase_switch: str = arg("keep", "AdamW across a soft <-> hard switch: keep its state (the authors'), reset it (cleared at each "
+                            "switch), or t2 (kept, the soft loss x T^2: both phases' gradients of one size)", ("keep", "reset", "t2"))
     # optimisation
     batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
     lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (README)")
@@ -368,9 +367,8 @@ def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagene
         raise HaldError(f"--data {path} looks ZCA-whitened (low contrast, neighbouring pixels correlated {neighbours:.2f}): "
                         f"hald.py does not apply ZCA; save the images before whitening (MTT: without --zca)")
     m, s = mean_std(x.device, tuple(stats[0]), tuple(stats[1]))
-    x = x.expand(-1, 3, -1, -1) * s + m
-    if not x.isfinite().all():
-        raise HaldError(f"--data {path} holds NaN or infinite values: the distillation diverged or the file is damaged")
+    x = check_finite(x.expand(-1, 3, -1, -1) * s + m, f"the images of --data {path}",
+                     "the distillation diverged, or the file is damaged")
     if x.min() < -5 or x.max() > 6:  # images lie near [0, 1]; optimised pixels go a little beyond
         raise HaldError(f"--data {path} holds values from {x.min():.3g} to {x.max():.3g} once de-normalised (x * std + mean): give "
                         f"--normalize the statistics it was saved with (none for [0, 1]; 0-255 values: divide by 255)")
@@ -471,9 +469,19 @@ def check_images(images: torch.Tensor) -> None:
     if not (torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3 and (images.dtype == torch.uint8 or images.is_floating_point())):
         got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
         raise HaldError(f"images must be (N, 3, H, W) uint8, or float in [0, 1] units, got {got}: channels first (x.permute(0, 3, 1, 2))")
-    if images.is_floating_point() and not (images.isfinite().all() and -5 <= images.min() and images.max() <= 6):
-        raise HaldError(f"float images must be finite and in [0, 1] units, got values from {images.min():.3g} to {images.max():.3g}: "
+    if images.is_floating_point() and not (-5 <= check_finite(images, "the images").min() and images.max() <= 6):
+        raise HaldError(f"float images must be in [0, 1] units, got values from {images.min():.3g} to {images.max():.3g}: "
                         f"divide 0-255 values by 255, undo a normalisation (x * std + mean)")
+
+
+TEACHER_OUTPUTS = ("the teacher's outputs", "check its file, or its --teacher-arch and --normalize")
+
+
+def check_finite(t: torch.Tensor, what: str, fix: str = "") -> torch.Tensor:
+    """t, or a one-line HaldError saying that `what` holds NaN or infinite values (and the fix)."""
+    if not t.isfinite().all():
+        raise HaldError(f"{what} hold NaN or infinite values" + (f": {fix}" if fix else ""))
+    return t
 
 
 def model_layout(x: torch.Tensor) -> torch.Tensor:
@@ -645,8 +653,7 @@ class SoftLabelCache:
         for name, b in teacher.named_buffers():
             b.copy_(buffers[name])
         teacher.eval()
-        if not probs.isfinite().all():  # a teacher that overflows: named here, before anything is stored
-            raise HaldError("the teacher's outputs hold NaN or infinite values: check its file (or its --teacher-arch and --normalize)")
+        check_finite(probs, *TEACHER_OUTPUTS)  # a teacher that overflows: named here, before anything is stored
         return cls(index.int(), boxes, flips, partner.short(), None if cut is None else cut.short(), probs.half().cpu(), n, batch_size,
                    size, temperature=temperature, mean=mean, std=std)
 
@@ -746,9 +753,7 @@ def load_cache(path, header: dict) -> SoftLabelCache:
     t = {k: blob[k] for k in CACHE_TENSORS}
     if tensors_digest(t) != stored.get("sha256") or len(t["index"]) != header["passes"] * header["num_images"]:
         raise HaldError(f"cache {path} is corrupted (checksum or size mismatch): pass --rebuild-cache")
-    probs = unpack_labels(t["labels"], len(header["classes"])).half()
-    if not probs.isfinite().all():
-        raise HaldError(f"cache {path} holds NaN or infinite labels: pass --rebuild-cache")
+    probs = check_finite(unpack_labels(t["labels"], len(header["classes"])).half(), f"the labels of cache {path}", "pass --rebuild-cache")
     return SoftLabelCache(t["index"], t["boxes"], t["flips"], t["partner"], t["cut"] if header["cutmix"] else None, probs,
                           header["num_images"], header["batch_size"], header["image_size"], temperature=header["temperature"],
                           **dict(zip(("mean", "std"), header.get("teacher_mean_std", (IMAGENET_MEAN, IMAGENET_STD)))))
@@ -884,21 +889,6 @@ def auto_lr_eta(num_classes: int, image_size: int, model: str, ipc: int, recipe:
 def lr_at(epoch: int, lr: float, epochs: int, eta: float) -> float:
     """The authors' per-epoch cosine: eta = 2 ends near half the initial LR."""
     return lr * 0.5 * (1 + math.cos(math.pi * epoch / (epochs * eta)))
-
-
-def switch_phase(opt: torch.optim.Optimizer, how: str) -> None:
-    """Call when the phase changes: reset clears the (Adam) state; reset-v restarts the second moment from the next
-    gradient (v / (1 - beta2^t) = g^2 at the next step), keeping the momentum; keep and t2 (a loss scale) change nothing."""
-    if how == "reset":
-        opt.state.clear()
-    elif how == "reset-v":
-        def restart(opt, *_):
-            for group in opt.param_groups:
-                for p in (p for p in group["params"] if p.grad is not None and opt.state.get(p)):
-                    state = opt.state[p]
-                    state["exp_avg_sq"].copy_(p.grad.square() * (1 - group["betas"][1] ** float(state["step"])))
-            hook.remove()
-        hook = opt.register_step_pre_hook(restart)
 
 
 # ----------------------------------------------------------------------------- models
@@ -1090,7 +1080,8 @@ def teacher_check(teacher: nn.Module, images, labels, val: dict, device, stats, 
     agree = torch.zeros((), dtype=torch.long, device=labels.device)
     for s in range(0, len(images), 256):
         with autocast(device, precision):
-            agree += (teacher(model_layout(normalize(images[s:s + 256], *stats))).argmax(1) == labels[s:s + 256]).sum()
+            logits = check_finite(teacher(model_layout(normalize(images[s:s + 256], *stats))), *TEACHER_OUTPUTS)
+        agree += (logits.argmax(1) == labels[s:s + 256]).sum()
     step = max(1, len(val["labels"]) // min_val)
     sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
     top1, top5 = evaluate(teacher, sample, device, stats, rank=rank, world=world, precision=precision)
@@ -1521,8 +1512,8 @@ def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens
         phase, t0 = phases[epoch], time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
-        if epoch and phase != phases[epoch - 1]:
-            switch_phase(opt, cfg.phase_switch)
+        if epoch and phase != phases[epoch - 1] and cfg.phase_switch == "reset":  # AdamW's moments of the last phase dropped
+            opt.state.clear()
         loss = run_epoch(phase, net, opt, images, labels, C, gens, cache, pool, **epoch_settings, log=log, rank=rank, world=world).item()
         if not math.isfinite(loss):  # from finite images, labels and weights (each checked where it arose): divergence
             raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr (now {cfg.lr:g})")
