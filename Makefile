@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench gpu-check evidence evidence-tiny evidence-generated tables paper-tiny clean
+.PHONY: test demo bench gpu-check evidence evidence-tiny evidence-generated evidence-switch tables paper-tiny clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ evidence-tiny: $(VENV)/installed
 evidence-generated: $(VENV)/installed
 	$(PY) tools/evidence_generated.py --cifar $(CIFAR) --tiny $(TINY) --jobs 2
 
+# HALD's optimizer across the phase switch (--phase-switch keep, reset, t2) on the real draw and the generator-made
+# CIFAR-10 sets, s = 10, 2, 1, 3 seeds, the runs missing from results/cifar10/switch/ (about 4 min each on one core,
+# two at a time; about 2 h in all on 2 CPU cores), then the mechanism check at batch 4
+evidence-switch: $(VENV)/installed
+	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2
+	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets real-b4 --crops 10 --treatments soft,keep,reset
+
 # on one CUDA GPU (H100/H200): the paper's own Tiny-ImageNet setting, 64 px (ResNet-18 teacher, recover set of
 # IPC 10, soft-only and HALD at 1 and 2 crops per image), one table in runs/paper-tiny/table.md; about 12 min
 # (an estimate), with $(PYTHON) as gpu-check: a Python whose torch sees the GPU. On the lent GPU machine, where
@@ -65,6 +72,7 @@ tables: $(VENV)/installed
 	$(PY) tools/evidence.py --table-only --group suspects --only "hard-only, label smoothing 0.1" --crops 1
 	$(PY) tools/evidence_tiny.py --table-only
 	$(PY) tools/evidence_generated.py --table-only
+	$(PY) tools/evidence_switch.py --table-only
 	$(PY) tools/when_hald_helps.py
 
 clean:

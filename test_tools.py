@@ -96,3 +96,17 @@ def test_readme_commands_name_flags_and_targets_that_exist():
                 assert set(words[1:]) <= targets, line
                 checked += 1
     assert checked >= 5
+
+
+def test_the_phase_switch_table_pairs_each_treatment_with_soft_only_by_seed():
+    """tools/evidence_switch.py's table from the committed summaries: each row's mean and per-seed differences are those
+    of the runs it names, seed by seed."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import evidence_switch
+
+    text = evidence_switch.table()
+    soft, reset = evidence_switch.load("real", "soft", 10), evidence_switch.load("real", "reset", 10)
+    diffs = [reset[k]["final_top1"] - soft[k]["final_top1"] for k in sorted(soft.keys() & reset.keys())]
+    row = next(line for line in text.splitlines() if line.startswith("| real | 10 | HALD, reset |"))
+    assert diffs and f"**{sum(diffs) / len(diffs):+.1f}** ({', '.join(f'{d:+.1f}' for d in diffs)})" in row
+    assert all(reset[k]["config"]["phase_switch"] == "reset" and reset[k]["config"]["seed"] == k for k in reset)
