@@ -466,7 +466,8 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
 
 def check_images(images: torch.Tensor) -> None:
     """Images as the pieces take them: (N, 3, H, W), uint8 or float in [0, 1] units (a little beyond: optimised pixels)."""
-    if not (torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3 and (images.dtype == torch.uint8 or images.is_floating_point())):
+    if not (torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3
+            and (images.dtype == torch.uint8 or images.is_floating_point())):
         got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
         raise HaldError(f"images must be (N, 3, H, W) uint8, or float in [0, 1] units, got {got}: channels first (x.permute(0, 3, 1, 2))")
     if images.is_floating_point() and not (-5 <= check_finite(images, "the images").min() and images.max() <= 6):
@@ -1384,7 +1385,8 @@ def claim_out(out: Path, *files) -> None:
         pass
     except OSError:
         lock.seek(0)
-        raise HaldError(f"--out {out} is in use by {lock.read().strip() or 'another run'}: wait for it to end, or choose another --out") from None
+        raise HaldError(f"--out {out} is in use by {lock.read().strip() or 'another run'}: wait for it to end, or choose another "
+                        f"--out") from None
     lock.truncate(0)
     lock.write(f"the run of process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()
@@ -1610,7 +1612,8 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     summary = {"final_top1": top1, "final_top5": top5, "best_top1": best[0], "best_epoch": best[1],
                "schedule": [list(p) for p in schedule], "soft_labels_per_class": cfg.slc if cache else 0,
                "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
-               **check, "drift": drift, "warnings": [row["warning"] for row in history if "warning" in row], "seconds": seconds, "config": dataclasses.asdict(cfg),
+               **check, "drift": drift, "warnings": [row["warning"] for row in history if "warning" in row], "seconds": seconds,
+               "config": dataclasses.asdict(cfg),
                "classes": {"data": classes, "val": val["classes"], "teacher": teacher_classes},
                "versions": {"python": platform.python_version(), "torch": torch.__version__, **code_version()},
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
@@ -1665,15 +1668,15 @@ def run_settings(cfg: Config) -> dict:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
             "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""), ("labels", ""),
-            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"))}  # at their
-    # defaults, newer flags are left out: older checkpoints' fingerprints stay as they were
+            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"))}
+    # at their defaults, newer flags are left out: older checkpoints' fingerprints stay as they were
 
 
 def save_state(path, settings: dict, model, opt, epoch: int, pool: list[int], gens: dict, history: list[dict]) -> None:
     """Everything needed to continue exactly: weights, optimizer, position, soft pool and every RNG."""
-    save_atomic({"run": fingerprint(settings), "settings": json.dumps(settings), "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "pool": torch.tensor(pool, dtype=torch.long), "generators": {k: g.get_state() for k, g in gens.items()},
-                 "torch_rng": torch.get_rng_state(), "history": json.dumps(history)}, path)
+    save_atomic({"run": fingerprint(settings), "settings": json.dumps(settings), "epoch": epoch, "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "pool": torch.tensor(pool, dtype=torch.long), "history": json.dumps(history),
+                 "generators": {k: g.get_state() for k, g in gens.items()}, "torch_rng": torch.get_rng_state()}, path)
 
 
 def restore_state(path, settings: dict, model, opt, gens: dict):
@@ -1682,7 +1685,8 @@ def restore_state(path, settings: dict, model, opt, gens: dict):
         then = json.loads(state.get("settings", "{}"))  # checkpoints before hald.py recorded them: {}
         changed = [f"--{k.replace('_', '-')} {then.get(k)} then, {settings.get(k)} now" for k in sorted(then.keys() | settings.keys())
                    if then.get(k) != settings.get(k)] if then else ["not recorded in this older checkpoint"]
-        raise HaldError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): resume with the same flags, or use another --out")
+        raise HaldError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): resume with the same flags, or use "
+                        f"another --out")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     for k, g in gens.items():
@@ -1783,7 +1787,7 @@ def main(argv=None) -> int:
         if speaks:
             print(f"hald: error: {e}", file=sys.stderr)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; the checkpoint of the last finished epoch stays
-        code, python = 128 + (e.args[0] if e.args else signal.SIGINT), os.path.relpath(sys.executable)  # .venv/bin/python, or the name of one on the PATH
+        code, python = 128 + (e.args[0] if e.args else signal.SIGINT), os.path.relpath(sys.executable)  # .venv/bin/python, or a name
         again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else shlex.join(
             [python if not python.startswith("..") else Path(sys.executable).name, sys.argv[0], *argv] + ["--resume"] * (not cfg.resume)))
         if speaks:
