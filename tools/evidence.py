@@ -129,7 +129,7 @@ def main():
     # try another pass their own --soft-epochs
     common = ["--data", str(ROOT / "demo" / "distilled"), "--val", str(Path(args.cifar) / "test"), "--teacher",
               str(ROOT / "demo" / "teacher.pt"), "--ipc", "10", "--epochs", str(args.epochs), "--eval-every", "0", "--model", "convnet",
-              "--soft-epochs", "150"]
+              "--soft-epochs", "150", "--phase-switch", "keep"]  # AdamW kept across phases: how every row was measured
     crops = [int(s) for s in args.crops.split(",")]
     labels = {label for label, _ in GROUPS[args.group]}
     rows = [(label, extra) for label, extra in GROUPS[args.group] if picked(label, args.only, labels)]

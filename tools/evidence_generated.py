@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence import cell, run_one  # noqa: E402
 
-PINNED = ["--ipc", "10", "--epochs", "300", "--soft-epochs", "240", "--temperature", "4", "--label-smoothing", "0.1"]
+PINNED = ["--ipc", "10", "--epochs", "300", "--soft-epochs", "240", "--temperature", "4", "--label-smoothing", "0.1",
+          "--phase-switch", "keep"]  # AdamW kept across phases, as every committed run
 DATASETS = {
     "cifar10": dict(results=ROOT / "results" / "cifar10", teacher=ROOT / "demo" / "teacher.pt", val="test",
                     args=["--eval-every", "0"], real=ROOT / "results" / "cifar10" / "runs",

@@ -113,7 +113,7 @@ def main():
     distilled = draw_distilled(tiny / "train", out / f"distilled-ipc{IPC}-seed0")
     common = ["--data", str(distilled), "--val", str(tiny / "val"), "--teacher", str(teacher), "--ipc", str(IPC),
               "--image-size", str(SIZE), "--model", "convnet_bn64", "--epochs", "300", "--eval-every", "25",
-              "--soft-epochs", "150"]
+              "--soft-epochs", "150", "--phase-switch", "keep"]  # AdamW kept across phases: how every row was measured
     jobs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for label, extra, s, seeds in rows:
