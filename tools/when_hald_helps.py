@@ -2,7 +2,10 @@
 the quantities known before the student trains, and how well a single threshold on each of them
 separates the settings where HALD won from those where it lost.
 
-    python tools/when_hald_helps.py          # the table and the separation, from results/ (no data, nothing trained)
+    python tools/when_hald_helps.py          # the tables and the separations, from results/ (no data, nothing trained)
+
+Two analyses: HALD with AdamW's state kept across the phase switch (the authors', every setting measured), and
+HALD with it reset at each switch (--phase-switch reset, tools/evidence_switch.py), where measured.
 
 A setting is one student, image set and budget s (stored crops per image, IPC 10 everywhere, so the
 labels per class are 10 s); its gain is HALD's last-epoch top-1 minus soft-only's, the mean over the
@@ -19,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR, TINY = ROOT / "results" / "cifar10", ROOT / "results" / "tiny-imagenet"
+SWITCH = CIFAR / "switch"
 
 # (setting, folder, soft-only stem, HALD stem (hald.py's default split for that student), ceiling stem or None, budgets)
 PAIRS = [
@@ -39,6 +43,11 @@ for kind in ("recover", "select"):
               (f"Tiny 32 px {kind}, ConvNet-3 BN 64", TINY / "generated", f"tiny32-{kind}-soft", f"tiny32-{kind}-shs", None, (1, 2)),
               (f"Tiny 32 px {kind}, ConvNet-3 BN 128", TINY / "generated", f"tiny32-{kind}-width-128-soft",
                f"tiny32-{kind}-width-128-shs", None, (1,))]
+# HALD with AdamW reset at each phase switch: the HALD stem is a path in results/cifar10/switch/, beside the same soft-only
+RESET = [("CIFAR-10 real, ConvNet-3 BN", CIFAR / "runs", "convnet-3-bn-soft-only-t-4", SWITCH / "real-reset",
+          "ceiling-soft-only-t-4-convnet-3-bn", (1, 2, 10))]
+RESET += [(f"CIFAR-10 {kind}, ConvNet-3 BN", CIFAR / "generated", f"cifar10-{kind}-soft", SWITCH / f"{kind}-reset",
+           f"cifar10-{kind}-soft", (1, 2, 10)) for kind in ("recover", "select")]
 PREDICTORS = ("s", "teacher crop mismatch", "crop trace", "crop trace / s", "teacher top-1", "teacher agreement", "gap to ceiling")
 
 
@@ -48,13 +57,14 @@ def load(folder: Path, stem: str) -> dict[int, dict]:
     return {run["config"]["seed"]: run for run in runs}
 
 
-def settings() -> list[dict]:
+def settings(pairs: list) -> list[dict]:
     """One row per setting with both schedules measured at one seed at least."""
     rows = []
-    for name, folder, soft_stem, hald_stem, ceiling_stem, budgets in PAIRS:
+    for name, folder, soft_stem, hald_stem, ceiling_stem, budgets in pairs:
         ceiling = load(folder, f"{ceiling_stem}-s300") if ceiling_stem else {}
         for s in budgets:
-            soft, hald = load(folder, f"{soft_stem}-s{s}"), load(folder, f"{hald_stem}-s{s}")
+            where = (hald_stem.parent, hald_stem.name) if isinstance(hald_stem, Path) else (folder, hald_stem)
+            soft, hald = load(folder, f"{soft_stem}-s{s}"), load(where[0], f"{where[1]}-s{s}")
             seeds = sorted(set(soft) & set(hald))
             if not seeds:
                 continue
@@ -76,7 +86,8 @@ def best_threshold(rows: list[dict], key: str) -> tuple[int, int, str]:
     known = [(r[key], r["gain"] > 0) for r in rows if r[key] is not None]
     values = sorted({v for v, _ in known})
     cuts = [(a + b) / 2 for a, b in zip(values, values[1:])] or values
-    best = (0, len(known), "")
+    wins = sum(won for _, won in known)  # a threshold must beat always giving one answer
+    best = max((wins, len(known), "no threshold beats always HALD"), (len(known) - wins, len(known), "no threshold beats always soft-only"))
     for cut in cuts:
         for above in (True, False):
             right = sum((v > cut) == above if won else (v > cut) != above for v, won in known)
@@ -85,8 +96,7 @@ def best_threshold(rows: list[dict], key: str) -> tuple[int, int, str]:
     return best
 
 
-def main():
-    rows = settings()
+def report(rows: list[dict]) -> None:
     print("| setting | s | seeds | soft-only % | HALD - soft-only | teacher crop mismatch | crop trace | trace / s | "
           "teacher top-1 % | teacher agreement % | gap to ceiling |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -99,6 +109,13 @@ def main():
     for key in PREDICTORS:
         right, total, rule = best_threshold(rows, key)
         print(f"- {key}: {right} of {total} settings right ({rule})")
+
+
+def main():
+    print("HALD with AdamW's state kept across the phase switch (the authors', --phase-switch keep):\n")
+    report(settings(PAIRS))
+    print("\nHALD with AdamW reset at each phase switch (--phase-switch reset, hald.py's default), where measured:\n")
+    report(settings(RESET))
 
 
 if __name__ == "__main__":
