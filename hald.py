@@ -142,8 +142,9 @@ class Config:
     hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
     hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
-    phase_switch: str = arg("keep", "AdamW across a soft <-> hard switch: keep its state (the authors'), reset it (cleared at each "
-                            "switch), or t2 (kept, the soft loss x T^2: both phases' gradients of one size)", ("keep", "reset", "t2"))
+    phase_switch: str = arg("reset", "AdamW across a soft <-> hard switch: reset (its state cleared at each switch: level with keep at "
+                            "1 crop per image, better from 2 on, README), keep (the authors'), or t2 (kept; the soft loss x T^2)",
+                            ("reset", "keep", "t2"))
     # optimisation
     batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
     lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (README)")
@@ -1582,10 +1583,11 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
         + (f" ({tensors[3]})" if tensors else "") + f" | schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "")
         + f"label smoothing {cfg.label_smoothing:g}" + (f", T {cfg.temperature:g}" if soft else "") + (f" ({rule})" if auto else "")
         + f" | lr {cfg.lr:g}, eta {cfg.eta:g}" + (f" ({lr_rule})" if -1 in (given.lr, given.eta) else "")
-        + (f" | teacher mode {cfg.teacher_mode} ({mode_why})" if soft else ""))
-    if cfg.schedule == "shs" and not comparing and cfg.slc >= 2 * cfg.ipc and C <= AUTO_MEASURED_CLASSES:
-        log(f"note: {cfg.slc // cfg.ipc} stored crops per image: HALD minus soft-only went from -1.7 to +5.2 points at 2 and soft-only"
-            f" won by 8 to 13 at 10 (README: When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them")
+        + (f" | teacher mode {cfg.teacher_mode} ({mode_why})" if soft else "")
+        + (f" | phase switch: AdamW {cfg.phase_switch}" if len(schedule) > 1 else ""))
+    if cfg.schedule == "shs" and not comparing and cfg.slc >= 2 * cfg.ipc and (cfg.phase_switch != "reset" or C != 10):
+        log(f"note: {cfg.slc // cfg.ipc} stored crops per image: HALD beat soft-only there (+0.6 to +3.1 points) only with --phase-switch "
+            f"reset and at 10 classes (README: When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them")
     stats = mean_std_of(cfg.normalize)
     teacher = load_teachers(cfg.teacher, cfg.teacher_weights, classes, size, stats, log, cfg.teacher_arch) if soft else None  # misfits found early
     classes = list(teacher[2]) if tensors and soft and teacher[2] else classes  # a tensor set's classes are numbers: the teacher's names
@@ -1669,7 +1671,7 @@ def run_settings(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
             "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""), ("labels", ""),
             ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"))}
-    # at their defaults, newer flags are left out: older checkpoints' fingerprints stay as they were
+    # at the values of older hald.py, newer flags are left out: older checkpoints' fingerprints stay as they were
 
 
 def save_state(path, settings: dict, model, opt, epoch: int, pool: list[int], gens: dict, history: list[dict]) -> None:

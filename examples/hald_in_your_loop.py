@@ -30,6 +30,8 @@ def train_hald(student, teacher, images, labels, num_classes: int, crops_per_ima
     for epoch, phase in enumerate(phases):
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, lr, epochs, eta=2)
+        if epoch and phase != phases[epoch - 1]:  # AdamW afresh in each phase (hald.py's default; the authors keep its state):
+            opt.state.clear()  # its memory of the other phase's gradient sizes would set this phase's step sizes
         student.train()
         if phase == "soft":  # whole stored batches, replayed exactly, with the teacher's stored labels
             for k in draw_soft_batches(pool, len(cache) // crops_per_image, len(cache), gen):
