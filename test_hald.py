@@ -1724,6 +1724,16 @@ def test_sigterm_stops_like_ctrl_c_and_one_run_holds_an_out(tiny, tmp_path, caps
     assert hald.main([*args[:-12], "--epochs", "300", "--eval-every", "0", "--drift-crops", "0", "--resume", "--schedule", "hard",
                       "--epochs", "1", "--out", str(tmp_path / "run")]) == 2  # refused (other settings), the folder claimed
     assert not (tmp_path / "run" / ".checkpoint.pt.999999.tmp").exists()
+    killed = subprocess.Popen([sys.executable, str(HERE / "hald.py"), *args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while killed.poll() is None and not (tmp_path / "killed" / "checkpoint.pt").exists():
+        time.sleep(0.01)
+    killed.kill()  # SIGKILL: no handler runs, the lock goes with the process
+    killed.wait()
+    capsys.readouterr()
+    assert hald.main([*args, "--out", str(tmp_path / "killed"), "--resume", "--seed", "5"]) == 2
+    err = capsys.readouterr().err  # claimed (not "in use"), then refused for its cache's seed
+    assert "in use" not in err and "was made for other settings (seed differ)" in err
 
 
 def test_write_problems_are_one_line_before_any_work(tiny, tmp_path, capsys):
@@ -1755,6 +1765,13 @@ def test_non_finite_teachers_and_caches_are_named_where_they_arise(tiny, tmp_pat
         assert hald.main(tiny_args(tiny, tmp_path / "out", "--teacher", str(tmp_path / "nan.pt"), *extra)) == 2
         err = capsys.readouterr().err
         assert "holds NaN or infinite weights (0.weight)" in err and "class order" not in err
+    head = [k for k in blob["state_dict"] if k.endswith(".weight")][-1]
+    blob["state_dict"]["0.weight"][0, 0, 0, 0] = 0.0
+    blob["state_dict"][head].fill_(3e38)  # finite weights, infinite logits: the teacher check names them
+    torch.save(blob, tmp_path / "overflow.pt")
+    assert hald.main(tiny_args(tiny, tmp_path / "out", "--teacher", str(tmp_path / "overflow.pt"))) == 2
+    err = capsys.readouterr().err
+    assert "the teacher's outputs hold NaN or infinite values" in err and "class order" not in err
     assert not (tmp_path / "out").exists()
     teacher, images, _ = tiny_setup()
     with torch.no_grad():
