@@ -1771,14 +1771,16 @@ def evaluate_file(cfg: Config, log=print) -> dict:
 
 # ------------------------------------------------------------------------------- main
 def stopped(number, frame):
-    """SIGTERM (a scheduler's preemption or time limit) and SIGHUP (a closed terminal) stop a run as Ctrl-C does."""
+    """SIGTERM (a preemption or time limit), SIGUSR1/2 and SIGXCPU (schedulers' warnings before a limit: Slurm's --signal,
+    SGE's soft limits) and SIGHUP (a closed terminal) stop a run as Ctrl-C does."""
     raise KeyboardInterrupt(number)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, code, speaks = parse_config(argv), 2, os.environ.get("RANK", "0") == "0"  # under torchrun: rank 0 says it once
-    stops = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread()}
+    stops = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU)
+             if threading.current_thread() is threading.main_thread()}
     for sig in stops:
         signal.signal(sig, stopped)
     try:

@@ -1836,3 +1836,21 @@ def test_phase_switch_does_what_it_says(tiny, tmp_path, monkeypatch, switch):
     assert [phase for phase, _, _ in seen] == ["soft"] * 2 + ["hard"] * 2 + ["soft"] * 2
     assert [state > 0 for _, state, _ in seen] == [False, True] + ([False, True] * 2 if switch == "reset" else [True] * 4)
     assert [t2 for _, _, t2 in seen] == [switch == "t2"] * 6
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGUSR1", "SIGXCPU"])
+def test_other_stop_signals_stop_like_sigterm(tiny, tmp_path, capsys, monkeypatch, name):
+    """Schedulers' other signals (Slurm's --signal=USR1, SGE's SIGXCPU) and a closed terminal: the same one line, exit
+    128 + the signal's number, a resumable checkpoint; the handlers are put back after."""
+    number, run_epoch, before = getattr(signal, name), hald.run_epoch, signal.getsignal(getattr(signal, name))
+
+    def signalled(*args, **kwargs):
+        loss = run_epoch(*args, **kwargs)
+        if len(json.loads("[" + ",".join((tmp_path / "metrics.jsonl").read_text().splitlines()) + "]")) == 1:
+            os.kill(os.getpid(), number)  # during epoch 2
+        return loss
+
+    monkeypatch.setattr(hald, "run_epoch", signalled)
+    assert hald.main(tiny_args(tiny, tmp_path, "--epochs", "6")) == 128 + number
+    assert capsys.readouterr().err.startswith(f"hald: stopped by {name}; to continue from the last finished epoch: ")
+    assert 1 <= torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] <= 2 and signal.getsignal(number) == before
