@@ -369,11 +369,9 @@ def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagene
         raise HaldError(f"--data {path} looks ZCA-whitened (low contrast, neighbouring pixels correlated {neighbours:.2f}): "
                         f"hald.py does not apply ZCA; save the images before whitening (MTT: without --zca)")
     m, s = mean_std(x.device, tuple(stats[0]), tuple(stats[1]))
-    x = check_finite(x.expand(-1, 3, -1, -1) * s + m, f"the images of --data {path}",
-                     "the distillation diverged, or the file is damaged")
-    if x.min() < -5 or x.max() > 6:  # images lie near [0, 1]; optimised pixels go a little beyond
-        raise HaldError(f"--data {path} holds values from {x.min():.3g} to {x.max():.3g} once de-normalised (x * std + mean): give "
-                        f"--normalize the statistics it was saved with (none for [0, 1]; 0-255 values: divide by 255)")
+    x = check_finite(x.expand(-1, 3, -1, -1) * s + m, f"the images of --data {path}", "the distillation diverged, or the file is damaged")
+    check_images(x, f"the images of --data {path}, de-normalised (x * std + mean),", "give --normalize the statistics it was saved "
+                 "with (none for [0, 1]; 0-255 values: divide by 255)")
     classes, counts = [str(c) for c in range(num_classes)], torch.bincount(labels, minlength=num_classes)
     if (counts == 0).any():  # 1-based labels, or one out of range (255 as "ignore")
         raise HaldError(f"--data {path}: the labels run from 0 to {num_classes - 1} but no image has class {(counts == 0).nonzero()[0, 0]}"
@@ -466,15 +464,15 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
     return (x.div_(255) if images.dtype == torch.uint8 else x).sub_(m).div_(s)
 
 
-def check_images(images: torch.Tensor) -> None:
-    """Images as the pieces take them: (N, 3, H, W), uint8 or float in [0, 1] units (a little beyond: optimised pixels)."""
+def check_images(images: torch.Tensor, what: str = "the images", fix: str = "divide 0-255 values by 255, undo a normalisation "
+                 "(x * std + mean)") -> None:
+    """Images as the pieces take them: (N, 3, H, W), uint8 or float in [0, 1] units (-5 to 6: optimised pixels go beyond)."""
     if not (torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3
             and (images.dtype == torch.uint8 or images.is_floating_point())):
         got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
-        raise HaldError(f"images must be (N, 3, H, W) uint8, or float in [0, 1] units, got {got}: channels first (x.permute(0, 3, 1, 2))")
-    if images.is_floating_point() and not (-5 <= check_finite(images, "the images").min() and images.max() <= 6):
-        raise HaldError(f"float images must be in [0, 1] units, got values from {images.min():.3g} to {images.max():.3g}: "
-                        f"divide 0-255 values by 255, undo a normalisation (x * std + mean)")
+        raise HaldError(f"{what} must be (N, 3, H, W) uint8, or float in [0, 1] units, got {got}: channels first (x.permute(0, 3, 1, 2))")
+    if images.is_floating_point() and not (-5 <= check_finite(images, what).min() and images.max() <= 6):
+        raise HaldError(f"{what} must be in [0, 1] units, got values from {images.min():.3g} to {images.max():.3g}: {fix}")
 
 
 TEACHER_OUTPUTS = ("the teacher's outputs", "check its file, or its --teacher-arch and --normalize")

@@ -849,7 +849,7 @@ def test_tensor_set_values_survive_loading_unchanged(tiny, tmp_path, capsys):
     ("11 labels", "12 images but labels (11,)"),
     ("5 classes", "has 4 classes but --data has 5"),
     ("fewer than ipc", "has 1 images, fewer than --ipc 2"),
-    ("1e4", "holds values from"),
+    ("1e4", "de-normalised (x * std + mean), must be in [0, 1] units, got values from"),
     ("nan", "hold NaN or infinite values: the distillation diverged"),
     ("zca", "looks ZCA-whitened"),
     ("layout", "holds a dict of state_dict, epoch, no layout hald.py knows"),
