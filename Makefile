@@ -52,11 +52,12 @@ evidence-generated: $(VENV)/installed
 # HALD's optimizer across the phase switch (--phase-switch keep, reset, t2) on the real draw and the generator-made
 # CIFAR-10 sets, s = 10, 2, 1, 3 seeds, the runs missing from results/cifar10/switch/ (about 4 min each on one core,
 # two at a time; about 2 h in all on 2 CPU cores), the mechanism check at batch 4, then the hard phase's length with the
-# reset at s = 10, 4, 2 (not run yet: about 5 h)
+# reset at s = 10, 4, 2 (about 5 h), and ResNet-18 with the reset (about 25 min a run)
 evidence-switch: $(VENV)/installed
 	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2
 	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets real-b4 --crops 10 --treatments soft,keep,reset
-	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --crops 10,4,2 --treatments soft,keep,reset,reset-h30,reset-h15,reset-h5,reset-hard-first-15
+	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --crops 10,4,2 --treatments soft,reset,reset-h30,reset-h15,reset-h5,reset-hard-first-15
+	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets real-r18 --crops 10,2,1 --treatments reset
 
 # on one CUDA GPU (H100/H200): the paper's own Tiny-ImageNet setting, 64 px (ResNet-18 teacher, recover set of
 # IPC 10, soft-only and HALD at 1 and 2 crops per image), one table in runs/paper-tiny/table.md; about 12 min

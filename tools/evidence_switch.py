@@ -29,9 +29,17 @@ from evidence_generated import PINNED  # noqa: E402
 
 KEPT = ROOT / "results" / "cifar10" / "switch"
 # set -> (folder, extra hald.py arguments); real-b4: the real draw at batch 4 (25 steps an epoch, not 7), where AdamW's
-# memory of one phase should fade sooner in the next
+# memory of one phase should fade sooner in the next; real-r18: the real draw with ResNet-18 at its auto split, the
+# authors' 75 / 150 / 75
 SETS = {"real": (ROOT / "demo" / "distilled", []), "recover": (ROOT / "sets" / "cifar10-recover", []),
-        "select": (ROOT / "sets" / "cifar10-select", []), "real-b4": (ROOT / "demo" / "distilled", ["--batch-size", "4"])}
+        "select": (ROOT / "sets" / "cifar10-select", []), "real-b4": (ROOT / "demo" / "distilled", ["--batch-size", "4"]),
+        "real-r18": (ROOT / "demo" / "distilled", ["--model", "resnet18", "--soft-epochs", "150"])}
+# the soft-only and state-kept runs the earlier evidence committed (same settings, same cache per seed)
+BASELINES = {**{(name, t): ROOT / "results" / "cifar10" / "generated" / f"cifar10-{name}-{row}" for name in ("recover", "select")
+                for t, row in (("soft", "soft"), ("keep", "shs"))},
+             **{(name, t): ROOT / "results" / "cifar10" / "runs" / f"{student}-{row}" for name, student in (("real", "convnet-3-bn"), ("real-r18", "resnet-18"))
+                for t, row in (("soft", "soft-only-t-4"), ("keep", "hald-soft-120-hard-60-soft-120" if name == "real" else
+                                                                  "hald-authors-split-soft-75-hard-150-soft-75"))}}
 # treatment -> hald.py arguments on top of the pinned ones and --schedule shs. reset-v (the second moment restarted from
 # the new phase's first gradient, the momentum kept) was measured once with hald.py 8e46f81 and then dropped: it diverges
 TREATMENTS = {"soft": ["--schedule", "soft"], "keep": ["--phase-switch", "keep"], "reset": ["--phase-switch", "reset"],
@@ -41,16 +49,14 @@ TREATMENTS = {"soft": ["--schedule", "soft"], "keep": ["--phase-switch", "keep"]
 TREATMENTS.update({f"reset-h{h}": ["--phase-switch", "reset", "--soft-epochs", str(300 - h)] for h in (30, 15, 5)})
 TREATMENTS["reset-hard-first-15"] = ["--phase-switch", "reset", "--schedule", "hard:15,soft:285"]
 SHOWN = ("soft", "keep", "reset", "t2", "reset-v", *[t for t in TREATMENTS if t.startswith("reset-")])
-CROPS = (10, 2, 1)  # priority: the largest effect first
+CROPS = (10, 2, 1)  # priority: the largest effect first (item 2 adds s = 4)
 
 
 def committed(set_name: str, treatment: str, s: int, seed: int) -> Path:
     """The summary of a run: the soft-only and state-kept baselines where the earlier evidence committed them."""
-    if treatment in ("soft", "keep") and not SETS[set_name][1]:
-        if set_name == "real":
-            row = "convnet-3-bn-soft-only-t-4" if treatment == "soft" else "convnet-3-bn-hald-soft-120-hard-60-soft-120"
-            return ROOT / "results" / "cifar10" / "runs" / f"{row}-s{s}-seed{seed}.json"
-        return ROOT / "results" / "cifar10" / "generated" / f"cifar10-{set_name}-{'soft' if treatment == 'soft' else 'shs'}-s{s}-seed{seed}.json"
+    base = BASELINES.get((set_name, treatment))
+    if base and (path := base.with_name(f"{base.name}-s{s}-seed{seed}.json")).exists():
+        return path
     return KEPT / f"{set_name}-{treatment}-s{s}-seed{seed}.json"
 
 
@@ -65,9 +71,9 @@ def run_cell(job, cifar: str) -> str:
             continue
         out = ROOT / "runs" / "switch" / kept.stem
         cache = ROOT / "runs" / "switch" / "caches" / f"{set_name}-s{s}-seed{seed}.pt"
-        args = ["--data", str(SETS[set_name][0]), *SETS[set_name][1], "--val", str(Path(cifar) / "test"), "--teacher", str(ROOT / "demo" / "teacher.pt"),
-                "--model", "convnet_bn", *PINNED, "--eval-every", "0", "--slc", str(10 * s), "--seed", str(seed), "--schedule", "shs",
-                "--cache", str(cache), *TREATMENTS[treatment]]
+        args = ["--data", str(SETS[set_name][0]), "--val", str(Path(cifar) / "test"), "--teacher", str(ROOT / "demo" / "teacher.pt"),
+                "--model", "convnet_bn", *PINNED, *SETS[set_name][1], "--eval-every", "0", "--slc", str(10 * s), "--seed", str(seed),
+                "--schedule", "shs", "--cache", str(cache), *TREATMENTS[treatment]]
         run_one((out, args))
         if (out / "summary.json").exists():
             KEPT.mkdir(parents=True, exist_ok=True)
@@ -86,7 +92,7 @@ def table() -> str:
     """Last-epoch top-1 (mean +- std over seeds, each seed) by set, s and treatment, and each minus soft-only per seed."""
     lines = ["| set | s | schedule | top-1 % | minus soft-only (per seed) |", "|---|---|---|---|---|"]
     for set_name in SETS:
-        for s in sorted(CROPS):
+        for s in (1, 2, 4, 10):
             soft = load(set_name, "soft", s)
             for treatment in SHOWN:
                 runs = load(set_name, treatment, s)

@@ -38,6 +38,7 @@ SOFT_T4, SOFT_T20 = ["--schedule", "soft", "--temperature", "4"], ["--schedule",
 IN = ["--model", "convnet64"]
 HALD = ["--schedule", "shs", *DEFAULTS]  # the split pinned in main's common arguments: the authors' 75 / 150 / 75
 SHORT = [*HALD, "--soft-epochs", "240"]  # soft 120 / hard 60 / soft 120: the auto split of these students
+RESET = [*SHORT, "--phase-switch", "reset"]  # hald.py's default HALD since issue 35: AdamW's state cleared at each switch
 # (row label, hald.py arguments, crops per image, seeds), in order of priority: the jobs run seed-major
 # over the rows, so an interrupted study still fills every cell once. The student is hald.py's default
 # normalisation, BatchNorm, at width 64 (convnet_bn64, set in main's common arguments); the last rows
@@ -54,6 +55,8 @@ ROWS = [
     ("soft-only (T 4)", SOFT_T4, 2, 3),
     ("HALD, soft 120 / hard 60 / soft 120", SHORT, 2, 3),
     ("HALD, authors' split (soft 75 / hard 150 / soft 75)", HALD, 2, 3),
+    ("HALD, soft 120 / hard 60 / soft 120, AdamW reset at each switch", RESET, 1, 3),
+    ("HALD, soft 120 / hard 60 / soft 120, AdamW reset at each switch", RESET, 2, 3),
     ("ceiling: soft-only, a fresh label per crop (T 4)", SOFT_T4, 300, 1),
     ("soft-only (T 4), width 128", [*SOFT_T4, "--model", "convnet_bn"], 1, 3),
     ("HALD, soft 120 / hard 60 / soft 120, width 128", [*SHORT, "--model", "convnet_bn"], 1, 3),
