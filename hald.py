@@ -35,6 +35,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,9 @@ class Config:
                       "T 20, --lr and --eta, each unless given", ("none", *RECIPES))
     # run
     seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
+    seeds: str = arg("", "several seeds (0,1,2), as papers report: every schedule at every seed into OUT/seed<k>/, then mean +- std; "
+                     "each seed draws its own stored crops (OUT/seed<k>/soft_labels.pt), so the spread includes which crops were "
+                     "stored, and its schedules share them, so their differences are paired")
     device: str = arg("auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)", ("auto", "cpu", "cuda"))
     precision: str = arg("bf16", "CUDA arithmetic: bf16 autocast, or fp32 as the authors ran (the CPU computes in fp32)", ("bf16", "fp32"))
     compile: bool = arg(False, "torch.compile the student (pays off on long GPU runs; the first steps compile)")
@@ -1621,23 +1625,31 @@ def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> di
     save_atomic(json.dumps(summary, indent=2), out / "summary.json")
     phases = " / ".join(f"{phase} {n}" for phase, n in schedule)
     budget = f" | SLC {cfg.slc} ({cfg.slc // cfg.ipc} per image)" if cache else ""
-    plot_curves({cfg.schedule: history}, out / "curves.png", f"{cfg.schedule}: {phases}{budget} | final top-1 {top1:.2f} %", log)
+    plot_curves({cfg.schedule: [history]}, out / "curves.png", f"{cfg.schedule}: {phases}{budget} | final top-1 {top1:.2f} %", log)
     log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | "
         f"soft labels {cache_bytes:,} bytes | {seconds:.0f}s | outputs in {out}/")
     return summary
 
 
 def train_all(cfg: Config, log=print) -> list[dict]:
-    """One run per schedule of --schedule ('shs soft') from one cache, each into OUT/<schedule>/, then a comparison (printed,
-    OUT/comparison.json and .png). One schedule: train(). The demo into the default --out replaces an earlier demo."""
+    """One run per seed of --seeds ('0,1,2') and schedule of --schedule ('shs soft'), each into OUT/[seed<k>/][<schedule>/],
+    the schedules of a seed from one cache, then a comparison (printed, OUT/comparison.json and .png). One of each: train().
+    The demo into the default --out replaces an earlier demo."""
     if not cfg.data and cfg.out == Config.out and not cfg.resume:
         replace_earlier_demo(Path(cfg.out), log)
-    schedules = cfg.schedule.split()
-    if len(schedules) < 2:
-        return [train(cfg, log)]
-    out = Path(cfg.out)
-    runs = [dataclasses.replace(cfg, schedule=spec, out=str(out / re.sub(r"[^\w.-]+", "-", spec)),
-                                cache=cfg.cache or str(out / "soft_labels.pt")) for spec in schedules]
+    schedules, seeds = cfg.schedule.split(), [cfg.seed]
+    if cfg.seeds:
+        if not re.fullmatch(r"\d+(,\d+)*", cfg.seeds) or len(set(seeds := [int(k) for k in cfg.seeds.split(",")])) < len(seeds):
+            raise HaldError(f"--seeds takes different whole numbers split by commas (0,1,2), got {cfg.seeds!r}")
+        if cfg.cache and len(seeds) > 1:
+            raise HaldError("--cache holds one seed's soft labels: with several --seeds each seed builds its own in OUT/seed<k>/; drop --cache")
+    out, many = Path(cfg.out), len(seeds) > 1
+    if len(schedules) < 2 and not many:
+        return [train(dataclasses.replace(cfg, seed=seeds[0], seeds=""), log)]
+    folder = {k: out / f"seed{k}" if many else out for k in seeds}
+    runs = [dataclasses.replace(cfg, schedule=spec, seed=k, seeds="", cache=cfg.cache or str(folder[k] / "soft_labels.pt"),
+                                out=str(folder[k] / re.sub(r"[^\w.-]+", "-", spec) if len(schedules) > 1 else folder[k]))
+            for k in seeds for spec in schedules]
     for run in runs:  # before any work: a refusal never comes after the first run
         check_out(run)
     if os.environ.get("RANK", "0") == "0":
@@ -1645,23 +1657,32 @@ def train_all(cfg: Config, log=print) -> list[dict]:
     summaries = [train(run, log, later=cfg.epochs * (len(runs) - 1 - i), comparing=True) for i, run in enumerate(runs)]
     if summaries[0]:  # rank 0
         table = comparison(schedules, summaries)
-        save_atomic(json.dumps({"schedules": schedules, "summaries": [str(Path(r.out) / "summary.json") for r in runs],
+        save_atomic(json.dumps({"schedules": schedules, "seeds": seeds, "summaries": [str(Path(r.out) / "summary.json") for r in runs],
                                 "table": table}, indent=2), out / "comparison.json")
         histories = [[json.loads(line) for line in (Path(r.out) / "metrics.jsonl").read_text().splitlines()] for r in runs]
-        plot_curves(dict(zip(schedules, histories)), out / "comparison.png", table.splitlines()[0].rstrip(":"), log)
+        plot_curves({spec: histories[i::len(schedules)] for i, spec in enumerate(schedules)}, out / "comparison.png",
+                    table.splitlines()[0].rstrip(":"), log)
         log(table)
     return summaries
 
 
 def comparison(schedules: list[str], summaries: list[dict]) -> str:
-    """Last-epoch top-1 of each schedule, its difference to the first, soft-label storage and time."""
-    first = summaries[0]["final_top1"]
-    lines = [f"comparison on the same soft-label cache ({summaries[0]['config']['slc']} labels per class, "
-             f"{summaries[0]['config']['slc'] // summaries[0]['config']['ipc']} per image):",
-             f"  {'schedule':<24} {'top-1 %':>8} {'vs ' + schedules[0]:>10} {'best %':>8} {'label bytes':>12} {'minutes':>8}"]
-    for spec, s in zip(schedules, summaries):
-        diff = f"{s['final_top1'] - first:+.2f}" if s is not summaries[0] else ""
-        lines.append(f"  {spec:<24} {s['final_top1']:>8.2f} {diff:>10} {s['best_top1']:>8.2f} {s['soft_label_bytes']:>12,} {s['seconds'] / 60:>8.1f}")
+    """Last-epoch top-1 of each schedule, its difference to the first, best top-1, soft-label storage and time; over several
+    seeds (summaries seed-major) their mean +- std (sample) and each seed's top-1, the difference paired by seed."""
+    runs = {spec: summaries[i::len(schedules)] for i, spec in enumerate(schedules)}
+    top1 = {spec: [s["final_top1"] for s in rows] for spec, rows in runs.items()}
+    cfg, n = summaries[0]["config"], len(top1[schedules[0]])
+    show = (lambda v: f"{statistics.mean(v):.2f} +- {statistics.stdev(v):.2f}") if n > 1 else (lambda v: f"{v[0]:.2f}")
+    lines = [(f"comparison over {n} seeds, the schedules of each seed on its own" if n > 1 else "comparison on the same")
+             + f" soft-label cache ({cfg['slc']} labels per class, {cfg['slc'] // cfg['ipc']} per image):",
+             f"  {'schedule':<24} {'top-1 %':>{8 + 8 * (n > 1)}} {'vs ' + schedules[0]:>{10 + 8 * (n > 1)}} {'best %':>8} "
+             f"{'label bytes':>12} {'minutes':>8}" + ("  top-1 of each seed" if n > 1 else "")]
+    for spec, rows in runs.items():
+        diff = show([a - b for a, b in zip(top1[spec], top1[schedules[0]])]) if spec != schedules[0] else ""
+        diff = diff and ("+" if not diff.startswith("-") else "") + diff
+        lines.append(f"  {spec:<24} {show(top1[spec]):>{8 + 8 * (n > 1)}} {diff:>{10 + 8 * (n > 1)}} "
+                     f"{statistics.mean(s['best_top1'] for s in rows):>8.2f} {rows[0]['soft_label_bytes']:>12,} "
+                     f"{statistics.mean(s['seconds'] for s in rows) / 60:>8.1f}" + ("  " + ", ".join(f"{v:.2f}" for v in top1[spec]) if n > 1 else ""))
     return "\n".join(lines)
 
 
@@ -1669,7 +1690,8 @@ def run_settings(cfg: Config) -> dict:
     """What a resumed run must share with the interrupted one: every setting but where outputs go."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
             "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""), ("labels", ""),
-            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"))}
+            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"),
+            ("seeds", ""))}
     # at the values of older hald.py, newer flags are left out: older checkpoints' fingerprints stay as they were
 
 
@@ -1696,10 +1718,11 @@ def restore_state(path, settings: dict, model, opt, gens: dict):
     return state["epoch"], state["pool"].tolist(), json.loads(state["history"])
 
 
-def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "", log=print) -> None:
+def plot_curves(runs: dict[str, list[list[dict]]], path: Path, title: str = "", log=print) -> None:
     """Validation top-1 over the epochs, every phase but soft shaded: one run (curves.png) over a panel of its training loss
     by phase (log scale: a soft KL near 0.05 beside a cross-entropy near 2), or the schedules of a comparison
-    (comparison.png), each in its colour with its final top-1 in the legend. Needs matplotlib; without it, a note."""
+    (comparison.png), each in its colour (a line per seed) with its final top-1 in the legend (over seeds mean +- std and
+    each seed's). runs: schedule -> its histories, one per seed. Needs matplotlib; without it, a note."""
     try:
         import matplotlib
 
@@ -1708,18 +1731,23 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, title: str = "", log=pr
     except ImportError:
         log(f"note: pip install matplotlib to get {path.name}")
         return
-    colours, one = {"soft": "tab:blue", "hard": "tab:orange", "hybrid": "tab:purple"}, len(runs) == 1
+    colours, one = {"soft": "tab:blue", "hard": "tab:orange", "hybrid": "tab:purple"}, sum(map(len, runs.values())) == 1
     fig, axes = plt.subplots(2 if one else 1, 1, figsize=(7, 5 if one else 4), sharex=True, squeeze=False)
     top, bottom = axes[0, 0], axes[-1, 0]
-    for i, (name, history) in enumerate(runs.items()):
+    for i, (name, histories) in enumerate(runs.items()):
         for ax in {top, bottom}:
-            for row in (row for row in history if row["phase"] != "soft"):
+            for row in (row for row in histories[0] if row["phase"] != "soft"):
                 ax.axvspan(row["epoch"] - 1, row["epoch"], color=colours[row["phase"]] if one else f"C{i}", alpha=0.12, lw=0)
-        evals = [r for r in history if "top1" in r]
-        top.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green" if one else f"C{i}", ms=3,
-                 label=f"{name}: {evals[-1]['top1']:.2f} %")
+        finals = [[r for r in h if "top1" in r][-1]["top1"] for h in histories]
+        label = f"{name}: " + (f"{statistics.mean(finals):.2f} +- {statistics.stdev(finals):.2f} % ("
+                               + ", ".join(f"{v:.2f}" for v in finals) + ")" if len(finals) > 1 else f"{finals[0]:.2f} %")
+        for j, history in enumerate(histories):
+            evals = [r for r in history if "top1" in r]
+            top.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green" if one else f"C{i}", ms=3,
+                     label=None if j else label, alpha=1 if len(histories) == 1 else 0.6)
     top.set(ylabel="validation top-1 (%)", title=title)
     if one:  # the run's training loss by phase
+        history = runs[name][0]
         for phase in dict.fromkeys(r["phase"] for r in history):
             rows = [r for r in history if r["phase"] == phase]
             bottom.semilogy([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase], label=f"{phase} loss")

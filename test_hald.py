@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -1025,6 +1026,34 @@ def test_hald_alone_from_two_stored_crops_per_image_suggests_the_comparison(tiny
         assert "stored crops per image: HALD beat" not in capsys.readouterr().out  # comparing already, or one crop per image
 
 
+def test_seeds_train_every_schedule_at_every_seed_and_report_mean_and_spread(tiny, tmp_path, capsys):
+    """--seeds 0,1 with two schedules: four runs in OUT/seed<k>/<schedule>/, each seed's schedules from its own cache, each
+    run the run --seed k gives alone; the table's mean +- std, paired difference and per-seed values are the summaries'.
+    Bad --seeds, and --cache with several seeds, are refused before any work."""
+    out = tmp_path / "seeds"
+    assert hald.main(tiny_args(tiny, out, "--schedule", "shs soft", "--soft-epochs", "2", "--seeds", "0,1")) == 0
+    text = capsys.readouterr().out
+    top1 = {(k, s): json.loads((out / f"seed{k}" / s / "summary.json").read_text())["final_top1"] for k in (0, 1) for s in ("shs", "soft")}
+    caches = [torch.load(out / f"seed{k}" / "soft_labels.pt", weights_only=True)["header"] for k in (0, 1)]
+    assert [h["seed"] for h in caches] == [0, 1] and caches[0]["fingerprint"] != caches[1]["fingerprint"]
+    assert text.count("reusing soft-label cache") == 2  # each seed's second schedule reuses its seed's cache
+    table = text[text.index("comparison over 2 seeds, the schedules of each seed on its own soft-label cache (4 labels per class, "
+                            "2 per image):"):].splitlines()
+    for line, s in zip(table[2:4], ("shs", "soft")):
+        values = [top1[0, s], top1[1, s]]
+        assert line.split()[:4] == [s, f"{statistics.mean(values):.2f}", "+-", f"{statistics.stdev(values):.2f}"]
+        assert line.endswith(f"{values[0]:.2f}, {values[1]:.2f}")
+    diffs = [top1[k, "soft"] - top1[k, "shs"] for k in (0, 1)]
+    assert table[3].split()[4:7] == [f"{statistics.mean(diffs):+.2f}", "+-", f"{statistics.stdev(diffs):.2f}"]
+    assert json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1]
+    assert hald.main(tiny_args(tiny, tmp_path / "alone", "--schedule", "shs", "--soft-epochs", "2", "--seed", "1")) == 0
+    assert json.loads((tmp_path / "alone" / "summary.json").read_text())["final_top1"] == top1[1, "shs"]  # the same run
+    for bad, said in (("0,0", "--seeds takes different whole numbers"), ("0,a", "--seeds takes different whole numbers"),
+                      ("0,1 --cache x.pt", "--cache holds one seed's soft labels")):
+        assert hald.main(tiny_args(tiny, tmp_path / "bad", "--seeds", *bad.split())) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_bench_smoke(tmp_path):
     sys.path.insert(0, str(HERE / "tools"))
     import bench
@@ -1131,11 +1160,11 @@ def test_comparison_picture_or_a_note(tmp_path, monkeypatch):
     histories = [[{"epoch": e, "phase": p, "loss": 1.0, "top1": 10.0 * e} for e, p in enumerate(("soft", "hard", "soft"), 1)],
                  [{"epoch": e, "phase": "soft", "loss": 1.0, "top1": 9.0 * e} for e in (1, 2, 3)]]
     said = []
-    hald.plot_curves(dict(zip(["shs", "soft"], histories)), tmp_path / "comparison.png", "two schedules", said.append)
+    hald.plot_curves({"shs": histories[:1], "soft": histories[1:] * 2}, tmp_path / "comparison.png", "two schedules", said.append)
     if matplotlib_installed():
         assert said == [] and (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    hald.plot_curves({"shs": histories[0]}, tmp_path / "other.png", "", said.append)
+    hald.plot_curves({"shs": histories[:1]}, tmp_path / "other.png", "", said.append)
     assert said[-1] == "note: pip install matplotlib to get other.png" and not (tmp_path / "other.png").exists()
 
 
