@@ -110,3 +110,40 @@ def test_the_phase_switch_table_pairs_each_treatment_with_soft_only_by_seed():
     row = next(line for line in text.splitlines() if line.startswith("| real | 10 | HALD, reset |"))
     assert diffs and f"**{sum(diffs) / len(diffs):+.1f}** ({', '.join(f'{d:+.1f}' for d in diffs)})" in row
     assert all(reset[k]["config"]["phase_switch"] == "reset" and reset[k]["config"]["seed"] == k for k in reset)
+
+
+def test_class_subsets_nest_and_the_restricted_teacher_keeps_those_classes_logits(tmp_path):
+    """tools/evidence_classes.py: the 10 classes are among the 50, both sorted; the teacher restricted to a subset gives
+    exactly the 200-class teacher's logits of those classes (so its labels are softmax over them alone)."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import evidence_classes
+
+    source = HERE / "results" / "tiny-imagenet" / "teacher.pt"
+    full = hald.read_weights(source)
+    ten, fifty = (evidence_classes.subset(full["classes"], k) for k in (10, 50))
+    assert len(set(ten)) == 10 and len(set(fifty)) == 50 and set(ten) < set(fifty) and ten == sorted(ten)
+    part = hald.read_weights(evidence_classes.restrict_teacher(source, ten, tmp_path / "teacher.pt"))
+    assert part["classes"] == ten and part["arch"] == full["arch"]
+    models = [hald.model_from_weights(w, len(w["classes"]), 32, "teacher").eval() for w in (full, part)]
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(models[0](x)[:, [full["classes"].index(c) for c in ten]], models[1](x), atol=1e-5)
+
+
+def test_gradient_alignment_is_one_where_the_soft_labels_are_the_hard_targets():
+    """tools/alignment.py's cosine: at T 1, without CutMix or smoothing, a stored label equal to the crop's one-hot class
+    makes the soft loss (KL) and the hard loss (cross-entropy) differ by a constant, so their gradients are one direction;
+    a teacher's real labels give less."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import alignment
+
+    images, labels, classes = hald.load_distilled(DEMO / "distilled", 2)
+    teacher = hald.load_teachers(str(DEMO / "teacher.pt"), "", classes, 32, hald.NORMALIZATIONS["imagenet"], log=lambda *_: None)[0]
+    cache = hald.SoftLabelCache.build(teacher, images, size=32, crops_per_image=1, batch_size=4, temperature=1.0, cutmix=False,
+                                      gen=torch.Generator().manual_seed(0), log=lambda *_: None)
+    torch.manual_seed(0)
+    net, stats = hald.build_model("convnet_bn8", 10, 32), hald.NORMALIZATIONS["imagenet"]
+    real = alignment.cosine(net, cache, images, labels, 10, [0, 1], 0.0, 1.0, stats)
+    cache.probs = torch.nn.functional.one_hot(labels[cache.index.long()], 10).half()
+    assert alignment.cosine(net, cache, images, labels, 10, [0, 1], 0.0, 1.0, stats) == pytest.approx(1.0, abs=1e-4)
+    assert -1 <= real < 0.999
