@@ -13,16 +13,23 @@ seeds measured for both. Known before training, per setting: s; the teacher's cr
 random crops whose teacher top-1 is not the image's class) and the trace of the crop covariance of its
 probabilities (both over the relabel crop distribution, as every summary's drift report gives them),
 that trace over s (the paper's irreducible error term Tr(Sigma)/s); the teacher's top-1 on the
-validation set and its agreement with the images' classes. Measured only by training: the gap from
-soft-only to the unlimited-label ceiling, where a ceiling exists.
+validation set and its agreement with the images' classes; the paper's gradient alignment, the cosine between the
+soft-loss and hard-loss gradients over the first 10 soft epochs (tools/alignment.py, results/alignment.json, seed 0).
+Measured only by training: the gap from soft-only to the unlimited-label ceiling, where a ceiling exists.
+
+A rule counts only where it holds on settings it was not fitted on: each analysis also splits its settings into two
+halves (a fixed shuffle, random.Random(0)), fits each quantity's threshold on one half and scores it on the other, both
+ways round.
 """
 import json
+import random
 import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR, TINY = ROOT / "results" / "cifar10", ROOT / "results" / "tiny-imagenet"
 SWITCH = CIFAR / "switch"
+ALIGNMENT = json.loads((ROOT / "results" / "alignment.json").read_text()) if (ROOT / "results" / "alignment.json").exists() else {}
 
 # (setting, folder, soft-only stem, HALD stem (hald.py's default split for that student), ceiling stem or None, budgets)
 PAIRS = [
@@ -48,7 +55,8 @@ RESET = [("CIFAR-10 real, ConvNet-3 BN", CIFAR / "runs", "convnet-3-bn-soft-only
           "ceiling-soft-only-t-4-convnet-3-bn", (1, 2, 10))]
 RESET += [(f"CIFAR-10 {kind}, ConvNet-3 BN", CIFAR / "generated", f"cifar10-{kind}-soft", SWITCH / f"{kind}-reset",
            f"cifar10-{kind}-soft", (1, 2, 10)) for kind in ("recover", "select")]
-PREDICTORS = ("s", "teacher crop mismatch", "crop trace", "crop trace / s", "teacher top-1", "teacher agreement", "gap to ceiling")
+PREDICTORS = ("s", "teacher crop mismatch", "crop trace", "crop trace / s", "teacher top-1", "teacher agreement", "gradient cosine",
+              "gap to ceiling")
 
 
 def load(folder: Path, stem: str) -> dict[int, dict]:
@@ -76,39 +84,73 @@ def settings(pairs: list) -> list[dict]:
                          "teacher crop mismatch": drift["teacher_crop_mismatch"], "crop trace": drift["teacher_crop_trace_mean"],
                          "crop trace / s": drift["teacher_crop_trace_mean"] / s, "teacher top-1": first["teacher_top1"],
                          "teacher agreement": first["teacher_agreement"],
+                         "gradient cosine": ALIGNMENT.get(f"{name} | s={s}", {}).get("cosine_mean"),
                          "gap to ceiling": statistics.mean(c["final_top1"] for c in ceiling.values()) - soft_mean if ceiling else None})
     return rows
 
 
-def best_threshold(rows: list[dict], key: str) -> tuple[int, int, str]:
+def best_threshold(rows: list[dict], key: str) -> tuple:
     """The single threshold on `key` (HALD predicted to win on one side) that classifies the most settings
-    right: (right, out of, the rule in words). Settings without the quantity are left out."""
+    right: (right, out of, the rule in words, the rule: value -> HALD wins). Settings without the quantity are left out."""
     known = [(r[key], r["gain"] > 0) for r in rows if r[key] is not None]
     values = sorted({v for v, _ in known})
     cuts = [(a + b) / 2 for a, b in zip(values, values[1:])] or values
     wins = sum(won for _, won in known)  # a threshold must beat always giving one answer
-    best = max((wins, len(known), "no threshold beats always HALD"), (len(known) - wins, len(known), "no threshold beats always soft-only"))
+    best = max((wins, len(known), "no threshold beats always HALD", lambda v: True),
+               (len(known) - wins, len(known), "no threshold beats always soft-only", lambda v: False), key=lambda b: b[0])
     for cut in cuts:
         for above in (True, False):
             right = sum((v > cut) == above if won else (v > cut) != above for v, won in known)
             if right > best[0]:
-                best = (right, len(known), f"HALD when {key} {'>' if above else '<'} {cut:.3g}")
+                best = (right, len(known), f"HALD when {key} {'>' if above else '<'} {cut:.3g}",
+                        lambda v, cut=cut, above=above: (v > cut) == above)
     return best
+
+
+def held_out(rows: list[dict], key: str) -> str:
+    """Fit the threshold on one half of the settings (a fixed shuffle), score it on the other, both ways round."""
+    rows = [r for r in rows if r[key] is not None]
+    order = sorted(rows, key=lambda r: (r["setting"], r["s"]))
+    random.Random(0).shuffle(order)
+    halves, said = (order[::2], order[1::2]), []
+    for fit, test in (halves, halves[::-1]):
+        if not fit or not test:
+            return "too few settings to split"
+        rule, majority = best_threshold(fit, key), 2 * sum(r["gain"] > 0 for r in fit) >= len(fit)
+        right, plain = (sum(f(r[key]) == (r["gain"] > 0) for r in test) for f in (rule[3], lambda v: majority))
+        said.append(f"{right} of {len(test)} held out, always {'HALD' if majority else 'soft-only'} {plain} "
+                    f"({rule[2]} on the other {len(fit)})")
+    return "; ".join(said)
+
+
+def rank_correlation(rows: list[dict], key: str) -> float | None:
+    """Spearman's rho between `key` and HALD's gain (ranks with ties averaged), over the settings that have `key`."""
+    known = [(r[key], r["gain"]) for r in rows if r[key] is not None]
+    if len(known) < 3:
+        return None
+
+    def ranks(values):
+        ordered = sorted(values)
+        return [statistics.mean(i for i, w in enumerate(ordered) if w == v) for v in values]
+    a, b = ranks([k for k, _ in known]), ranks([g for _, g in known])
+    return statistics.correlation(a, b) if len(set(a)) > 1 and len(set(b)) > 1 else None
 
 
 def report(rows: list[dict]) -> None:
     print("| setting | s | seeds | soft-only % | HALD - soft-only | teacher crop mismatch | crop trace | trace / s | "
-          "teacher top-1 % | teacher agreement % | gap to ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "teacher top-1 % | teacher agreement % | gradient cosine | gap to ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: -r["gain"]):
-        gap = f"{r['gap to ceiling']:.1f}" if r["gap to ceiling"] is not None else ""
+        gap, cos = (f"{r[k]:.{d}f}" if r[k] is not None else "" for k, d in (("gap to ceiling", 1), ("gradient cosine", 3)))
         print(f"| {r['setting']} | {r['s']} | {r['seeds']} | {r['soft-only']:.1f} | {r['gain']:+.1f} | {r['teacher crop mismatch']:.3f} | "
-              f"{r['crop trace']:.3f} | {r['crop trace / s']:.3f} | {r['teacher top-1']:.1f} | {r['teacher agreement']:.1f} | {gap} |")
+              f"{r['crop trace']:.3f} | {r['crop trace / s']:.3f} | {r['teacher top-1']:.1f} | {r['teacher agreement']:.1f} | {cos} | {gap} |")
     print(f"\nHALD won (gain > 0) in {sum(r['gain'] > 0 for r in rows)} of {len(rows)} settings. "
-          "The best single threshold on each quantity:")
+          "The best single threshold on each quantity, on all settings, then fitted on one half and scored on the other:")
     for key in PREDICTORS:
-        right, total, rule = best_threshold(rows, key)
-        print(f"- {key}: {right} of {total} settings right ({rule})")
+        right, total, rule, _ = best_threshold(rows, key)
+        rho = rank_correlation(rows, key)
+        print(f"- {key}: {right} of {total} settings right ({rule}); {held_out(rows, key)}; rank correlation with the gain "
+              + (f"{rho:+.2f}" if rho is not None else "n/a"))
 
 
 def main():
