@@ -3,6 +3,7 @@
     python tools/evidence_classes.py --tiny /tmp/tiny --jobs 2            # every missing run (10 classes first)
     python tools/evidence_classes.py --tiny /tmp/tiny --classes 10 --seeds 0
     python tools/evidence_classes.py --table-only                         # the table from the committed summaries
+    python tools/evidence_classes.py --table-only --picture results/classes/gain.png   # and the README's picture
 
 The subsets: the 200 classes in the order random.Random(0).shuffle gives their sorted WordNet ids; the first 10 and the
 first 50 (so the 10 are among the 50). The images: the IPC-10 draw of tools/evidence_tiny.py (the same 10 images per
@@ -12,7 +13,8 @@ classes: its last layer keeps only their rows, so its labels are softmax over th
 teacher's prediction given that the image is one of the k classes (written once to runs/classes/c<k>/teacher.pt, with
 the subset's class names). Student and settings as every Tiny-ImageNet row: the BatchNorm ConvNet-3 of width 64,
 IPC 10, 300 epochs, T 4, smoothing 0.1, HALD soft 120 / hard 60 / soft 120 with AdamW reset at each switch (hald.py's
-defaults), last-epoch top-1. One cache per class count, s and seed, shared by HALD and soft-only. At 200 classes the
+defaults), last-epoch top-1; and where asked (--schedules shs-keep) HALD with AdamW's state kept, the authors'. One
+cache per class count, s and seed, shared by the schedules. At 200 classes the
 table takes the committed rows of tools/evidence_tiny.py (the same settings), and runs only what they lack (s = 10).
 Each finished run's summary.json goes to results/classes/c<k>-<schedule>-s<s>-seed<seed>.json.
 """
@@ -40,9 +42,13 @@ from evidence_tiny import IPC, SIZE, draw_distilled  # noqa: E402
 CLASSES, CROPS, SEEDS = (10, 50, 200), (1, 2, 10), 3
 PINNED = ["--ipc", str(IPC), "--image-size", str(SIZE), "--model", "convnet_bn64", "--epochs", "300", "--eval-every", "25",
           "--temperature", "4", "--label-smoothing", "0.1", "--soft-epochs", "240", "--phase-switch", "reset"]
-SCHEDULES = {"soft": ["--schedule", "soft"], "shs": ["--schedule", "shs"]}
+PAPER = (10, 42.7 - 33.7)  # the paper's ImageNet-1K point (1,000 classes, IPC 10, SLC 100): HALD 42.7 %, soft-only (LPLD) 33.7 %
 # at 200 classes the committed tools/evidence_tiny.py rows with these settings, by schedule
-AT_200 = {"soft": "soft-only-t-4", "shs": "hald-soft-120-hard-60-soft-120-adamw-reset-at-each-switch"}
+# shs-keep: HALD with AdamW's state kept across the switches (the authors'); an epoch has 7 steps at 10 classes, 32 at 50
+# and 125 at 200 (IPC 10, batch 16), so the class count also sets how many steps AdamW has to forget the other phase
+SCHEDULES = {"soft": ["--schedule", "soft"], "shs": ["--schedule", "shs"], "shs-keep": ["--schedule", "shs", "--phase-switch", "keep"]}
+AT_200 = {"soft": "soft-only-t-4", "shs": "hald-soft-120-hard-60-soft-120-adamw-reset-at-each-switch",
+          "shs-keep": "hald-soft-120-hard-60-soft-120"}
 
 
 def subset(wnids: list[str], k: int) -> list[str]:
@@ -117,32 +123,67 @@ def load(k: int, schedule: str, s: int) -> dict:
     return {seed: json.loads(p.read_text()) for seed, p in paths.items() if p.exists()}
 
 
-def gains() -> dict:
+def gains(schedule: str = "shs") -> dict:
     """(classes, s) -> HALD minus soft-only per seed (the seeds measured for both)."""
     found = {}
     for k in CLASSES:
         for s in CROPS:
-            soft, shs = load(k, "soft", s), load(k, "shs", s)
+            soft, shs = load(k, "soft", s), load(k, schedule, s)
             if seeds := sorted(soft.keys() & shs.keys()):
                 found[k, s] = [shs[i]["final_top1"] - soft[i]["final_top1"] for i in seeds]
     return found
 
 
 def table() -> str:
-    lines = ["| classes | s | soft-only % | HALD (reset) % | HALD minus soft-only (per seed) | ceiling % (s = 300) |",
-             "|---|---|---|---|---|---|"]
-    measured = gains()
+    lines = ["| classes | s | soft-only % | HALD (reset) % | minus soft-only (per seed) | HALD, AdamW kept % | minus soft-only "
+             "(per seed) | ceiling % (s = 300) |", "|---|---|---|---|---|---|---|---|"]
+    measured = {schedule: gains(schedule) for schedule in ("shs", "shs-keep")}
     for k in CLASSES:
         ceiling = load(k, "soft", 300)
         for s in CROPS:
-            soft, shs = load(k, "soft", s), load(k, "shs", s)
-            if not soft and not shs:
+            runs = {schedule: load(k, schedule, s) for schedule in SCHEDULES}
+            if not any(runs.values()):
                 continue
-            d = measured.get((k, s), [])
-            gain = f"**{statistics.mean(d):+.1f}** ({', '.join(f'{v:+.1f}' for v in d)})" if d else ""
-            lines.append(f"| {k} | {s} | {cell(list(soft.values())) if soft else ''} | {cell(list(shs.values())) if shs else ''} | "
-                         f"{gain} | {cell(list(ceiling.values())) if ceiling and s == CROPS[0] else ''} |")
+            cells = []
+            for schedule in SCHEDULES:
+                d = measured.get(schedule, {}).get((k, s), [])
+                cells += [cell(list(runs[schedule].values())) if runs[schedule] else ""]
+                cells += [f"**{statistics.mean(d):+.1f}** ({', '.join(f'{v:+.1f}' for v in d)})" if d else ""] if schedule != "soft" else []
+            lines.append(f"| {k} | {s} | {' | '.join(cells)} | {cell(list(ceiling.values())) if ceiling and s == CROPS[0] else ''} |")
     return "\n".join(lines)
+
+
+def picture(path: Path) -> None:
+    """HALD minus soft-only against s, a line per class count (mean and each seed), CIFAR-10's real draw beside them
+    (tools/evidence_switch.py, the same student family at 32 px), and the paper's ImageNet-1K point."""
+    import matplotlib  # an extra of this picture only (make tables installs it)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from evidence_switch import load as switch_load
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    lines = {f"Tiny-ImageNet, {k} classes": {s: d for (c, s), d in gains().items() if c == k} for k in CLASSES}
+    cifar = {s: [shs["final_top1"] - soft[i]["final_top1"] for i, shs in switch_load("real", "reset", s).items() if i in soft]
+             for s in CROPS if (soft := switch_load("real", "soft", s))}
+    lines["CIFAR-10 (real draw), 10 classes"] = {s: d for s, d in cifar.items() if d}
+    for i, (name, points) in enumerate(lines.items()):
+        if not points:
+            continue
+        xs = sorted(points)
+        style = dict(color=f"C{i}", ls="--" if name.startswith("CIFAR") else "-")
+        ax.plot(xs, [statistics.mean(points[s]) for s in xs], "o", label=name, ms=5, **style)
+        for s in xs:
+            ax.plot([s] * len(points[s]), points[s], ".", color=f"C{i}", alpha=0.4, ms=4)
+    ax.plot(*PAPER, "*", color="k", ms=12, label="paper: ImageNet-1K, 1,000 classes (ResNet-18)")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xscale="log", xticks=list(CROPS), xticklabels=[str(s) for s in CROPS], xlabel="stored crops per image s (SLC / IPC)",
+           ylabel="HALD minus soft-only (top-1 points)", title="HALD (AdamW reset at each switch) against soft-only, IPC 10")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main():
@@ -151,16 +192,18 @@ def main():
     parser.add_argument("--classes", default="10,50,200", help="class counts, in this order")
     parser.add_argument("--crops", default="1,2,10", help="stored crops per image s, in this order")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--schedules", default="soft,shs", help="what to run (comma-separated): soft, shs, shs-keep")
     parser.add_argument("--ceiling", action="store_true", help="also the unlimited-label ceiling (soft-only, s = 300, seed 0)")
     parser.add_argument("--jobs", type=int, default=2, help="cells in parallel (one thread each)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "classes"), help="working folder: subsets, teachers, caches, runs")
     parser.add_argument("--table-only", action="store_true", help="print the table from the committed summaries, run nothing")
+    parser.add_argument("--picture", default="", help="also draw HALD minus soft-only against s here (needs matplotlib)")
     args = parser.parse_args()
     if not args.table_only:
         tiny = Path(args.tiny)
         if not (tiny / "train").is_dir() or not (tiny / "val").is_dir():
             sys.exit(f"evidence_classes: {tiny}/train or {tiny}/val not found: unpack Tiny-ImageNet-200 there")
-        jobs = [(int(k), int(s), int(seed), tuple(SCHEDULES), tiny, Path(args.out)) for k in args.classes.split(",")
+        jobs = [(int(k), int(s), int(seed), tuple(args.schedules.split(",")), tiny, Path(args.out)) for k in args.classes.split(",")
                 for seed in args.seeds.split(",") for s in args.crops.split(",")]
         jobs += [(int(k), 300, 0, ("soft",), tiny, Path(args.out)) for k in args.classes.split(",")] if args.ceiling else []
         for k in {job[0] for job in jobs}:  # subsets and teachers before the threads
@@ -170,6 +213,8 @@ def main():
             for i, (job, status) in enumerate(zip(jobs, pool.map(run_cell, jobs))):
                 print(f"[{i + 1}/{len(jobs)}] {job[0]} classes, s={job[1]}, seed {job[2]}: {status} ({time.time() - start:.0f}s)", flush=True)
     print(f"Tiny-ImageNet 32 px: HALD (AdamW reset) against soft-only by class count (IPC 10, ConvNet-3 BN 64)\n{table()}")
+    if args.picture:
+        picture(Path(args.picture))
 
 
 if __name__ == "__main__":
