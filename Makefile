@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench gpu-check evidence evidence-tiny evidence-generated evidence-switch tables paper-tiny clean
+.PHONY: test demo bench gpu-check evidence evidence-tiny evidence-generated evidence-switch evidence-classes tables picture paper-tiny clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,14 @@ evidence-switch: $(VENV)/installed
 	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --crops 10,4,2 --treatments soft,reset,reset-h30,reset-h15,reset-h5,reset-hard-first-15
 	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets real-r18 --crops 10,2,1 --treatments reset
 
+# the class-count axis: Tiny-ImageNet at 32 px, nested subsets of 10, 50 (and 200) classes, soft-only and HALD (the
+# reset) at s = 1, 2, 10, 3 seeds, the ceilings, then HALD with AdamW's state kept; the gradient cosine of every
+# setting (tools/alignment.py). 10 classes: about 2 min a run; 50: about 7; 200: about 25 (one core each)
+evidence-classes: $(VENV)/installed
+	$(PY) tools/evidence_classes.py --tiny $(TINY) --jobs 2 --ceiling
+	$(PY) tools/evidence_classes.py --tiny $(TINY) --jobs 2 --schedules shs-keep --classes 10,50
+	$(PY) tools/alignment.py --tiny $(TINY)
+
 # on one CUDA GPU (H100/H200): the paper's own Tiny-ImageNet setting, 64 px (ResNet-18 teacher, recover set of
 # IPC 10, soft-only and HALD at 1 and 2 crops per image), one table in runs/paper-tiny/table.md; about 12 min
 # (an estimate), with $(PYTHON) as gpu-check: a Python whose torch sees the GPU. On the lent GPU machine, where
@@ -76,7 +84,13 @@ tables: $(VENV)/installed
 	$(PY) tools/evidence_tiny.py --table-only
 	$(PY) tools/evidence_generated.py --table-only
 	$(PY) tools/evidence_switch.py --table-only
+	$(PY) tools/evidence_classes.py --table-only
 	$(PY) tools/when_hald_helps.py
+
+# the README's picture of when HALD helps (results/classes/gain.png) from the committed summaries; needs matplotlib
+picture: $(VENV)/installed
+	$(PY) -m pip install --quiet matplotlib
+	$(PY) tools/evidence_classes.py --table-only --picture results/classes/gain.png
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis __pycache__

@@ -28,21 +28,23 @@ import hald  # noqa: E402
 
 RESULTS = ROOT / "results" / "alignment.json"
 CIFAR_TEACHER, TINY_TEACHER = ROOT / "demo" / "teacher.pt", ROOT / "results" / "tiny-imagenet" / "teacher.pt"
-# setting (as tools/when_hald_helps.py names it) -> (images: a folder, or "tiny-real" for the Tiny draw, teacher, image size,
-# student); every budget s the setting was measured at
+# setting (as tools/when_hald_helps.py names it) -> (images: a folder, "tiny-real" for the Tiny draw or "tiny-c<k>" for its
+# k-class subset with the teacher restricted to it (tools/evidence_classes.py), teacher, image size, student); every
+# budget s the setting was measured at
 SETTINGS = {
     "CIFAR-10 real, ConvNet-3 BN": ("demo/distilled", CIFAR_TEACHER, 32, "convnet_bn", (1, 2, 10)),
     "CIFAR-10 real, ResNet-18": ("demo/distilled", CIFAR_TEACHER, 32, "resnet18", (1, 2, 10)),
     "CIFAR-10 real, ConvNet-3 IN": ("demo/distilled", CIFAR_TEACHER, 32, "convnet", (1, 2, 10)),
     "CIFAR-10 recover, ConvNet-3 BN": ("sets/cifar10-recover", CIFAR_TEACHER, 32, "convnet_bn", (1, 2, 10)),
     "CIFAR-10 select, ConvNet-3 BN": ("sets/cifar10-select", CIFAR_TEACHER, 32, "convnet_bn", (1, 2, 10)),
-    "Tiny 32 px real, ConvNet-3 BN 64": ("tiny-real", TINY_TEACHER, 32, "convnet_bn64", (1, 2)),
+    "Tiny 32 px real, ConvNet-3 BN 64": ("tiny-real", TINY_TEACHER, 32, "convnet_bn64", (1, 2, 10)),
     "Tiny 32 px real, ConvNet-3 BN 128": ("tiny-real", TINY_TEACHER, 32, "convnet_bn", (1,)),
     "Tiny 32 px real, ConvNet-3 IN 64": ("tiny-real", TINY_TEACHER, 32, "convnet64", (1,)),
     "Tiny 32 px recover, ConvNet-3 BN 64": ("sets/tiny32-recover", TINY_TEACHER, 32, "convnet_bn64", (1, 2)),
     "Tiny 32 px recover, ConvNet-3 BN 128": ("sets/tiny32-recover", TINY_TEACHER, 32, "convnet_bn", (1,)),
     "Tiny 32 px select, ConvNet-3 BN 64": ("sets/tiny32-select", TINY_TEACHER, 32, "convnet_bn64", (1, 2)),
     "Tiny 32 px select, ConvNet-3 BN 128": ("sets/tiny32-select", TINY_TEACHER, 32, "convnet_bn", (1,)),
+    **{f"Tiny 32 px real, {k} classes, ConvNet-3 BN 64": (f"tiny-c{k}", None, 32, "convnet_bn64", (1, 2, 10)) for k in (10, 50)},
 }
 
 
@@ -110,12 +112,16 @@ def main():
                     print(f"{key}: cosine {done[key]['cosine_start']:+.3f} at the start, {done[key]['cosine_mean']:+.3f} over "
                           f"{done[key]['epochs']} epochs")
                 continue
-            if folder == "tiny-real":
+            if folder.startswith("tiny-"):
+                from evidence_classes import prepare
                 from evidence_tiny import draw_distilled
                 if not (Path(args.tiny) / "train").is_dir():
                     print(f"{key}: skipped (no {args.tiny}/train: pass --tiny)")
                     continue
-                folder = draw_distilled(Path(args.tiny) / "train", ROOT / "runs" / "tiny" / "distilled-ipc10-seed0")
+                if folder == "tiny-real":
+                    folder = draw_distilled(Path(args.tiny) / "train", ROOT / "runs" / "tiny" / "distilled-ipc10-seed0")
+                else:
+                    folder, _, teacher = prepare(Path(args.tiny), int(folder[6:]), ROOT / "runs" / "classes")
             start = time.time()
             done[key] = measure(ROOT / folder, teacher, size, model, s, args.epochs, args.batches)
             print(f"{key}: cosine {done[key]['cosine_start']:+.3f} at the start, {done[key]['cosine_mean']:+.3f} over "

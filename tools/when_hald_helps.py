@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CIFAR, TINY = ROOT / "results" / "cifar10", ROOT / "results" / "tiny-imagenet"
+CIFAR, TINY, SUBSETS = ROOT / "results" / "cifar10", ROOT / "results" / "tiny-imagenet", ROOT / "results" / "classes"
 SWITCH = CIFAR / "switch"
 ALIGNMENT = json.loads((ROOT / "results" / "alignment.json").read_text()) if (ROOT / "results" / "alignment.json").exists() else {}
 
@@ -50,11 +50,22 @@ for kind in ("recover", "select"):
               (f"Tiny 32 px {kind}, ConvNet-3 BN 64", TINY / "generated", f"tiny32-{kind}-soft", f"tiny32-{kind}-shs", None, (1, 2)),
               (f"Tiny 32 px {kind}, ConvNet-3 BN 128", TINY / "generated", f"tiny32-{kind}-width-128-soft",
                f"tiny32-{kind}-width-128-shs", None, (1,))]
-# HALD with AdamW reset at each phase switch: the HALD stem is a path in results/cifar10/switch/, beside the same soft-only
+# Tiny-ImageNet's nested subsets of 10 and 50 classes (tools/evidence_classes.py), and its 200 classes at s = 10
+PAIRS += [(f"Tiny 32 px real, {k} classes, ConvNet-3 BN 64", SUBSETS, f"c{k}-soft", f"c{k}-shs-keep", f"c{k}-soft", (1, 2, 10))
+          for k in (10, 50)]
+PAIRS += [("Tiny 32 px real, ConvNet-3 BN 64", SUBSETS, "c200-soft", "c200-shs-keep", None, (10,))]
+# HALD with AdamW reset at each phase switch: the HALD stem is a path, beside the same soft-only
 RESET = [("CIFAR-10 real, ConvNet-3 BN", CIFAR / "runs", "convnet-3-bn-soft-only-t-4", SWITCH / "real-reset",
-          "ceiling-soft-only-t-4-convnet-3-bn", (1, 2, 10))]
+          "ceiling-soft-only-t-4-convnet-3-bn", (1, 2, 10)),
+         ("CIFAR-10 real, ResNet-18", CIFAR / "runs", "resnet-18-soft-only-t-4", SWITCH / "real-r18-reset",
+          "ceiling-soft-only-t-4-resnet-18", (1, 2, 10)),
+         ("Tiny 32 px real, ConvNet-3 BN 64", TINY / "runs", "soft-only-t-4", TINY / "runs" / "hald-soft-120-hard-60-soft-120-adamw-reset-at-each-switch",
+          "ceiling-soft-only-a-fresh-label-per-crop-t-4", (1, 2)),
+         ("Tiny 32 px real, ConvNet-3 BN 64", SUBSETS, "c200-soft", SUBSETS / "c200-shs", None, (10,))]
 RESET += [(f"CIFAR-10 {kind}, ConvNet-3 BN", CIFAR / "generated", f"cifar10-{kind}-soft", SWITCH / f"{kind}-reset",
            f"cifar10-{kind}-soft", (1, 2, 10)) for kind in ("recover", "select")]
+RESET += [(f"Tiny 32 px real, {k} classes, ConvNet-3 BN 64", SUBSETS, f"c{k}-soft", SUBSETS / f"c{k}-shs", f"c{k}-soft", (1, 2, 10))
+          for k in (10, 50)]
 PREDICTORS = ("s", "teacher crop mismatch", "crop trace", "crop trace / s", "teacher top-1", "teacher agreement", "gradient cosine",
               "gap to ceiling")
 
