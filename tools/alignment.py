@@ -104,8 +104,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     done = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for name, (folder, teacher, size, model, budgets) in SETTINGS.items():
+    for name, (where, source, size, model, budgets) in SETTINGS.items():
         for s in budgets:
+            folder, teacher = where, source
             key = f"{name} | s={s}"
             if args.show or key in done or args.only not in name:
                 if key in done:
