@@ -1668,23 +1668,27 @@ def train_all(cfg: Config, log=print) -> list[dict]:
     return summaries
 
 
+def spread(values: list[float], sign: str = "") -> str:
+    """Results over seeds as shown: one value as it is, several as mean +- sample std."""
+    return f"{values[0]:{sign}.2f}" if len(values) == 1 else f"{statistics.mean(values):{sign}.2f} +- {statistics.stdev(values):.2f}"
+
+
 def comparison(schedules: list[str], summaries: list[dict]) -> str:
     """Last-epoch top-1 of each schedule, its difference to the first, best top-1, soft-label storage and time; over several
-    seeds (summaries seed-major) their mean +- std (sample) and each seed's top-1, the difference paired by seed."""
+    seeds (summaries seed-major) their spread() and each seed's top-1, the difference paired by seed."""
     runs = {spec: summaries[i::len(schedules)] for i, spec in enumerate(schedules)}
     top1 = {spec: [s["final_top1"] for s in rows] for spec, rows in runs.items()}
     cfg, n = summaries[0]["config"], len(top1[schedules[0]])
-    show = (lambda v: f"{statistics.mean(v):.2f} +- {statistics.stdev(v):.2f}") if n > 1 else (lambda v: f"{v[0]:.2f}")
+    w = 16 if n > 1 else 8  # "mean +- std" or one value
     lines = [(f"comparison over {n} seeds, the schedules of each seed on its own" if n > 1 else "comparison on the same")
              + f" soft-label cache ({cfg['slc']} labels per class, {cfg['slc'] // cfg['ipc']} per image):",
-             f"  {'schedule':<24} {'top-1 %':>{8 + 8 * (n > 1)}} {'vs ' + schedules[0]:>{10 + 8 * (n > 1)}} {'best %':>8} "
-             f"{'label bytes':>12} {'minutes':>8}" + ("  top-1 of each seed" if n > 1 else "")]
+             f"  {'schedule':<24} {'top-1 %':>{w}} {'vs ' + schedules[0]:>{w + 2}} {'best %':>8} {'label bytes':>12} {'minutes':>8}"
+             + ("  top-1 of each seed" if n > 1 else "")]
     for spec, rows in runs.items():
-        diff = show([a - b for a, b in zip(top1[spec], top1[schedules[0]])]) if spec != schedules[0] else ""
-        diff = diff and ("+" if not diff.startswith("-") else "") + diff
-        lines.append(f"  {spec:<24} {show(top1[spec]):>{8 + 8 * (n > 1)}} {diff:>{10 + 8 * (n > 1)}} "
-                     f"{statistics.mean(s['best_top1'] for s in rows):>8.2f} {rows[0]['soft_label_bytes']:>12,} "
-                     f"{statistics.mean(s['seconds'] for s in rows) / 60:>8.1f}" + ("  " + ", ".join(f"{v:.2f}" for v in top1[spec]) if n > 1 else ""))
+        diff = spread([a - b for a, b in zip(top1[spec], top1[schedules[0]])], "+") if spec != schedules[0] else ""
+        each = "  " + ", ".join(f"{v:.2f}" for v in top1[spec]) if n > 1 else ""
+        lines.append(f"  {spec:<24} {spread(top1[spec]):>{w}} {diff:>{w + 2}} {statistics.mean(s['best_top1'] for s in rows):>8.2f} "
+                     f"{rows[0]['soft_label_bytes']:>12,} {statistics.mean(s['seconds'] for s in rows) / 60:>8.1f}{each}")
     return "\n".join(lines)
 
 
@@ -1741,15 +1745,14 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: Path, title: str = "", 
             for row in (row for row in histories[0] if row["phase"] != "soft"):
                 ax.axvspan(row["epoch"] - 1, row["epoch"], color=colours[row["phase"]] if one else f"C{i}", alpha=0.12, lw=0)
         finals = [[r for r in h if "top1" in r][-1]["top1"] for h in histories]
-        label = f"{name}: " + (f"{statistics.mean(finals):.2f} +- {statistics.stdev(finals):.2f} % ("
-                               + ", ".join(f"{v:.2f}" for v in finals) + ")" if len(finals) > 1 else f"{finals[0]:.2f} %")
+        label = f"{name}: {spread(finals)} %" + (f" ({', '.join(f'{v:.2f}' for v in finals)})" if len(finals) > 1 else "")
         for j, history in enumerate(histories):
             evals = [r for r in history if "top1" in r]
             top.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", color="tab:green" if one else f"C{i}", ms=3,
                      label=None if j else label, alpha=1 if len(histories) == 1 else 0.6)
     top.set(ylabel="validation top-1 (%)", title=title)
     if one:  # the run's training loss by phase
-        history = runs[name][0]
+        history = histories[0]
         for phase in dict.fromkeys(r["phase"] for r in history):
             rows = [r for r in history if r["phase"] == phase]
             bottom.semilogy([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase], label=f"{phase} loss")

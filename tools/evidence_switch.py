@@ -35,11 +35,11 @@ SETS = {"real": (ROOT / "demo" / "distilled", []), "recover": (ROOT / "sets" / "
         "select": (ROOT / "sets" / "cifar10-select", []), "real-b4": (ROOT / "demo" / "distilled", ["--batch-size", "4"]),
         "real-r18": (ROOT / "demo" / "distilled", ["--model", "resnet18", "--soft-epochs", "150"])}
 # the soft-only and state-kept runs the earlier evidence committed (same settings, same cache per seed)
-BASELINES = {**{(name, t): ROOT / "results" / "cifar10" / "generated" / f"cifar10-{name}-{row}" for name in ("recover", "select")
-                for t, row in (("soft", "soft"), ("keep", "shs"))},
-             **{(name, t): ROOT / "results" / "cifar10" / "runs" / f"{student}-{row}" for name, student in (("real", "convnet-3-bn"), ("real-r18", "resnet-18"))
-                for t, row in (("soft", "soft-only-t-4"), ("keep", "hald-soft-120-hard-60-soft-120" if name == "real" else
-                                                                  "hald-authors-split-soft-75-hard-150-soft-75"))}}
+RUNS, GENERATED = ROOT / "results" / "cifar10" / "runs", ROOT / "results" / "cifar10" / "generated"
+BASELINES = {("real", "soft"): RUNS / "convnet-3-bn-soft-only-t-4", ("real", "keep"): RUNS / "convnet-3-bn-hald-soft-120-hard-60-soft-120",
+             ("real-r18", "soft"): RUNS / "resnet-18-soft-only-t-4",
+             ("real-r18", "keep"): RUNS / "resnet-18-hald-authors-split-soft-75-hard-150-soft-75",
+             **{(kind, t): GENERATED / f"cifar10-{kind}-{row}" for kind in ("recover", "select") for t, row in (("soft", "soft"), ("keep", "shs"))}}
 # treatment -> hald.py arguments on top of the pinned ones and --schedule shs. reset-v (the second moment restarted from
 # the new phase's first gradient, the momentum kept) was measured once with hald.py 8e46f81 and then dropped: it diverges
 TREATMENTS = {"soft": ["--schedule", "soft"], "keep": ["--phase-switch", "keep"], "reset": ["--phase-switch", "reset"],
