@@ -39,7 +39,7 @@ import hald  # noqa: E402
 from evidence import cell, run_one  # noqa: E402
 from evidence_tiny import IPC, SIZE, draw_distilled  # noqa: E402
 
-CLASSES, CROPS, SEEDS = (10, 50, 200), (1, 2, 10), 3
+CLASSES, CROPS, SEEDS = (10, 50, 200), (1, 2, 4, 10), 3
 PINNED = ["--ipc", str(IPC), "--image-size", str(SIZE), "--model", "convnet_bn64", "--epochs", "300", "--eval-every", "25",
           "--temperature", "4", "--label-smoothing", "0.1", "--soft-epochs", "240", "--phase-switch", "reset"]
 PAPER = (10, 42.7 - 33.7)  # the paper's ImageNet-1K point (1,000 classes, IPC 10, SLC 100): HALD 42.7 %, soft-only (LPLD) 33.7 %
@@ -47,6 +47,11 @@ PAPER = (10, 42.7 - 33.7)  # the paper's ImageNet-1K point (1,000 classes, IPC 1
 # shs-keep: HALD with AdamW's state kept across the switches (the authors'); an epoch has 7 steps at 10 classes, 32 at 50
 # and 125 at 200 (IPC 10, batch 16), so the class count also sets how many steps AdamW has to forget the other phase
 SCHEDULES = {"soft": ["--schedule", "soft"], "shs": ["--schedule", "shs"], "shs-keep": ["--schedule", "shs", "--phase-switch", "keep"]}
+# issue 35's item 2 on a second dataset: HALD (reset) with a hard phase of H epochs placed as the default's 60, the soft
+# epochs split evenly around it
+HARD = (60, 30, 15, 5)
+SCHEDULES.update({f"shs-h{h}": ["--schedule", "shs", "--soft-epochs", str(300 - h)] for h in HARD[1:]})
+MAIN = ("soft", "shs", "shs-keep")
 AT_200 = {"soft": "soft-only-t-4", "shs": "hald-soft-120-hard-60-soft-120-adamw-reset-at-each-switch",
           "shs-keep": "hald-soft-120-hard-60-soft-120"}
 
@@ -93,7 +98,7 @@ def prepare(tiny: Path, k: int, work: Path) -> tuple[Path, Path, Path]:
 
 
 def summary_path(k: int, schedule: str, s: int, seed: int) -> Path:
-    if k == 200 and s in (1, 2, 300):  # the committed 200-class rows
+    if k == 200 and s in (1, 2, 300) and schedule in AT_200:  # the committed 200-class rows
         stem = AT_200[schedule] if s != 300 else "ceiling-soft-only-a-fresh-label-per-crop-t-4"
         return TINY_RUNS / f"{stem}-s{s}-seed{seed}.json"
     return RESULTS / f"c{k}-{schedule}-s{s}-seed{seed}.json"
@@ -141,16 +146,30 @@ def table() -> str:
     for k in CLASSES:
         ceiling = load(k, "soft", 300)
         for s in CROPS:
-            runs = {schedule: load(k, schedule, s) for schedule in SCHEDULES}
+            runs = {schedule: load(k, schedule, s) for schedule in MAIN}
             if not any(runs.values()):
                 continue
             cells = []
-            for schedule in SCHEDULES:
+            for schedule in MAIN:
                 d = measured.get(schedule, {}).get((k, s), [])
                 cells += [cell(list(runs[schedule].values())) if runs[schedule] else ""]
                 cells += [f"**{statistics.mean(d):+.1f}** ({', '.join(f'{v:+.1f}' for v in d)})" if d else ""] if schedule != "soft" else []
             lines.append(f"| {k} | {s} | {' | '.join(cells)} | {cell(list(ceiling.values())) if ceiling and s == CROPS[0] else ''} |")
     return "\n".join(lines)
+
+
+def hard_table() -> str:
+    """HALD (reset) minus soft-only by the hard phase's length, where any shorter one was run ("" when none was)."""
+    found = {h: gains("shs" if h == 60 else f"shs-h{h}") for h in HARD}
+    cells = sorted({key for h in HARD[1:] for key in found[h]})
+    lines = ["| classes | s | " + " | ".join(f"hard {h} epochs{' (default)' if h == 60 else ''}" for h in HARD) + " | best |",
+             "|---|---|" + "---|" * (len(HARD) + 1)]
+    for key in cells:
+        means = {h: statistics.mean(found[h][key]) for h in HARD if key in found[h]}
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(
+            f"{means[h]:+.1f} ({', '.join(f'{v:+.1f}' for v in found[h][key])})" if h in means else "" for h in HARD)
+            + f" | {max(means, key=means.get)} |")
+    return "\n".join(lines) if cells else ""
 
 
 def picture(path: Path) -> None:
@@ -192,7 +211,7 @@ def main():
     parser.add_argument("--classes", default="10,50,200", help="class counts, in this order")
     parser.add_argument("--crops", default="1,2,10", help="stored crops per image s, in this order")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--schedules", default="soft,shs", help="what to run (comma-separated): soft, shs, shs-keep")
+    parser.add_argument("--schedules", default="soft,shs", help=f"what to run (comma-separated): {', '.join(SCHEDULES)}")
     parser.add_argument("--ceiling", action="store_true", help="also the unlimited-label ceiling (soft-only, s = 300, seed 0)")
     parser.add_argument("--jobs", type=int, default=2, help="cells in parallel (one thread each)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "classes"), help="working folder: subsets, teachers, caches, runs")
@@ -213,6 +232,8 @@ def main():
             for i, (job, status) in enumerate(zip(jobs, pool.map(run_cell, jobs))):
                 print(f"[{i + 1}/{len(jobs)}] {job[0]} classes, s={job[1]}, seed {job[2]}: {status} ({time.time() - start:.0f}s)", flush=True)
     print(f"Tiny-ImageNet 32 px: HALD (AdamW reset) against soft-only by class count (IPC 10, ConvNet-3 BN 64)\n{table()}")
+    if hard := hard_table():
+        print(f"\nHALD (AdamW reset) minus soft-only by the hard phase's length, placed as the default's (per seed)\n{hard}")
     if args.picture:
         picture(Path(args.picture))
 
