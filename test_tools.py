@@ -112,6 +112,19 @@ def test_the_phase_switch_table_pairs_each_treatment_with_soft_only_by_seed():
     assert all(reset[k]["config"]["phase_switch"] == "reset" and reset[k]["config"]["seed"] == k for k in reset)
 
 
+def test_the_hard_phase_table_names_the_best_on_the_seeds_every_length_has():
+    """tools/evidence.py's gain_table (the hard-phase tables of evidence_switch and evidence_classes): each cell is the
+    mean and every seed's difference; the best is chosen on the seeds all measured lengths share, not on unequal means."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import evidence
+
+    rows = {("real", 10): {"h60": {0: 1.0, 1: 3.0, 2: 2.0}, "h5": {0: 1.5}, "h30": {}}}
+    last = evidence.gain_table("set", rows, {"h60": "hard 60", "h30": "hard 30", "h5": "hard 5"}).splitlines()[-1]
+    assert last == "| real | 10 | +2.0 (+1.0, +3.0, +2.0) |  | +1.5 (+1.5) | hard 5; seed 0 |"
+    rows["real", 10]["h5"].update({1: 1.0, 2: 1.0})  # on seeds 0-2: 2.0 against 1.17
+    assert evidence.gain_table("set", rows, {"h60": "hard 60", "h5": "hard 5"}).endswith("| hard 60; seeds 0, 1, 2 |")
+
+
 def test_class_subsets_nest_and_the_restricted_teacher_keeps_those_classes_logits(tmp_path):
     """tools/evidence_classes.py: the 10 classes are among the 50, both sorted; the teacher restricted to a subset gives
     exactly the 200-class teacher's logits of those classes (so its labels are softmax over them alone)."""

@@ -109,6 +109,20 @@ def cell(summaries: list[dict]) -> str:
     return f"{statistics.mean(top1):.1f} +- {statistics.stdev(top1):.1f} ({seeds}; {minutes:.1f} min)"
 
 
+def gain_table(first: str, rows: dict, columns: dict) -> str:
+    """Markdown of HALD minus soft-only (mean, then each seed) by row and column. rows: (row label, s) -> {column: {seed:
+    difference}}; columns: column -> its heading. The last column names the best on the seeds every measured column has."""
+    lines = [f"| {first} | s | " + " | ".join(columns.values()) + " | best (seeds) |", "|---|---|" + "---|" * (len(columns) + 1)]
+    for (label, s), found in rows.items():
+        found = {c: d for c, d in found.items() if d}
+        common = sorted(set.intersection(*(set(d) for d in found.values())))
+        best = max(found, key=lambda c: statistics.mean(found[c][k] for k in common)) if common else None
+        lines.append(f"| {label} | {s} | " + " | ".join(
+            f"{statistics.mean(found[c].values()):+.1f} ({', '.join(f'{v:+.1f}' for _, v in sorted(found[c].items()))})"
+            if c in found else "" for c in columns) + f" | {f'{columns[best]}; seed' + 's' * (len(common) > 1) + ' ' + ', '.join(map(str, common)) if best else ''} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cifar", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="CIFAR-10 root with test/")

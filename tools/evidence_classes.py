@@ -36,7 +36,7 @@ TINY_RUNS = ROOT / "results" / "tiny-imagenet" / "runs"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hald  # noqa: E402
-from evidence import cell, run_one  # noqa: E402
+from evidence import cell, gain_table, run_one  # noqa: E402
 from evidence_tiny import IPC, SIZE, draw_distilled  # noqa: E402
 
 CLASSES, CROPS, SEEDS = (10, 50, 200), (1, 2, 4, 10), 3
@@ -159,17 +159,17 @@ def table() -> str:
 
 
 def hard_table() -> str:
-    """HALD (reset) minus soft-only by the hard phase's length, where any shorter one was run ("" when none was)."""
-    found = {h: gains("shs" if h == 60 else f"shs-h{h}") for h in HARD}
-    cells = sorted({key for h in HARD[1:] for key in found[h]})
-    lines = ["| classes | s | " + " | ".join(f"hard {h} epochs{' (default)' if h == 60 else ''}" for h in HARD) + " | best |",
-             "|---|---|" + "---|" * (len(HARD) + 1)]
-    for key in cells:
-        means = {h: statistics.mean(found[h][key]) for h in HARD if key in found[h]}
-        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(
-            f"{means[h]:+.1f} ({', '.join(f'{v:+.1f}' for v in found[h][key])})" if h in means else "" for h in HARD)
-            + f" | {max(means, key=means.get)} |")
-    return "\n".join(lines) if cells else ""
+    """HALD (reset) minus soft-only by the hard phase's length, where a shorter one was run ("" where none was)."""
+    found = {}
+    for k in CLASSES:
+        for s in CROPS:
+            soft = load(k, "soft", s)
+            runs = {h: {i: r["final_top1"] - soft[i]["final_top1"] for i, r in load(k, "shs" if h == 60 else f"shs-h{h}", s).items()
+                        if i in soft} for h in HARD}
+            if any(runs[h] for h in HARD[1:]):
+                found[k, s] = runs
+    rows = found
+    return gain_table("classes", rows, {h: f"hard {h}{' (default)' if h == 60 else ''}" for h in HARD}) if rows else ""
 
 
 def picture(path: Path) -> None:
