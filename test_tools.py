@@ -114,13 +114,14 @@ def test_the_phase_switch_table_pairs_each_treatment_with_soft_only_by_seed():
 
 def test_the_hard_phase_table_names_the_best_on_the_seeds_every_length_has():
     """tools/evidence.py's gain_table (the hard-phase tables of evidence_switch and evidence_classes): each cell is the
-    mean and every seed's difference; the best is chosen on the seeds all measured lengths share, not on unequal means."""
+    mean and every seed's difference, a length measured nowhere has no column, and the best is chosen on the seeds all
+    measured lengths share, not on unequal means."""
     sys.path.insert(0, str(HERE / "tools"))
     import evidence
 
     rows = {("real", 10): {"h60": {0: 1.0, 1: 3.0, 2: 2.0}, "h5": {0: 1.5}, "h30": {}}}
     last = evidence.gain_table("set", rows, {"h60": "hard 60", "h30": "hard 30", "h5": "hard 5"}).splitlines()[-1]
-    assert last == "| real | 10 | +2.0 (+1.0, +3.0, +2.0) |  | +1.5 (+1.5) | hard 5; seed 0 |"
+    assert last == "| real | 10 | +2.0 (+1.0, +3.0, +2.0) | +1.5 (+1.5) | hard 5; seed 0 |"
     rows["real", 10]["h5"].update({1: 1.0, 2: 1.0})  # on seeds 0-2: 2.0 against 1.17
     assert evidence.gain_table("set", rows, {"h60": "hard 60", "h5": "hard 5"}).endswith("| hard 60; seeds 0, 1, 2 |")
 

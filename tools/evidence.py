@@ -111,7 +111,9 @@ def cell(summaries: list[dict]) -> str:
 
 def gain_table(first: str, rows: dict, columns: dict) -> str:
     """Markdown of HALD minus soft-only (mean, then each seed) by row and column. rows: (row label, s) -> {column: {seed:
-    difference}}; columns: column -> its heading. The last column names the best on the seeds every measured column has."""
+    difference}}; columns: column -> its heading (one measured nowhere is left out). The last column names the best on the
+    seeds every measured column of the row has."""
+    columns = {c: name for c, name in columns.items() if any(found.get(c) for found in rows.values())}
     lines = [f"| {first} | s | " + " | ".join(columns.values()) + " | best (seeds) |", "|---|---|" + "---|" * (len(columns) + 1)]
     for (label, s), found in rows.items():
         found = {c: d for c, d in found.items() if d}
