@@ -64,8 +64,9 @@ RESET = [("CIFAR-10 real, ConvNet-3 BN", CIFAR / "runs", "convnet-3-bn-soft-only
          ("Tiny 32 px real, ConvNet-3 BN 64", SUBSETS, "c200-soft", SUBSETS / "c200-shs", None, (10,))]
 RESET += [(f"CIFAR-10 {kind}, ConvNet-3 BN", CIFAR / "generated", f"cifar10-{kind}-soft", SWITCH / f"{kind}-reset",
            f"cifar10-{kind}-soft", (1, 2, 10)) for kind in ("recover", "select")]
-RESET += [(f"Tiny 32 px real, {k} classes, ConvNet-3 BN 64", SUBSETS, f"c{k}-soft", SUBSETS / f"c{k}-shs", f"c{k}-soft", (1, 2, 10))
+RESET += [(f"Tiny 32 px real, {k} classes, ConvNet-3 BN 64", SUBSETS, f"c{k}-soft", SUBSETS / f"c{k}-shs", f"c{k}-soft", (1, 2, 4, 10))
           for k in (10, 50)]
+RESET += [("CIFAR-10 real, ConvNet-3 BN", SWITCH, "real-soft", SWITCH / "real-reset", None, (4,))]  # s = 4: evidence_switch's own soft-only
 PREDICTORS = ("s", "teacher crop mismatch", "crop trace", "crop trace / s", "teacher top-1", "teacher agreement", "gradient cosine",
               "gap to ceiling")
 
