@@ -126,6 +126,17 @@ def test_the_hard_phase_table_names_the_best_on_the_seeds_every_length_has():
     assert evidence.gain_table("set", rows, {"h60": "hard 60", "h5": "hard 5"}).endswith("| hard 60; seeds 0, 1, 2 |")
 
 
+def test_the_crossover_is_where_the_mean_gain_changes_sign_interpolated_in_log_s(monkeypatch):
+    """tools/evidence_classes.py's crossover s*: +2 at s = 2 and -2 at 10 cross at sqrt(20); a count that never turns
+    negative has none."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import evidence_classes
+
+    monkeypatch.setattr(evidence_classes, "gains", lambda: {(10, 1): [4.0], (10, 2): [1.0, 3.0], (10, 10): [-2.0], (200, 1): [1.0]})
+    assert evidence_classes.crossovers() == ("10 classes: s* = 4.5 (between 2, +2.0, and 10, -2.0); "
+                                             "200 classes: none up to s = 1 (+1.0 at 1)")
+
+
 def test_class_subsets_nest_and_the_restricted_teacher_keeps_those_classes_logits(tmp_path):
     """tools/evidence_classes.py: the 10 classes are among the 50, both sorted; the teacher restricted to a subset gives
     exactly the 200-class teacher's logits of those classes (so its labels are softmax over them alone)."""

@@ -158,6 +158,21 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def crossovers() -> str:
+    """Per class count, the s where HALD (reset) minus soft-only crosses zero: the first pair of neighbouring budgets
+    whose mean gains change sign, interpolated linearly in log s."""
+    found, said = gains(), []
+    for k in CLASSES:
+        points = sorted((s, statistics.mean(d)) for (c, s), d in found.items() if c == k)
+        cross = next(((a, ga, b, gb) for (a, ga), (b, gb) in zip(points, points[1:]) if ga > 0 >= gb), None)
+        if cross:
+            a, ga, b, gb = cross
+            said.append(f"{k} classes: s* = {a * (b / a) ** (ga / (ga - gb)):.1f} (between {a}, {ga:+.1f}, and {b}, {gb:+.1f})")
+        elif points:
+            said.append(f"{k} classes: none up to s = {points[-1][0]} ({', '.join(f'{g:+.1f} at {s}' for s, g in points)})")
+    return "; ".join(said)
+
+
 def hard_table() -> str:
     """HALD (reset) minus soft-only by the hard phase's length, where a shorter one was run ("" where none was)."""
     found = {}
@@ -232,6 +247,7 @@ def main():
             for i, (job, status) in enumerate(zip(jobs, pool.map(run_cell, jobs))):
                 print(f"[{i + 1}/{len(jobs)}] {job[0]} classes, s={job[1]}, seed {job[2]}: {status} ({time.time() - start:.0f}s)", flush=True)
     print(f"Tiny-ImageNet 32 px: HALD (AdamW reset) against soft-only by class count (IPC 10, ConvNet-3 BN 64)\n{table()}")
+    print(f"\nCrossover (HALD minus soft-only through zero, log-interpolated): {crossovers()}")
     if hard := hard_table():
         print(f"\nHALD (AdamW reset) minus soft-only by the hard phase's length, placed as the default's (per seed)\n{hard}")
     if args.picture:
