@@ -32,7 +32,7 @@ CIFAR_TEACHER, TINY_TEACHER = ROOT / "demo" / "teacher.pt", ROOT / "results" / "
 # k-class subset with the teacher restricted to it (tools/evidence_classes.py), teacher, image size, student); every
 # budget s the setting was measured at
 SETTINGS = {
-    "CIFAR-10 real, ConvNet-3 BN": ("demo/distilled", CIFAR_TEACHER, 32, "convnet_bn", (1, 2, 10)),
+    "CIFAR-10 real, ConvNet-3 BN": ("demo/distilled", CIFAR_TEACHER, 32, "convnet_bn", (1, 2, 4, 10)),
     "CIFAR-10 real, ResNet-18": ("demo/distilled", CIFAR_TEACHER, 32, "resnet18", (1, 2, 10)),
     "CIFAR-10 real, ConvNet-3 IN": ("demo/distilled", CIFAR_TEACHER, 32, "convnet", (1, 2, 10)),
     "CIFAR-10 recover, ConvNet-3 BN": ("sets/cifar10-recover", CIFAR_TEACHER, 32, "convnet_bn", (1, 2, 10)),
@@ -44,7 +44,7 @@ SETTINGS = {
     "Tiny 32 px recover, ConvNet-3 BN 128": ("sets/tiny32-recover", TINY_TEACHER, 32, "convnet_bn", (1,)),
     "Tiny 32 px select, ConvNet-3 BN 64": ("sets/tiny32-select", TINY_TEACHER, 32, "convnet_bn64", (1, 2)),
     "Tiny 32 px select, ConvNet-3 BN 128": ("sets/tiny32-select", TINY_TEACHER, 32, "convnet_bn", (1,)),
-    **{f"Tiny 32 px real, {k} classes, ConvNet-3 BN 64": (f"tiny-c{k}", None, 32, "convnet_bn64", (1, 2, 10)) for k in (10, 50)},
+    **{f"Tiny 32 px real, {k} classes, ConvNet-3 BN 64": (f"tiny-c{k}", None, 32, "convnet_bn64", (1, 2, 4, 10)) for k in (10, 50)},
 }
 
 
