@@ -13,7 +13,8 @@ classes: its last layer keeps only their rows, so its labels are softmax over th
 teacher's prediction given that the image is one of the k classes (written once to runs/classes/c<k>/teacher.pt, with
 the subset's class names). Student and settings as every Tiny-ImageNet row: the BatchNorm ConvNet-3 of width 64,
 IPC 10, 300 epochs, T 4, smoothing 0.1, HALD soft 120 / hard 60 / soft 120 with AdamW reset at each switch (hald.py's
-defaults), last-epoch top-1; and where asked (--schedules shs-keep) HALD with AdamW's state kept, the authors'. One
+defaults), last-epoch top-1; and where asked (--schedules shs-keep) HALD with AdamW's state kept, the authors', or
+(shs-h30, shs-h15, shs-h5) HALD with a hard phase of 30, 15 or 5 epochs placed as the default's 60. One
 cache per class count, s and seed, shared by the schedules. At 200 classes the
 table takes the committed rows of tools/evidence_tiny.py (the same settings), and runs only what they lack (s = 10).
 Each finished run's summary.json goes to results/classes/c<k>-<schedule>-s<s>-seed<seed>.json.
