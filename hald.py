@@ -14,7 +14,7 @@ labels, then replays the soft labels again.
 Measured (README; 2-core x86_64 CPU, IPC 10, 300 epochs, the defaults, last-epoch top-1 over 3 seeds, soft-only
 -> HALD): CIFAR-10 29.8 -> 33.8 % at 1 crop per image, 35.4 -> 37.8 % at 2, 49.7 -> 50.3 % at 10 (AdamW's state
 cleared at each phase switch; kept, as the authors: 33.8, 34.4, 38.5); Tiny-ImageNet (200 classes, 32 px) 18.9 -> 19.9 %
-at 1 (kept: 21.3), 25.0 -> 25.6 at 2, 27.9 -> 28.5 at 10 (2 seeds). From 10 crops per image the two are within a
+at 1 (kept: 21.3), 25.1 -> 25.5 at 2, 27.9 -> 28.5 at 10 (2 seeds). From 10 crops per image the two are within a
 point: compare both, --schedule "shs soft" --seeds 0,1,2.
 
 Sections follow one image from disk to the accuracy figure: config -> data -> crop sampler -> CutMix -> soft-label
