@@ -129,15 +129,15 @@ def load(k: int, schedule: str, s: int) -> dict:
     return {seed: json.loads(p.read_text()) for seed, p in paths.items() if p.exists()}
 
 
+def diffs(k: int, schedule: str, s: int) -> dict:
+    """seed -> `schedule` minus soft-only, for the seeds measured for both."""
+    soft = load(k, "soft", s)
+    return {i: r["final_top1"] - soft[i]["final_top1"] for i, r in sorted(load(k, schedule, s).items()) if i in soft}
+
+
 def gains(schedule: str = "shs") -> dict:
     """(classes, s) -> HALD minus soft-only per seed (the seeds measured for both)."""
-    found = {}
-    for k in CLASSES:
-        for s in CROPS:
-            soft, shs = load(k, "soft", s), load(k, schedule, s)
-            if seeds := sorted(soft.keys() & shs.keys()):
-                found[k, s] = [shs[i]["final_top1"] - soft[i]["final_top1"] for i in seeds]
-    return found
+    return {(k, s): list(d.values()) for k in CLASSES for s in CROPS if (d := diffs(k, schedule, s))}
 
 
 def table() -> str:
@@ -176,15 +176,12 @@ def crossovers() -> str:
 
 def hard_table() -> str:
     """HALD (reset) minus soft-only by the hard phase's length, where a shorter one was run ("" where none was)."""
-    found = {}
+    rows = {}
     for k in CLASSES:
         for s in CROPS:
-            soft = load(k, "soft", s)
-            runs = {h: {i: r["final_top1"] - soft[i]["final_top1"] for i, r in load(k, "shs" if h == 60 else f"shs-h{h}", s).items()
-                        if i in soft} for h in HARD}
+            runs = {h: diffs(k, "shs" if h == 60 else f"shs-h{h}", s) for h in HARD}
             if any(runs[h] for h in HARD[1:]):
-                found[k, s] = runs
-    rows = found
+                rows[k, s] = runs
     return gain_table("classes", rows, {h: f"hard {h}{' (default)' if h == 60 else ''}" for h in HARD}) if rows else ""
 
 
@@ -195,12 +192,11 @@ def picture(path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from evidence_switch import load as switch_load
+    from evidence_switch import diffs as switch_diffs
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     lines = {f"Tiny-ImageNet, {k} classes": {s: d for (c, s), d in gains().items() if c == k} for k in CLASSES}
-    cifar = {s: [shs["final_top1"] - soft[i]["final_top1"] for i, shs in switch_load("real", "reset", s).items() if i in soft]
-             for s in CROPS if (soft := switch_load("real", "soft", s))}
+    cifar = {s: list(switch_diffs("real", "reset", s).values()) for s in CROPS}
     lines["CIFAR-10 (real draw), 10 classes"] = {s: d for s, d in cifar.items() if d}
     for i, (name, points) in enumerate(lines.items()):
         if not points:

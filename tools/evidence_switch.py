@@ -88,20 +88,23 @@ def load(set_name: str, treatment: str, s: int) -> dict:
     return {seed: json.loads(p.read_text()) for seed, p in enumerate(paths) if p.exists()}
 
 
+def diffs(set_name: str, treatment: str, s: int) -> dict:
+    """seed -> `treatment` minus soft-only, for the seeds measured for both."""
+    soft = load(set_name, "soft", s)
+    return {k: r["final_top1"] - soft[k]["final_top1"] for k, r in sorted(load(set_name, treatment, s).items()) if k in soft}
+
+
 def table() -> str:
     """Last-epoch top-1 (mean +- std over seeds, each seed) by set, s and treatment, and each minus soft-only per seed."""
     lines = ["| set | s | schedule | top-1 % | minus soft-only (per seed) |", "|---|---|---|---|---|"]
     for set_name in SETS:
         for s in (1, 2, 4, 10):
-            soft = load(set_name, "soft", s)
             for treatment in SHOWN:
                 runs = load(set_name, treatment, s)
                 if not runs:
                     continue
-                seeds = sorted(runs.keys() & soft.keys())
-                diffs = [runs[k]["final_top1"] - soft[k]["final_top1"] for k in seeds]
-                gain = "" if treatment == "soft" or not diffs else \
-                    f"**{statistics.mean(diffs):+.1f}** ({', '.join(f'{d:+.1f}' for d in diffs)})"
+                d = list(diffs(set_name, treatment, s).values())
+                gain = "" if treatment == "soft" or not d else f"**{statistics.mean(d):+.1f}** ({', '.join(f'{v:+.1f}' for v in d)})"
                 name = "soft-only" if treatment == "soft" else f"HALD, {treatment}"
                 lines.append(f"| {set_name} | {s} | {name} | {cell([runs[k] for k in sorted(runs)])} | {gain} |")
     return "\n".join(lines)
@@ -113,8 +116,7 @@ def hard_table() -> str:
     rows = {}
     for set_name in SETS:
         for s in (1, 2, 4, 10):
-            soft = load(set_name, "soft", s)
-            found = {t: {k: r["final_top1"] - soft[k]["final_top1"] for k, r in load(set_name, t, s).items() if k in soft} for t in columns}
+            found = {t: diffs(set_name, t, s) for t in columns}
             if any(found[t] for t in columns if t != "reset"):
                 rows[set_name, s] = found
     return gain_table("set", rows, columns) if rows else ""
