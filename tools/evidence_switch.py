@@ -29,16 +29,18 @@ from evidence_generated import PINNED  # noqa: E402
 
 KEPT = ROOT / "results" / "cifar10" / "switch"
 # set -> (folder, extra hald.py arguments); real-b4: the real draw at batch 4 (25 steps an epoch, not 7), where AdamW's
-# memory of one phase should fade sooner in the next; real-r18: the real draw with ResNet-18 at its auto split, the
-# authors' 75 / 150 / 75
+# memory of one phase should fade sooner in the next; real-r18 and real-in: the real draw with ResNet-18 and with the
+# instance-norm ConvNet-3 (--model convnet), each at its auto split, the authors' 75 / 150 / 75
 SETS = {"real": (ROOT / "demo" / "distilled", []), "recover": (ROOT / "sets" / "cifar10-recover", []),
         "select": (ROOT / "sets" / "cifar10-select", []), "real-b4": (ROOT / "demo" / "distilled", ["--batch-size", "4"]),
-        "real-r18": (ROOT / "demo" / "distilled", ["--model", "resnet18", "--soft-epochs", "150"])}
+        "real-r18": (ROOT / "demo" / "distilled", ["--model", "resnet18", "--soft-epochs", "150"]),
+        "real-in": (ROOT / "demo" / "distilled", ["--model", "convnet", "--soft-epochs", "150"])}
 # the soft-only and state-kept runs the earlier evidence committed (same settings, same cache per seed)
 RUNS, GENERATED = ROOT / "results" / "cifar10" / "runs", ROOT / "results" / "cifar10" / "generated"
 BASELINES = {("real", "soft"): RUNS / "convnet-3-bn-soft-only-t-4", ("real", "keep"): RUNS / "convnet-3-bn-hald-soft-120-hard-60-soft-120",
              ("real-r18", "soft"): RUNS / "resnet-18-soft-only-t-4",
              ("real-r18", "keep"): RUNS / "resnet-18-hald-authors-split-soft-75-hard-150-soft-75",
+             ("real-in", "soft"): RUNS / "soft-only-t-4", ("real-in", "keep"): RUNS / "hald-label-smoothing-0-1-t-4",
              **{(kind, t): GENERATED / f"cifar10-{kind}-{row}" for kind in ("recover", "select") for t, row in (("soft", "soft"), ("keep", "shs"))}}
 # treatment -> hald.py arguments on top of the pinned ones and --schedule shs. reset-v (the second moment restarted from
 # the new phase's first gradient, the momentum kept) was measured once with hald.py 8e46f81 and then dropped: it diverges
