@@ -59,6 +59,8 @@ RESET = [("CIFAR-10 real, ConvNet-3 BN", CIFAR / "runs", "convnet-3-bn-soft-only
           "ceiling-soft-only-t-4-convnet-3-bn", (1, 2, 10)),
          ("CIFAR-10 real, ResNet-18", CIFAR / "runs", "resnet-18-soft-only-t-4", SWITCH / "real-r18-reset",
           "ceiling-soft-only-t-4-resnet-18", (1, 2, 10)),
+         ("CIFAR-10 real, ConvNet-3 IN", CIFAR / "runs", "soft-only-t-4", SWITCH / "real-in-reset", "ceiling-soft-only-t-4-convnet-3-in",
+          (1, 2, 10)),
          ("Tiny 32 px real, ConvNet-3 BN 64", TINY / "runs", "soft-only-t-4", TINY / "runs" / "hald-soft-120-hard-60-soft-120-adamw-reset-at-each-switch",
           "ceiling-soft-only-a-fresh-label-per-crop-t-4", (1, 2)),
          ("Tiny 32 px real, ConvNet-3 BN 64", SUBSETS, "c200-soft", SUBSETS / "c200-shs", None, (10,))]
