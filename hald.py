@@ -825,8 +825,7 @@ def hard_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def hybrid_loss(soft_logits, teacher_probs, temperature: float, hard_logits, hard_targets, lam: float, t2: bool = False):
     """Static mix at every step: (T^2 if t2 else 1) * L_soft + lam * L_hard."""
-    scale = temperature**2 if t2 else 1.0
-    return scale * soft_loss(soft_logits, teacher_probs, temperature) + lam * hard_loss(hard_logits, hard_targets)
+    return (temperature**2 if t2 else 1.0) * soft_loss(soft_logits, teacher_probs, temperature) + lam * hard_loss(hard_logits, hard_targets)
 
 
 def mixed_targets(labels, num_classes: int, smoothing: float, partner, lam) -> torch.Tensor:
@@ -1180,8 +1179,7 @@ def evaluate(model: nn.Module, val: dict, device: torch.device, stats=NORMALIZAT
     if world > 1:
         torch.distributed.all_reduce(correct)
     model.train(was_training)
-    top1, top5 = correct.tolist()
-    return 100 * top1 / len(val["labels"]), 100 * top5 / len(val["labels"])
+    return tuple(100 * c / len(val["labels"]) for c in correct.tolist())  # top-1, top-5
 
 
 def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.Generator) -> list[int]:
@@ -1388,10 +1386,12 @@ def claim_out(out: Path, *files) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # no fcntl (Windows): no lock
         pass
-    except OSError:
+    except BlockingIOError:  # held
         lock.seek(0)
         raise HaldError(f"--out {out} is in use by {lock.read().strip() or 'another run'}: wait for it to end, or choose another "
                         f"--out") from None
+    except OSError as e:  # a file system without locks (Lustre mounted without -o flock): said, not taken for a held lock
+        print(f"note: {out} cannot be locked ({e.strerror or e}): nothing stops a second run from writing into this --out meanwhile")
     lock.truncate(0)
     lock.write(f"the run of process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()

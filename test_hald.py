@@ -1740,6 +1740,20 @@ def test_normalize_is_recorded_and_a_checkpoint_brings_its_own(tiny, tmp_path, c
 
 
 # ----------------------------------------------------------------------- nothing silently wrong
+def test_an_out_on_a_file_system_without_locks_trains_with_a_note(tiny, tmp_path, capsys, monkeypatch):
+    """Lustre mounted without flock answers ENOSYS: the run trains and says its --out is unguarded (not "in use")."""
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert hald.main(tiny_args(tiny, tmp_path / "run", "--epochs", "1", "--schedule", "hard", "--drift-crops", "0")) == 0
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'run'} cannot be locked (Function not implemented)" in out and (tmp_path / "run" / "summary.json").exists()
+
+
 def test_sigterm_stops_like_ctrl_c_and_one_run_holds_an_out(tiny, tmp_path, capsys):
     """SIGTERM (a scheduler's preemption): one line with the resume command, exit 143, no temporary file; while the run
     lives a second run on its --out is refused naming it; a temporary file of a killed run is gone once the next starts."""
