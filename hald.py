@@ -215,8 +215,9 @@ def normalization(cfg: Config) -> str:
 
 def check_config(cfg: Config) -> None:
     """Reject bad settings before any work is done."""
-    if cfg.ipc < 1 or cfg.epochs < 1:
-        raise HaldError(f"--ipc and --epochs must be >= 1, got {cfg.ipc} and {cfg.epochs}")
+    if cfg.ipc < 1 or cfg.epochs < 1 or cfg.label_topk < 0:
+        raise HaldError(f"--ipc and --epochs must be >= 1 and --label-topk >= 0 (0 keeps all classes), got {cfg.ipc}, {cfg.epochs} "
+                        f"and {cfg.label_topk}")
     if cfg.batch_size < 2:
         raise HaldError(f"--batch-size must be >= 2 (CutMix mixes images of a batch), got {cfg.batch_size}")
     for f in dataclasses.fields(cfg):
@@ -231,8 +232,6 @@ def check_config(cfg: Config) -> None:
     if not (0 <= cfg.soft_epochs <= cfg.epochs or cfg.soft_epochs == -1):
         raise HaldError(f"--soft-epochs {cfg.soft_epochs} must be between 0 and --epochs {cfg.epochs} (or -1 for auto)")
     mean_std_of(cfg.normalize)
-    if cfg.label_topk < 0:
-        raise HaldError(f"--label-topk must be >= 0 (0 keeps all classes), got {cfg.label_topk}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise HaldError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
 
@@ -279,8 +278,7 @@ def decode_image(path: Path, size: int, center_crop: bool = False) -> torch.Tens
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise HaldError(f"cannot read image {path} ({e}): replace or remove the file") from None
     if center_crop:  # the authors' validation transform: Resize(256) + CenterCrop(224), scaled to size
-        short = round(size * 256 / 224)
-        w, h = image.size
+        short, (w, h) = round(size * 256 / 224), image.size
         image = image.resize((max(short, round(w * short / h)), max(short, round(h * short / w))), Image.BILINEAR)
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
@@ -303,8 +301,7 @@ def load_distilled(root, ipc: int, size: int = 0, log=print):
     note_numeric_order(classes, f"--data {root}", log)
     paths = [p for class_files in files for p in class_files[:ipc]]
     size = size or decode_image(paths[0], 0).shape[1]
-    labels = torch.arange(len(classes)).repeat_interleave(ipc)
-    return decode_images(paths, size), labels, classes
+    return decode_images(paths, size), torch.arange(len(classes)).repeat_interleave(ipc), classes
 
 
 def check_ipc(counts: list, classes: list, ipc: int, where, log=print) -> None:
@@ -805,8 +802,9 @@ def load_trusted(path, what: str):
 # ----------------------------------------------------------------------------- losses
 def soft_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || softmax(student / T)), batch mean, without the T^2 factor (as the authors)."""
-    if not temperature > 0:
-        raise HaldError(f"the temperature must be > 0, got {temperature}")
+    if not temperature > 0 or teacher_probs.shape != student_logits.shape:  # (B,) class indices would broadcast when B = C
+        raise HaldError(f"soft_loss takes a temperature > 0 and teacher probabilities (B, C) shaped like the logits "
+                        f"{tuple(student_logits.shape)}, got {temperature} and {tuple(teacher_probs.shape)}")
     return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1), teacher_probs, reduction="batchmean")
 
 
@@ -820,6 +818,9 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
 
 def hard_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft targets (label-smoothed, CutMix-mixed one-hots) at temperature 1."""
+    if targets.shape != logits.shape:  # class indices (B,) would broadcast against the logits when B = C, and train silently
+        raise HaldError(f"hard_loss takes targets (B, C) shaped like the logits {tuple(logits.shape)}, got {tuple(targets.shape)}: "
+                        f"make them from class indices with smooth_one_hot (or mixed_targets)")
     return -(targets * F.log_softmax(logits.float(), 1)).sum(1).mean()
 
 
@@ -1752,9 +1753,8 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: Path, title: str = "", 
                      label=None if j else label, alpha=1 if len(histories) == 1 else 0.6)
     top.set(ylabel="validation top-1 (%)", title=title)
     if one:  # the run's training loss by phase
-        history = histories[0]
-        for phase in dict.fromkeys(r["phase"] for r in history):
-            rows = [r for r in history if r["phase"] == phase]
+        for phase in dict.fromkeys(r["phase"] for r in histories[0]):
+            rows = [r for r in histories[0] if r["phase"] == phase]
             bottom.semilogy([r["epoch"] for r in rows], [r["loss"] for r in rows], ".", ms=2, color=colours[phase], label=f"{phase} loss")
     bottom.legend(title=None if one else "final top-1")
     bottom.set_xlabel("epoch (shaded: orange hard, purple hybrid; white soft)" if one else "epoch (shaded: a schedule's hard phase)")

@@ -366,8 +366,13 @@ def test_pieces_check_their_inputs():
     [1.75, -0.25, ...]) or replayed part of the cache (a batch size other than the stored batches')."""
     with pytest.raises(ValueError, match=r"smoothing must be in \[0, 1\), got -1"):
         hald.smooth_one_hot(torch.tensor([0]), 4, -1.0)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match=r"soft_loss takes a temperature > 0 .* got 0.0 and \(2, 3\)"):
         hald.soft_loss(torch.zeros(2, 3), torch.full((2, 3), 1 / 3), 0.0)
+    labels = torch.arange(10)  # class indices where targets belong: with a batch of C images they would broadcast and train
+    with pytest.raises(ValueError, match=r"hard_loss takes targets \(B, C\) shaped like the logits \(10, 10\), got \(10,\)"):
+        hald.hard_loss(torch.zeros(10, 10), labels)
+    with pytest.raises(ValueError, match=r"teacher probabilities \(B, C\) shaped like the logits \(10, 10\), got 4.0 and \(10,\)"):
+        hald.soft_loss(torch.zeros(10, 10), labels, 4.0)
     cache, _, images = tiny_cache()
     net = hald.build_model("convnet8", 5, 16)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
