@@ -124,6 +124,8 @@ def test_the_hard_phase_table_names_the_best_on_the_seeds_every_length_has():
     assert last == "| real | 10 | +2.0 (+1.0, +3.0, +2.0) | +1.5 (+1.5) | hard 5; seed 0 |"
     rows["real", 10]["h5"].update({1: 1.0, 2: 1.0})  # on seeds 0-2: 2.0 against 1.17
     assert evidence.gain_table("set", rows, {"h60": "hard 60", "h5": "hard 5"}).endswith("| hard 60; seeds 0, 1, 2 |")
+    rows["real", 10]["h5"].update({0: 1.0, 1: 3.0, 2: 1.96})  # 1.99 against 2.0: level at the table's precision, both named, best first
+    assert evidence.gain_table("set", rows, {"h60": "hard 60", "h5": "hard 5"}).endswith("| hard 60 = hard 5; seeds 0, 1, 2 |")
 
 
 def test_the_crossover_is_where_the_mean_gain_changes_sign_interpolated_in_log_s(monkeypatch):

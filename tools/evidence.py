@@ -112,16 +112,17 @@ def cell(summaries: list[dict]) -> str:
 def gain_table(first: str, rows: dict, columns: dict) -> str:
     """Markdown of HALD minus soft-only (mean, then each seed) by row and column. rows: (row label, s) -> {column: {seed:
     difference}}; columns: column -> its heading (one measured nowhere is left out). The last column names the best on the
-    seeds every measured column of the row has."""
+    seeds every measured column of the row has, and every other within 0.05 of it (level at the table's precision)."""
     columns = {c: name for c, name in columns.items() if any(found.get(c) for found in rows.values())}
     lines = [f"| {first} | s | " + " | ".join(columns.values()) + " | best (seeds) |", "|---|---|" + "---|" * (len(columns) + 1)]
     for (label, s), found in rows.items():
         found = {c: d for c, d in found.items() if d}
         common = sorted(set.intersection(*(set(d) for d in found.values())))
-        best = max(found, key=lambda c: statistics.mean(found[c][k] for k in common)) if common else None
+        means = {c: statistics.mean(found[c][k] for k in common) for c in found} if common else {}
+        best = " = ".join(columns[c] for c in sorted(means, key=means.get, reverse=True) if means[c] >= max(means.values()) - 0.05)
         lines.append(f"| {label} | {s} | " + " | ".join(
             f"{statistics.mean(found[c].values()):+.1f} ({', '.join(f'{v:+.1f}' for _, v in sorted(found[c].items()))})"
-            if c in found else "" for c in columns) + f" | {f'{columns[best]}; seed' + 's' * (len(common) > 1) + ' ' + ', '.join(map(str, common)) if best else ''} |")
+            if c in found else "" for c in columns) + f" | {f'{best}; seed' + 's' * (len(common) > 1) + ' ' + ', '.join(map(str, common)) if best else ''} |")
     return "\n".join(lines)
 
 
