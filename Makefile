@@ -52,12 +52,14 @@ evidence-generated: $(VENV)/installed
 # HALD's optimizer across the phase switch (--phase-switch keep, reset, t2) on the real draw and the generator-made
 # CIFAR-10 sets, s = 10, 2, 1, 3 seeds, the runs missing from results/cifar10/switch/ (about 4 min each on one core,
 # two at a time; about 2 h in all on 2 CPU cores), the mechanism check at batch 4, then the hard phase's length with the
-# reset at s = 10, 4, 2 (about 5 h), and ResNet-18 with the reset (about 25 min a run)
+# reset at s = 10, 4, 2 on the real draw (about 5 h) and at 10, 2 on the generator-made sets (about 1 h), and ResNet-18
+# (about 35 min a run) and the instance-norm ConvNet-3 with the reset
 evidence-switch: $(VENV)/installed
 	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2
 	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets real-b4 --crops 10 --treatments soft,keep,reset
-	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --crops 10,4,2 --treatments soft,reset,reset-h30,reset-h15,reset-h5,reset-hard-first-15
-	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets real-r18 --crops 10,2,1 --treatments reset
+	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets real --crops 10,4,2 --treatments soft,reset,reset-h30,reset-h15,reset-h5,reset-hard-first-15
+	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets recover,select --crops 10,2 --treatments reset-h30,reset-h5
+	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets real-r18,real-in --crops 10,2,1 --treatments reset
 
 # the class-count axis: Tiny-ImageNet at 32 px, nested subsets of 10, 50 (and 200) classes, soft-only and HALD (the
 # reset) at s = 1, 2, 10, 3 seeds, the ceilings, then HALD with AdamW's state kept, and at 10 classes HALD with hard

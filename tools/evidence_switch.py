@@ -8,7 +8,8 @@ committed soft-only and HALD (state kept) runs of the same settings.
 
 Settings: the default student's (BatchNorm ConvNet-3, IPC 10, 300 epochs, HALD soft 120 / hard 60 / soft 120,
 smoothing 0.1, T 4, last-epoch top-1 on the 10,000 CIFAR-10 test images), pinned as in tools/evidence_generated.py.
-Sets: the bundled real draw (demo/distilled) and the two generator-made sets in sets/. One soft-label cache per set, s
+Sets: the bundled real draw (demo/distilled) and the two generator-made sets in sets/; the real draw also with
+ResNet-18 (real-r18), the instance-norm ConvNet-3 (real-in) and at batch 4 (real-b4). One soft-label cache per set, s
 and seed (runs/switch/caches/), shared by every treatment of that cell: the same seed builds the same cache, so the
 committed soft-only and state-kept runs were trained from the same labels. Each finished run's summary.json is copied
 to results/cifar10/switch/<set>-<treatment>-s<s>-seed<seed>.json, which makes it count as done.
