@@ -119,7 +119,8 @@ def gain_table(first: str, rows: dict, columns: dict) -> str:
         found = {c: d for c, d in found.items() if d}
         common = sorted(set.intersection(*(set(d) for d in found.values())))
         means = {c: statistics.mean(found[c][k] for k in common) for c in found} if common else {}
-        best = " = ".join(columns[c] for c in sorted(means, key=means.get, reverse=True) if means[c] >= max(means.values()) - 0.05)
+        top = max(means.values(), default=0.0)
+        best = " = ".join(columns[c] for c in sorted(means, key=means.get, reverse=True) if means[c] >= top - 0.05)
         lines.append(f"| {label} | {s} | " + " | ".join(
             f"{statistics.mean(found[c].values()):+.1f} ({', '.join(f'{v:+.1f}' for _, v in sorted(found[c].items()))})"
             if c in found else "" for c in columns) + f" | {f'{best}; seed' + 's' * (len(common) > 1) + ' ' + ', '.join(map(str, common)) if best else ''} |")
