@@ -644,6 +644,8 @@ class SoftLabelCache:
             x = replay(images, *(t[s:e] for t in drawn), cuts[k], size, mean, std)
             with autocast(device, precision):
                 logits = teacher(model_layout(x)).float()  # (B, C)
+            if probs is None and logits.min() >= 0 and (logits.sum(1) - 1).abs().max() < 0.02:  # softmax(p / T): near uniform
+                raise HaldError("the teacher returns probabilities (rows >= 0 summing to 1), not logits: drop its final softmax")
             probs = probs if probs is not None else torch.zeros(len(index), logits.shape[1], device=device)
             probs[s:e] = F.softmax(logits / temperature, 1)
             if time.time() - t0 > 10 and (k + 1) % max(1, len(batches) // 10) == 0:
@@ -1282,6 +1284,17 @@ def init_distributed(device: torch.device) -> tuple[torch.device, int, int]:
     return device, dist.get_rank(), world
 
 
+def seen_alike(path: Path, device: torch.device, world: int) -> bool:
+    """Whether `path` exists, refused unless every process sees the same (under torchrun: an --out on each node's own disk)."""
+    seen = torch.tensor(float(path.exists()), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(seen)
+        if 0 < seen.item() < world:
+            raise HaldError(f"{path} exists for {seen.item():.0f} of the {world} processes: put --out and --cache on a file "
+                            f"system that every node shares")
+    return bool(seen)
+
+
 class GraphedForward:
     """The student's forward and backward replayed from one CUDA graph per input shape (a batch of 16 is bound by kernel
     launches); loss and AdamW stay eager. Capture's warm-up would move BatchNorm statistics: they are put back."""
@@ -1466,7 +1479,7 @@ def soft_labels(cfg: Config, teacher, images, labels, classes, val, device, gens
                           images_sha256=tensors_digest({"images": images, "labels": labels}), label_topk=cfg.label_topk,
                           label_bits=cfg.label_bits, **({"teacher_mean_std": stats} if stats != NORMALIZATIONS["imagenet"] else {}))
     cache_path = Path(cfg.cache or out / "soft_labels.pt")
-    if cache_path.exists() and not cfg.rebuild_cache:
+    if seen_alike(cache_path, device, world) and not cfg.rebuild_cache:
         cache = load_cache(cache_path, header)
         log(f"reusing soft-label cache {cache_path}")
     else:
@@ -1509,7 +1522,7 @@ def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens
     settings = run_settings(cfg)
     pool, history, first = [], [], 0
     runaway = 10 * math.log(max(C, 2)) * (cfg.temperature**2 if epoch_settings["t2"] else 1) * (1 + cfg.hybrid_lambda)
-    if cfg.resume and (out / "checkpoint.pt").exists():
+    if cfg.resume and seen_alike(out / "checkpoint.pt", device, world):
         first, pool, history = restore_state(out / "checkpoint.pt", settings, model, opt, gens)
         log(f"resuming after epoch {first} from {out / 'checkpoint.pt'}")
     if rank == 0:

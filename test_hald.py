@@ -361,6 +361,19 @@ def test_cache_refuses_bad_arguments_in_library_words(kwargs, message):
         hald.SoftLabelCache.build(hald.build_model("convnet8", 5, 16), torch.zeros(4, 3, 16, 16, dtype=torch.uint8), **args)
 
 
+def test_cache_refuses_a_teacher_that_returns_probabilities():
+    """A teacher ending in a softmax passes the teacher check (the argmax is the same) but would be stored as
+    softmax(p / T), near uniform: refused. One ending in a log-softmax returns logits up to a constant, and is kept."""
+    torch.manual_seed(0)
+    net, images = hald.build_model("convnet8", 5, 16), torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    args = dict(size=16, crops_per_image=1, batch_size=4, temperature=4.0, log=lambda *_: None)
+    with pytest.raises(ValueError, match="returns probabilities .* drop its final softmax"):
+        hald.SoftLabelCache.build(torch.nn.Sequential(net, torch.nn.Softmax(1)), images, gen=torch.Generator().manual_seed(0), **args)
+    logs = hald.SoftLabelCache.build(torch.nn.Sequential(net, torch.nn.LogSoftmax(1)), images, gen=torch.Generator().manual_seed(0), **args)
+    plain = hald.SoftLabelCache.build(net, images, gen=torch.Generator().manual_seed(0), **args)
+    torch.testing.assert_close(logs.probs.float(), plain.probs.float(), atol=2e-3, rtol=0)
+
+
 def test_pieces_check_their_inputs():
     """Bad values from a foreign trainer fail loudly, where before they trained silently (smoothing -1 gave targets
     [1.75, -0.25, ...]) or replayed part of the cache (a batch size other than the stored batches')."""
@@ -1471,6 +1484,29 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
     bad = subprocess.run([*launch, str(HERE / "hald.py"), *tiny_args(tiny, tmp_path / "bad", "--batch-size", "3")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and bad.stderr.count("hald: error: --batch-size 3 is the global batch") == 1  # said once
+
+
+def test_files_that_some_processes_do_not_see_are_refused(tmp_path):
+    """Under torchrun with --out on each node's own disk, each process would decide alone whether to resume and whether
+    to reuse the cache: their collectives no longer pair (a hang, or silently wrong training). Two gloo processes, each
+    shown its own file: both answer alike where both or neither exist, and both refuse where only one does."""
+    script = tmp_path / "ranks.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(HERE)!r})\nfrom pathlib import Path\nimport torch, hald\n"
+                      "device, rank, world = hald.init_distributed(torch.device('cpu'))\n"
+                      "for name in sys.argv[1:]:\n"
+                      "    try:\n        print(rank, Path(name).name, hald.seen_alike(Path(name + str(rank)), device, world))\n"
+                      "    except hald.HaldError as e:\n        print(rank, Path(name).name, 'refused:', e)\n"
+                      "torch.distributed.destroy_process_group()\nsys.stdout.flush()\nos._exit(0)\n")
+    for name in ("both0", "both1", "one0"):
+        (tmp_path / name).touch()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                          *(str(tmp_path / name) for name in ("both", "none", "one"))],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = sorted(run.stdout.splitlines())
+    assert lines[:2] == ["0 both True", "0 none False"] and lines[3:5] == ["1 both True", "1 none False"]
+    for rank in (0, 1):
+        assert f"{rank} one refused: {tmp_path / 'one'}{rank} exists for 1 of the 2 processes: put --out" in lines[2 + 3 * rank]
 
 
 # --------------------------------------------------------------------------- copy-paste
