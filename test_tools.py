@@ -174,3 +174,26 @@ def test_gradient_alignment_is_one_where_the_soft_labels_are_the_hard_targets():
     cache.probs = torch.nn.functional.one_hot(labels[cache.index.long()], 10).half()
     assert alignment.cosine(net, cache, images, labels, 10, [0, 1], 0.0, 1.0, stats) == pytest.approx(1.0, abs=1e-4)
     assert -1 <= real < 0.999
+
+
+def test_adam_memory_observes_without_changing_the_run(tmp_path, capsys):
+    """tools/adam_memory.py: its observers leave the student bit for bit as a plain run of the same flags trains it, its
+    trace has one row an epoch in the schedule's phases, and with AdamW's state kept the hard phase's cross-entropy
+    gradients show in the second moment after the switch (larger than at the end of the first soft phase)."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import adam_memory
+
+    flags = ["--data", str(DEMO / "distilled"), "--val", str(DEMO / "val"), "--teacher", str(DEMO / "teacher.pt"), "--ipc", "2",
+             "--slc", "2", "--epochs", "10", "--soft-epochs", "6", "--model", "convnet_bn8", "--phase-switch", "keep", "--eval-every", "0",
+             "--drift-crops", "0", "--no-check-teacher"]
+    adam_memory.main(flags + ["--out", str(tmp_path / "traced"), "--save-model", str(tmp_path / "traced.pt")])
+    assert hald.main(flags + ["--out", str(tmp_path / "plain"), "--save-model", str(tmp_path / "plain.pt")]) == 0
+    a, b = (torch.load(tmp_path / f"{name}.pt", weights_only=True)["state_dict"] for name in ("traced", "plain"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = json.loads((tmp_path / "traced" / "adam_memory.json").read_text())
+    assert [r["phase"] for r in rows] == ["soft"] * 3 + ["hard"] * 4 + ["soft"] * 3 and all(r["steps"] == 2 for r in rows)
+    summary = adam_memory.summarize(rows)
+    assert summary["grad_sq_ratio"] > 1 and summary["second_moment_after_hard"] > 1
+    assert "x after the hard phase" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="Soft -> Hard -> Soft"):
+        adam_memory.summarize(rows[:5])
