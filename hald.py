@@ -146,8 +146,8 @@ class Config:
     hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
     phase_switch: str = arg("reset", "AdamW across a soft <-> hard switch: reset (its state cleared at each switch: better than keep "
-                            "from 2 crops per image on, either way at 1, README), keep (the authors'), or t2 (kept; the soft loss x T^2)",
-                            ("reset", "keep", "t2"))
+                            "from 2 crops per image on; at 1 either way, keep up to 1.4 points ahead at 200 classes, README), keep "
+                            "(the authors'), or t2 (kept; the soft loss x T^2)", ("reset", "keep", "t2"))
     # optimisation
     batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
     lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (README)")
