@@ -1493,17 +1493,19 @@ def test_files_that_some_processes_do_not_see_are_refused(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(f"import os, sys\nsys.path.insert(0, {str(HERE)!r})\nfrom pathlib import Path\nimport torch, hald\n"
                       "device, rank, world = hald.init_distributed(torch.device('cpu'))\n"
+                      "said = []  # into a file per rank: the launcher interleaves the processes' output\n"
                       "for name in sys.argv[1:]:\n"
-                      "    try:\n        print(rank, Path(name).name, hald.seen_alike(Path(name + str(rank)), device, world))\n"
-                      "    except hald.HaldError as e:\n        print(rank, Path(name).name, 'refused:', e)\n"
-                      "torch.distributed.destroy_process_group()\nsys.stdout.flush()\nos._exit(0)\n")
+                      "    try:\n        said.append(f'{rank} {Path(name).name} {hald.seen_alike(Path(name + str(rank)), device, world)}')\n"
+                      "    except hald.HaldError as e:\n        said.append(f'{rank} {Path(name).name} refused: {e}')\n"
+                      "Path(sys.argv[1]).with_name(f'said{rank}').write_text('\\n'.join(said))\n"
+                      "torch.distributed.destroy_process_group()\nos._exit(0)\n")
     for name in ("both0", "both1", "one0"):
         (tmp_path / name).touch()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                           *(str(tmp_path / name) for name in ("both", "none", "one"))],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = sorted(run.stdout.splitlines())
+    lines = sorted((tmp_path / "said0").read_text().splitlines() + (tmp_path / "said1").read_text().splitlines())
     assert lines[:2] == ["0 both True", "0 none False"] and lines[3:5] == ["1 both True", "1 none False"]
     for rank in (0, 1):
         assert f"{rank} one refused: {tmp_path / 'one'}{rank} exists for 1 of the 2 processes: put --out" in lines[2 + 3 * rank]
