@@ -4,9 +4,9 @@ how long AdamW's second moment carries their size into the last soft phase.
     python tools/adam_memory.py --out runs/memory/c10-keep --phase-switch keep --slc 100 ...   # hald.py's flags
     python tools/adam_memory.py --show results/adam-memory/cifar10-real-s10-seed0-keep.json    # a trace (or OUT) again
 
-One hald.py run with its own flags (--out is required) and two observers that change nothing it computes: before every
+One hald.py run with its own flags (one schedule, one seed) and two observers that change nothing it computes: before every
 AdamW step the mean squared gradient over the student's parameters, after every epoch the mean of AdamW's second moment
-(exp_avg_sq, raw: not bias-corrected). OUT/adam_memory.json holds one row an epoch (phase, loss, steps, mean squared
+(exp_avg_sq, raw: not bias-corrected). OUT/adam_memory.json (OUT: the run's --out) holds one row an epoch (phase, loss, steps, mean squared
 gradient, second moment); the summary printed at the end compares the phases: the squared gradients of the last 20
 epochs of the first soft phase and of the hard phase, the second moment at each phase's end against its value at the
 end of the first soft phase, and how many epochs of the last soft phase pass before it is under 4 times that value
@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 import hald  # noqa: E402
 
 
-def trace_run(argv: list[str]) -> list[dict]:
-    """hald.py's train_all on argv, observed: one row an epoch (see the module's doc)."""
+def trace_run(cfg: hald.Config) -> list[dict]:
+    """hald.py's train_all on cfg, observed: one row an epoch (see the module's doc)."""
     rows, squares = [], []
     run_epoch, make_optimizer = hald.run_epoch, hald.make_optimizer
 
@@ -46,7 +46,7 @@ def trace_run(argv: list[str]) -> list[dict]:
 
     hald.run_epoch, hald.make_optimizer = observed_epoch, observed_optimizer
     try:
-        hald.train_all(hald.parse_config(argv))
+        hald.train_all(cfg)
     finally:
         hald.run_epoch, hald.make_optimizer = run_epoch, make_optimizer
     return rows
@@ -68,7 +68,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def show(rows: list[dict]) -> None:
     s = summarize(rows)
-    under = (f"after {s['epochs_until_under_4x']} of its {s['last_soft_epochs']} epochs" if s["epochs_until_under_4x"]
+    under = (f"after {s['epochs_until_under_4x']} of its {s['last_soft_epochs']} epochs" if s["epochs_until_under_4x"] is not None
              else f"not within its {s['last_soft_epochs']} epochs")
     print(f"{s['steps_per_epoch']} steps an epoch; mean squared gradient, last 20 epochs: soft {s['grad_sq_soft']:.3g}, hard "
           f"{s['grad_sq_hard']:.3g} ({s['grad_sq_ratio']:.0f} x); AdamW's second moment against the end of the first soft phase: "
@@ -80,11 +80,11 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--show"] and len(argv) == 2:
         path = Path(argv[1])
         return show(json.loads((path / "adam_memory.json" if path.is_dir() else path).read_text()))
-    if "--out" not in argv:
-        sys.exit("adam_memory.py: give --out (the run's folder; adam_memory.json is written there), or --show a trace")
-    rows = trace_run(argv)
-    out = Path(argv[argv.index("--out") + 1])
-    hald.save_atomic(json.dumps(rows, indent=0), out / "adam_memory.json")
+    cfg = hald.parse_config(argv)  # the demo without --data compares two schedules: their rows would interleave
+    if cfg.seeds or len(cfg.schedule.split()) != 1:
+        sys.exit(f"adam_memory.py traces one run: give one --schedule (got {cfg.schedule!r}) and no --seeds")
+    rows = trace_run(cfg)
+    hald.save_atomic(json.dumps(rows, indent=0), Path(cfg.out) / "adam_memory.json")
     show(rows)
 
 

@@ -67,7 +67,7 @@ ROWS = [
     ("instance norm: HALD, authors' split, 0.8 / T 4", ["--schedule", "shs", "--label-smoothing", "0.8", "--temperature", "4", *IN], 1, 1),
     ("instance norm: hard-only (0.8)", ["--schedule", "hard", "--label-smoothing", "0.8", *IN], 1, 2),
     ("instance norm: soft-only (T 20)", [*SOFT_T20, *IN], 2, 1),
-    # the reset (hald.py's default since issue 35) for the two other students of s = 1: not run yet
+    # the reset (hald.py's default since issue 35) for the two other students of s = 1
     ("HALD, soft 120 / hard 60 / soft 120, AdamW reset at each switch, width 128", [*RESET, "--model", "convnet_bn"], 1, 3),
     ("instance norm: HALD, authors' split, AdamW reset at each switch", [*HALD, *IN, "--phase-switch", "reset"], 1, 2),
 ]

@@ -64,7 +64,7 @@ RESET = [("CIFAR-10 real, ConvNet-3 BN", CIFAR / "runs", "convnet-3-bn-soft-only
          ("Tiny 32 px real, ConvNet-3 BN 64", TINY / "runs", "soft-only-t-4", TINY / "runs" / "hald-soft-120-hard-60-soft-120-adamw-reset-at-each-switch",
           "ceiling-soft-only-a-fresh-label-per-crop-t-4", (1, 2)),
          ("Tiny 32 px real, ConvNet-3 BN 64", SUBSETS, "c200-soft", SUBSETS / "c200-shs", None, (10,)),
-         # tools/evidence_tiny.py's reset rows of the other two 200-class students (they join as they are run)
+         # tools/evidence_tiny.py's reset rows of the other two 200-class students
          ("Tiny 32 px real, ConvNet-3 BN 128", TINY / "runs", "soft-only-t-4-width-128",
           TINY / "runs" / "hald-soft-120-hard-60-soft-120-adamw-reset-at-each-switch-width-128", None, (1,)),
          ("Tiny 32 px real, ConvNet-3 IN 64", TINY / "runs", "instance-norm-soft-only-t-4",
