@@ -11,14 +11,8 @@ labels, then replays the soft labels again.
     python hald.py --evaluate student.pt --val val/  # top-1 and top-5 of a saved model, no training
     python hald.py --help                            # every knob with its doc line
 
-Measured (README; 2-core x86_64 CPU, IPC 10, 300 epochs, the defaults, last-epoch top-1 over 3 seeds, soft-only
--> HALD): CIFAR-10 29.8 -> 33.8 % at 1 crop per image, 35.4 -> 37.8 % at 2, 49.7 -> 50.3 % at 10 (AdamW's state
-cleared at each phase switch; kept, as the authors: 33.8, 34.4, 38.5); Tiny-ImageNet (200 classes, 32 px) 18.9 -> 19.9 %
-at 1 (kept: 21.3), 25.1 -> 25.5 at 2, 27.9 -> 28.5 at 10 (2 seeds). From 10 crops per image the two are within a
-point: compare both, --schedule "shs soft" --seeds 0,1,2.
-
-Sections follow one image from disk to the accuracy figure: config -> data -> crop sampler -> CutMix -> soft-label
-cache (relabel) -> losses -> schedule -> models -> diagnostics -> train/eval -> main.
+Measured: CIFAR-10, IPC 10, one stored crop per image, 300 epochs, 3 seeds on a 2-core CPU: soft-only 29.8 %, HALD
+33.8 % top-1 (README: Results, and where it helps). Part I is the method, a minimal reference; Part II the program.
 """
 
 import argparse
@@ -45,414 +39,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-DEMO = HERE / "demo"
+
+# ================================================================================ Part I: the method (minimal reference)
+# Tensors and torch.Generators in, tensors out; plain keyword arguments; no files, no Config, no messages to the user.
+# Each piece checks its own arguments, in HaldError (a ValueError), so that it can be copied alone (README: copy table).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# --normalize: (mean, std) per dataset, as each family trains its models (CIFAR-10: the DC / MTT statistics)
-NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-                  "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)), "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-CACHE_FORMAT = "hald-soft-labels-v1"
-MODEL_FORMAT = "hald-model-v1"
-# -1 = auto for --label-smoothing and --temperature, by class count. HALD trained better students with 0.1 and
-# T 4 than with the authors' 0.8 and T 20 at 10 classes (CIFAR-10, 3 seeds) and at 200 (Tiny-ImageNet), the
-# largest count measured (RESULTS.md); above it the authors' values stand, since nothing here says otherwise.
-AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, AUTO_MEASURED_CLASSES = 0.1, 4.0, 200
-AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE = 0.8, 20.0
-# --recipe: the authors' datasets (name, classes, --normalize); with one, their smoothing 0.8 and T 20 at any class count
-RECIPES = {"imagenet1k": ("ImageNet-1K", 1000, "imagenet"), "tiny-imagenet": ("Tiny-ImageNet", 200, "imagenet"),
-           "cifar100": ("CIFAR-100", 100, "cifar100"), "imagenette": ("ImageNette", 10, "imagenet"), "imagewoof": ("ImageWoof", 10, "imagenet")}
-# -1 = auto for --lr and --eta: the authors' tuned values (validate/hyper.yaml) per dataset and student, as rows (from IPC,
-# lr, eta). ImageNette and ImageWoof: their "mostly 5e-4". No row: lr 1e-3, eta 2 (1 from IPC 50), their most common.
-AUTHORS_LR_ETA = {
-    ("imagenet1k", "resnet18"): [(1, 1e-3, 2.0), (50, 1e-3, 1.0)],
-    ("imagenet1k", "resnet50"): [(1, 5e-4, 2.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)],
-    ("imagenet1k", "resnet101"): [(1, 3.5e-3, 2.0), (10, 1e-3, 2.0), (50, 5e-4, 1.0)],
-    **{("imagenet1k", model): [(10, 1e-3, 2.0)] for model in ("mobilenet_v2", "densenet121")},
-    ("tiny-imagenet", "resnet18"): [(1, 1e-3, 2.0), (50, 1e-3, 1.0)],
-    **{("tiny-imagenet", model): [(1, 5e-4, 2.0), (50, 5e-4, 1.0)] for model in ("resnet50", "resnet101")},
-    ("cifar100", "resnet18"): [(1, 5e-4, 2.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)],
-    ("cifar100", "resnet50"): [(1, 1e-3, 1.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)],
-    ("cifar100", "resnet101"): [(1, 5e-4, 1.0)],
-    **{(data, model): [(1, 5e-4, 2.0), (50, 5e-4, 1.0)] for data in ("imagenette", "imagewoof")
-       for model in ("resnet18", "resnet50", "resnet101")},
-}
-CONVNET = re.compile(r"convnet(_bn)?(\d*)(?:_d([1-9]\d*))?")  # hald.py's own: convnet, convnet_bn, convnet_bn64, convnet_bn_d4, ...
-WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
 
 
 class HaldError(ValueError):
     """A problem with the user's input; main() prints it as one line and exits 2."""
 
 
-# ----------------------------------------------------------------------------- config
-def arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-GROUPS = {"data": "data", "teacher": "soft labels", "model": "student and schedule", "batch_size": "optimisation", "seed": "run"}
-# `python hald.py` with no --data: the bundled CIFAR-10 demo, HALD against soft-only from one cache at 1 crop per image
-# (HALD's budget: +4.0 points on the full test set, 3 seeds), 200 epochs (3 minutes on 2 CPU cores). Given flags win.
-DEMO_FLAGS = {"schedule": "shs soft", "slc": 10, "epochs": 200}
-
-
-@dataclass
-class Config:
-    # data
-    data: str = arg("", "ImageFolder of the distilled images, or a tensor file (.pt, .pth) of images (N, C, H, W) normalised with "
-                    "--normalize's statistics and their labels (DC / DM's res_*.pt, MTT's images_best.pt, ...); none: the bundled demo")
-    labels: str = arg("", "labels of a --data tensor file of images only; default: its name with images -> labels (MTT's labels_best.pt)")
-    val: str = arg("", "ImageFolder of real validation images, classes paired with --data's by sorted position; required with --data")
-    ipc: int = arg(10, "images per class used from --data (the first IPC of each class: files sorted, a tensor file's in file order)")
-    image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image (a tensor set is resized bilinearly)")
-    normalize: str = arg("imagenet", "mean and std of the student's inputs and of a teacher file without its own: imagenet, cifar10 "
-                         "(DC / MTT's), cifar100, none, or m1,m2,m3,s1,s2,s3")
-    val_storage: str = arg("auto", "where the decoded --val images are kept; auto: the GPU, host memory or a file, what fits",
-                           ("auto", "device", "memory", "file"))
-    # soft labels
-    teacher: str = arg("", "hald.py checkpoint, weights with --teacher-arch, or a torchvision ImageNet name[:weights] (resnet18, "
-                       "resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); several, comma-separated: an ensemble")
-    teacher_weights: str = arg("", "one weight per --teacher of an ensemble (logits summed with softmax(w / 10)); none: 1/n each")
-    teacher_arch: str = arg("", "architecture of a --teacher or --evaluate file not written by hald.py: convnet_bn, resnet18, ...")
-    check_teacher: bool = arg(True, "stop before training when the teacher agrees with --data or --val near chance (class order)")
-    teacher_mode: str = arg("train", "BatchNorm of the teacher at relabel: train (batch statistics, the authors' for SRe2L-family sets, "
-                            "measured better here on RDED-style sets too) or eval", ("train", "eval"))
-    slc: int = arg(100, "soft labels per class stored (a multiple of --ipc; slc/ipc crops per image)")
-    temperature: float = arg(-1.0, "softmax temperature of stored labels and of the soft loss; -1 = auto: 4 up to 200 classes "
-                             "(measured better than the authors' 20 at 10 and 200, README), the authors' 20 above")
-    crop_scale: float = arg(0.08, "smallest crop area fraction of RandomResizedCrop (upper bound 1)")
-    cutmix: bool = arg(True, "apply CutMix to every relabel and hard-phase batch")
-    label_topk: int = arg(0, "store only the K largest probabilities per label (0 = all classes)")
-    label_bits: int = arg(16, "precision of stored probabilities: 16 (fp16) or 8 (per-label min-max codes)", (16, 8))
-    cache: str = arg("", "soft-label cache file; default OUT/soft_labels.pt; reused when its fingerprint matches")
-    rebuild_cache: bool = arg(False, "rebuild the cache when it exists but was made for other settings")
-    # student and schedule
-    model: str = arg("convnet_bn", "student: convnet_bn (ConvNet-3, BatchNorm), convnet (instance norm), a width and depth such as "
-                     "convnet_bn64_d4, resnet18 (CIFAR stem <= 64 px) or a torchvision name")
-    schedule: str = arg("shs", "shs (HALD), soft, hard, hybrid, hs, sh, hsh, alt-hard-n, alt-soft-2n, ..., or phase:epochs,...; "
-                        "several ('shs soft') train from one cache into OUT/<schedule>/, then a comparison")
-    epochs: int = arg(300, "training epochs in all")
-    soft_epochs: int = arg(-1, "soft epochs of the presets (HALD: half before, half after the hard phase); -1 = auto: 4/5 for "
-                           "the BatchNorm ConvNet-3s (convnet_bn...), the authors' half for the others (README)")
-    label_smoothing: float = arg(-1.0, "label smoothing of hard targets (timm's); -1 = auto: 0.1 up to 200 classes (measured better "
-                                 "than the authors' 0.8 at 10 and 200, README), the authors' 0.8 above")
-    hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
-    hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
-    hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
-    phase_switch: str = arg("reset", "AdamW across a soft <-> hard switch: reset (its state cleared at each switch: better than keep "
-                            "from 2 crops per image on; at 1 either way, keep up to 1.4 points ahead at 200 classes, README), keep "
-                            "(the authors'), or t2 (kept; the soft loss x T^2)", ("reset", "keep", "t2"))
-    # optimisation
-    batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
-    lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (README)")
-    weight_decay: float = arg(0.01, "AdamW weight decay, applied to weights with ndim > 1 only")
-    eta: float = arg(-1.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); -1 = auto, as for --lr")
-    recipe: str = arg("none", "the authors' recipe for their dataset (--data must have its classes): its --normalize, smoothing 0.8, "
-                      "T 20, --lr and --eta, each unless given", ("none", *RECIPES))
-    # run
-    seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
-    seeds: str = arg("", "several seeds (0,1,2), as papers report: every schedule at every seed into OUT/seed<k>/, then mean +- std; "
-                     "each seed draws its own stored crops (OUT/seed<k>/soft_labels.pt), so the spread includes which crops were "
-                     "stored, and its schedules share them, so their differences are paired")
-    device: str = arg("auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)", ("auto", "cpu", "cuda"))
-    precision: str = arg("bf16", "CUDA arithmetic: bf16 autocast, or fp32 as the authors ran (the CPU computes in fp32)", ("bf16", "fp32"))
-    compile: bool = arg(False, "torch.compile the student (pays off on long GPU runs; the first steps compile)")
-    cuda_graph: bool = arg(False, "CUDA: the student's forward + backward replayed from CUDA graphs (small batches)")
-    eval_every: int = arg(20, "evaluate every N epochs (and always at the end); 0 = at the end only")
-    drift_crops: int = arg(8, "crops per image for the drift diagnostics; 0 turns them off")
-    out: str = arg("runs/hald", "output folder: metrics.jsonl, summary.json, the cache by default")
-    overwrite: bool = arg(False, "replace the results of a finished or unfinished run in --out (refused otherwise)")
-    save_model: str = arg("", "write the trained student here (usable as --teacher)")
-    resume: bool = arg(False, "continue from OUT/checkpoint.pt (written after every epoch) with the same settings")
-    evaluate: str = arg("", "no training: top-1 and top-5 on --val of this model file (OUT/evaluation.json with --out)")
-    debug: bool = arg(False, "show tracebacks instead of one-line errors")
-
-
-def parse_config(argv=None) -> Config:
-    """The CLI, built from Config: one argparse group per section, the demo's flags when --data is not given."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Config):
-        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
-        flag, choices = "--" + f.name.replace("_", "-"), f.metadata["choices"]
-        shown = "none" if f.default == "" else f.default
-        demo = f"; the demo without --data: {DEMO_FLAGS[f.name]}" if f.name in DEMO_FLAGS else ""
-        help = f.metadata["help"] + (f" (one of: {', '.join(map(str, choices))})" if choices else "") + f" [default: {shown}{demo}]"
-        if f.type is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:  # int, float or str: the field's annotation converts the flag's text
-            group.add_argument(flag, type=f.type, metavar=f.name.upper(), help=help)
-    given = vars(parser.parse_args(argv))
-    if "data" not in given:
-        given = {**DEMO_FLAGS, **given}
-    if "evaluate" in given and "out" not in given:
-        given["out"] = ""  # --evaluate writes nothing unless told where
-    return Config(**given)
-
-
-def mean_std_of(spec: str) -> tuple:
-    """--normalize -> (mean, std): a name in NORMALIZATIONS or six numbers m1,m2,m3,s1,s2,s3."""
-    if spec in NORMALIZATIONS:
-        return NORMALIZATIONS[spec]
-    try:
-        values = tuple(float(v) for v in spec.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 6 or min(values[3:]) <= 0:
-        raise HaldError(f"--normalize {spec!r} is neither {', '.join(NORMALIZATIONS)} nor six numbers m1,m2,m3,s1,s2,s3 with positive s")
-    return values[:3], values[3:]
-
-
-def normalization(cfg: Config) -> str:
-    """The --normalize a run uses: --recipe's when --normalize is left at imagenet (resolve_settings, a tensor set, --evaluate)."""
-    return RECIPES[cfg.recipe][2] if cfg.recipe != "none" and cfg.normalize == "imagenet" else cfg.normalize
-
-
-def check_config(cfg: Config) -> None:
-    """Reject bad settings before any work is done."""
-    if cfg.ipc < 1 or cfg.epochs < 1 or cfg.label_topk < 0:
-        raise HaldError(f"--ipc and --epochs must be >= 1 and --label-topk >= 0 (0 keeps all classes), got {cfg.ipc}, {cfg.epochs} "
-                        f"and {cfg.label_topk}")
-    if cfg.batch_size < 2:
-        raise HaldError(f"--batch-size must be >= 2 (CutMix mixes images of a batch), got {cfg.batch_size}")
-    for f in dataclasses.fields(cfg):
-        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
-            raise HaldError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, f.metadata['choices']))}, got {getattr(cfg, f.name)!r}")
-    if not 0 < cfg.crop_scale <= 1:
-        raise HaldError(f"--crop-scale must be in (0, 1], got {cfg.crop_scale}")
-    if not (0 <= cfg.label_smoothing < 1 or cfg.label_smoothing == -1):
-        raise HaldError(f"--label-smoothing must be in [0, 1) or -1 (auto), got {cfg.label_smoothing}")
-    if any(v <= 0 and v != -1 for v in (cfg.temperature, cfg.lr, cfg.eta)):
-        raise HaldError("--temperature, --lr and --eta must be positive (or -1 for auto)")
-    if not (0 <= cfg.soft_epochs <= cfg.epochs or cfg.soft_epochs == -1):
-        raise HaldError(f"--soft-epochs {cfg.soft_epochs} must be between 0 and --epochs {cfg.epochs} (or -1 for auto)")
-    mean_std_of(cfg.normalize)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise HaldError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
-
-
-# ------------------------------------------------------------------------------- data
-def list_image_folder(root, log=print) -> tuple[list[list[Path]], list[str]]:
-    """Class names (sorted folder names) and, per class, its image files (sorted)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise HaldError(f"{root} is not a folder: give an ImageFolder with one sub-folder of images per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise HaldError(f"{root} has no class folders: put the images of each class in {root}/<class name>/")
-    files, ignored = [], 0
-    for name in classes:
-        entries = sorted(p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith("."))
-        files.append([p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS])
-        ignored += len(entries) - len(files[-1])
-    nested = [name for name, f in zip(classes, files) if not f and any(p.is_dir() for p in (root / name).iterdir())]
-    if nested:  # a dataset root (train/, val/) instead of an ImageFolder
-        raise HaldError(f"{root}/{nested[0]} holds folders, not images: an ImageFolder has one folder of images per class; "
-                        f"did you mean {root / nested[0]}?")
-    if ignored:
-        log(f"note: ignored {ignored} non-image files in {root}")
-    return files, classes
-
-
-def decode_image(path: Path, size: int, center_crop: bool = False) -> torch.Tensor:
-    """One image as uint8 (3, size, size) (size 0: as it is); grayscale and RGBA become RGB."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grey (PNG, TIFF, PGM): scaled to 8 bits
-                import numpy as np
-
-                values = np.asarray(image, dtype=np.float64)
-                if values.min() < 0 or values.max() > 65535:
-                    raise ValueError(f"mode {image.mode} with values from {values.min():g} to {values.max():g}, beyond 16 bits")
-                image = Image.fromarray((values / 257).round().astype(np.uint8), "L")
-            elif image.mode not in ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"):
-                raise ValueError(f"mode {image.mode}, which hald.py does not read as colours; save it as 8-bit RGB or grey")
-            image = image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise HaldError(f"cannot read image {path} ({e}): replace or remove the file") from None
-    if center_crop:  # the authors' validation transform: Resize(256) + CenterCrop(224), scaled to size
-        short, (w, h) = round(size * 256 / 224), image.size
-        image = image.resize((max(short, round(w * short / h)), max(short, round(h * short / w))), Image.BILINEAR)
-        w, h = image.size
-        left, top = (w - size) // 2, (h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    elif size and image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.size[1], image.size[0], 3).permute(2, 0, 1)
-
-
-def decode_images(paths, size: int, center_crop: bool = False) -> torch.Tensor:
-    """Decode many images in threads (PIL releases the GIL) into one uint8 (N, 3, size, size)."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return torch.stack(list(pool.map(lambda p: decode_image(p, size, center_crop), paths)))
-
-
-def load_distilled(root, ipc: int, size: int = 0, log=print):
-    """The first `ipc` images of each class as uint8 (N, 3, S, S), labels (N,) and class names."""
-    files, classes = list_image_folder(root)
-    check_ipc([len(f) for f in files], classes, ipc, root, log)
-    note_numeric_order(classes, f"--data {root}", log)
-    paths = [p for class_files in files for p in class_files[:ipc]]
-    size = size or decode_image(paths[0], 0).shape[1]
-    return decode_images(paths, size), torch.arange(len(classes)).repeat_interleave(ipc), classes
-
-
-def check_ipc(counts: list, classes: list, ipc: int, where, log=print) -> None:
-    """Every class holds --ipc images; a note when most hold far more (a full training set, or a set of a larger IPC)."""
-    for name, count in zip(classes, counts):
-        if count < ipc:
-            raise HaldError(f"class {name!r} in {where} has {count} images, fewer than --ipc {ipc}: lower --ipc or add images")
-    typical = sorted(counts)[len(counts) // 2]
-    if typical > 2 * ipc:
-        log(f"note: --ipc {ipc} uses the first {ipc} of about {typical} images per class in {where}: a distilled set holds "
-            f"IPC images per class; give --ipc {typical} to use them all")
-
-
-TENSOR_SUFFIXES = (".pt", ".pth")
-TENSOR_KEYS = (("images", "labels"), ("image_syn", "label_syn"), ("x", "y"))  # the names dataset condensation code saves under
-
-
-def read_tensor_set(path: Path, labels_file: str = "") -> tuple:
-    """(images, labels, layout) of a tensor file: a dict under TENSOR_KEYS, DC / DM's {"data": [[images, labels], ...]}
-    (the last pair), a pair, or images alone with their labels file (--labels, or MTT's labels_best.pt beside them)."""
-    if not path.is_file():
-        raise HaldError(f"--data {path} does not exist: give an ImageFolder or a tensor file of the distilled set")
-    blob, layout = load_trusted(path, "--data tensor file"), "an (images, labels) pair"
-    if isinstance(blob, dict) and isinstance(blob.get("data"), (list, tuple)) and blob["data"]:
-        blob, layout = blob["data"][-1], f"DC / DM res_*.pt: the last of {len(blob['data'])} [images, labels] pairs under data"
-    names = next((k for k in TENSOR_KEYS if isinstance(blob, dict) and k[0] in blob), None)
-    if names:
-        blob, layout = (blob[names[0]], blob.get(names[1])), f"a dict of {names[0]} and {names[1]}"
-    blob = (blob, None) if torch.is_tensor(blob) else blob
-    if not (isinstance(blob, (list, tuple)) and len(blob) == 2):
-        found = f"a dict of {', '.join(map(str, blob))}" if isinstance(blob, dict) else f"a {type(blob).__name__}"
-        raise HaldError(f"--data {path} holds {found}, no layout hald.py knows: save a dict of images and labels, "
-                        f"{{'data': [[images, labels]]}}, an (images, labels) pair, or the images with --labels")
-    images, labels = blob
-    if labels is None or labels_file:
-        other = Path(labels_file) if labels_file else path.with_name(path.name.replace("images", "labels"))
-        if other == path or not other.is_file():
-            raise HaldError(f"--data {path} holds images only and {other} is not a file: give the labels file with --labels")
-        labels, layout = load_trusted(other, "--labels file"), f"images, labels from {other}"
-    return images, labels, layout
-
-
-def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagenet"], labels_file: str = "", log=print):
-    """The first `ipc` images per class of a tensor file, in file order, as float32 (N, 3, S, S) in [0, 1] units (file * std
-    + mean, not clipped: optimised pixels are unconstrained; grey repeated to 3 channels), labels, class names "0", ..., layout."""
-    path = Path(path)
-    images, labels, layout = read_tensor_set(path, labels_file)
-    if not (torch.is_tensor(images) and images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3)
-            and images.shape[2] == images.shape[3] and images.numel()):
-        got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
-        raise HaldError(f"--data {path}: the images must be float (N, C, H, W) with 1 or 3 channels and H = W, got {got}"
-                        + ("; 0-255 pixels: save images.float() / 255 and pass --normalize none" if "uint8" in got else ""))
-    if not (torch.is_tensor(labels) and labels.ndim in (1, 2) and len(labels) == len(images)):
-        got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
-        raise HaldError(f"--data {path}: {len(images)} images but labels {got}: give class indices (N,) or one-hot rows (N, C)")
-    if labels.ndim == 1 and (labels.is_floating_point() or labels.min() < 0):
-        raise HaldError(f"--data {path}: the labels are {labels.dtype} from {labels.min():g} to {labels.max():g}: give class indices "
-                        f"as integers from 0 (labels.long()), or one-hot rows (N, C)")
-    if labels.ndim == 2:
-        log(f"note: the labels of {path} are rows of {labels.shape[1]} values: each image takes the class of its largest (argmax)")
-    num_classes, labels = (labels.shape[1], labels.argmax(1)) if labels.ndim == 2 else (int(labels.max()) + 1, labels.long())
-    # ZCA-whitened sets (MTT's --zca) are refused, as hald.py does not apply ZCA: whitening lowers the contrast (std of
-    # normalised CIFAR-10 1.2 -> 0.45) and the correlation of neighbouring pixels (0.93 -> 0.4); sets from noise keep std ~1
-    x = images.float()
-    neighbours = torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
-    if x.std((0, 2, 3)).mean() < 0.8 and neighbours < 0.6:
-        raise HaldError(f"--data {path} looks ZCA-whitened (low contrast, neighbouring pixels correlated {neighbours:.2f}): "
-                        f"hald.py does not apply ZCA; save the images before whitening (MTT: without --zca)")
-    m, s = mean_std(x.device, tuple(stats[0]), tuple(stats[1]))
-    x = check_finite(x.expand(-1, 3, -1, -1) * s + m, f"the images of --data {path}", "the distillation diverged, or the file is damaged")
-    check_images(x, f"the images of --data {path}, de-normalised (x * std + mean),", "give --normalize the statistics it was saved "
-                 "with (none for [0, 1]; 0-255 values: divide by 255)")
-    classes, counts = [str(c) for c in range(num_classes)], torch.bincount(labels, minlength=num_classes)
-    if (counts == 0).any():  # 1-based labels, or one out of range (255 as "ignore")
-        raise HaldError(f"--data {path}: the labels run from 0 to {num_classes - 1} but no image has class {(counts == 0).nonzero()[0, 0]}"
-                        f": give class indices 0 to C - 1 (1-based labels: subtract 1; a label out of range: fix or drop that image)")
-    check_ipc(counts.tolist(), classes, ipc, path, log)
-    x = x[torch.cat([(labels == c).nonzero().flatten()[:ipc] for c in range(num_classes)])]
-    if size and size != x.shape[-1]:
-        x, layout = F.interpolate(x, (size, size), mode="bilinear", antialias=True), f"{layout}, resized from {x.shape[-1]} px"
-    return x.contiguous(), torch.arange(num_classes).repeat_interleave(ipc), classes, layout
-
-
-def note_numeric_order(classes: list[str], where: str, log=print) -> None:
-    """Unpadded numbers as folder names sort as text (0, 1, 10, 11, ..., 2), like torchvision's ImageFolder."""
-    if all(c.isdigit() for c in classes) and classes != sorted(classes, key=int):
-        log(f"note: the class folders of {where} are unpadded numbers, paired in text order ({', '.join(classes[:4])}, ...), "
-            f"as torchvision's ImageFolder orders them; zero-pad the names if their order should be numeric")
-
-
-def pair_classes(classes: list[str], other: list[str], what: str, log=print, ours: str = "--data") -> None:
-    """Classes are paired by sorted folder position, as torchvision's ImageFolder, the authors, SRe2L and FADRM pair them
-    (new000... against n01440764...): counts must agree, names may differ; the teacher check finds a wrong order."""
-    if len(other) != len(classes):
-        raise HaldError(f"{what} has {len(other)} classes but {ours} has {len(classes)}: "
-                        f"both must hold the same classes, paired by sorted folder position")
-    if other != classes:
-        pairs = ", ".join(f"{a} -> {b}" for a, b in zip(classes[:3], other[:3]))
-        log(f"note: classes of {ours} paired with {what} by sorted position: {pairs}, ...")
-
-
-def val_storage_for(nbytes: int, device: torch.device) -> str:
-    """Where nbytes of decoded validation images go: the GPU under half its free memory, else host memory within half of
-    what is available (shared by this machine's processes under torchrun), else a mapped file."""
-    if device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] // 2:
-        return "device"
-    try:
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        available = int(meminfo["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):  # not Linux
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 if hasattr(os, "sysconf") else 2 * 1024**3
-    return "memory" if nbytes <= available // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) else "file"
-
-
-def decode_into(out: torch.Tensor, paths, size: int, center_crop: bool, chunk: int = 1024) -> torch.Tensor:
-    """Decode images chunk by chunk into a preallocated uint8 (N, 3, S, S) on any device or in a mapped file."""
-    for start in range(0, len(paths), chunk):
-        out[start:start + chunk] = decode_images(paths[start:start + chunk], size, center_crop).to(out.device)
-    return out
-
-
-def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), storage: str = "auto", spill_dir=None, log=print) -> dict:
-    """The validation set decoded once as uint8 (N, 3, S, S) on the device, in host memory or in a mapped file in spill_dir
-    (reused while the files are unchanged); classes paired with `classes` (None: not); size 0: its first image's height."""
-    files, val_classes = list_image_folder(root)
-    if classes is not None:
-        pair_classes(classes, val_classes, f"--val {root}", log)
-    note_numeric_order(val_classes, f"--val {root}", log)
-    paths = [p for class_files in files for p in class_files]
-    if not paths:
-        raise HaldError(f"--val {root} holds no images")
-    size = size or decode_image(paths[0], 0).shape[1]
-    labels = torch.cat([torch.full((len(f),), c) for c, f in enumerate(files)])
-    center_crop = size > 64  # ImageNet-style evaluation; small images are used as they are
-    shape, t0 = (len(paths), 3, size, size), time.time()
-    nbytes = math.prod(shape)
-    storage = val_storage_for(nbytes, device) if storage == "auto" else storage
-    if storage == "file":
-        key = hashlib.sha256(json.dumps([size, center_crop] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]).encode())
-        path = Path(spill_dir or ".") / f"val-{key.hexdigest()[:16]}.u8"
-        if not (path.exists() and path.stat().st_size == nbytes):
-            with atomic_path(path) as tmp:  # a complete file or none
-                decode_into(torch.from_file(str(tmp), shared=True, size=nbytes, dtype=torch.uint8).view(shape), paths, size, center_crop)
-        images = torch.from_file(str(path), shared=False, size=nbytes, dtype=torch.uint8).view(shape)  # copy-on-write map
-    else:
-        images = decode_into(torch.empty(shape, dtype=torch.uint8, device=device if storage == "device" else "cpu"), paths, size, center_crop)
-    log(f"validation: {len(paths):,} images of {root} decoded to {size} px uint8 in {time.time() - t0:.1f}s, "
-        f"kept {'on the device' if storage == 'device' else 'in host memory' if storage == 'memory' else f'in {path}'} ({nbytes / 1e9:.2f} GB)")
-    return {"images": images, "labels": labels, "classes": val_classes, "storage": storage}
-
-
+# ---------------------------------------------------------------------------- tensors
 @functools.lru_cache(maxsize=None)
 def mean_std(device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """mean and std (tuples) as (1, C, 1, 1) tensors on `device`, built once (not copied to the GPU at every step)."""
@@ -473,7 +78,7 @@ def check_images(images: torch.Tensor, what: str = "the images", fix: str = "div
             and (images.dtype == torch.uint8 or images.is_floating_point())):
         got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
         raise HaldError(f"{what} must be (N, 3, H, W) uint8, or float in [0, 1] units, got {got}: channels first (x.permute(0, 3, 1, 2))")
-    if images.is_floating_point() and not (-5 <= check_finite(images, what).min() and images.max() <= 6):
+    if images.is_floating_point() and images.numel() and not (-5 <= check_finite(images, what).min() and images.max() <= 6):
         raise HaldError(f"{what} must be in [0, 1] units, got values from {images.min():.3g} to {images.max():.3g}: {fix}")
 
 
@@ -490,6 +95,12 @@ def check_finite(t: torch.Tensor, what: str, fix: str = "") -> torch.Tensor:
 def model_layout(x: torch.Tensor) -> torch.Tensor:
     """channels_last on CUDA (faster convolutions with bf16), unchanged on the CPU."""
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA unless precision is "fp32" (the authors' runs); a no-op on the CPU (fp32: exact, reproducible)."""
+    on = device.type == "cuda" and precision == "bf16"
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on, cache_enabled=False)  # no cache: CUDA graphs
 
 
 # ----------------------------------------------------------------------- crop sampler
@@ -568,7 +179,7 @@ def paste_cutmix_(images: torch.Tensor, partner: torch.Tensor, box: torch.Tensor
     return images
 
 
-# ------------------------------------------------------------- soft-label cache (relabel)
+# ------------------------------------------------------------- soft-label cache (relabel, replay)
 def stored_batches(num_images: int, batch_size: int, passes: int) -> list:
     """(start, end) of every stored batch: each pass over the images is cut into fixed batches."""
     return [(p * num_images + s, p * num_images + min(s + batch_size, num_images))
@@ -593,10 +204,9 @@ def bn_train_mode(model: nn.Module, batch_statistics: bool) -> nn.Module:
 
 class SoftLabelCache:
     """The fixed budget of soft labels: `crops_per_image` passes over the images (SLC / IPC), each cut into fixed batches
-    replayed whole (a train-mode teacher's label depends on the batch: the authors' batch-specific labels). Per stored crop
-    (L = passes * num_images): index (L,) image, boxes (L, 4), flips (L,), partner (L,) CutMix partner's position in its
-    batch, probs (L, C) fp16 softmax(logits / T); cut (batches, 4) CutMix box in output pixels (None without CutMix). It keeps
-    the temperature and the statistics it was made with: batch() normalises with these unless told the student's."""
+    replayed whole (a train-mode teacher's label depends on the batch, as the authors'). Per stored crop (L = passes * N):
+    index (L,), boxes (L, 4), flips (L,), partner (L,) CutMix partner's position in its batch, probs (L, C) fp16 softmax(
+    logits / T); cut (batches, 4) CutMix boxes (None without CutMix). batch() normalises with the build's mean and std."""
 
     def __init__(self, index, boxes, flips, partner, cut, probs, num_images: int, batch_size: int, size: int, *, temperature: float,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -674,133 +284,6 @@ class SoftLabelCache:
         return x, self.probs[s:e].float(), index, partner if box is not None else None, box
 
 
-# the cache on disk (hald.py's own format; a copier of the cache may leave this layer out)
-def pack_labels(probs: torch.Tensor, topk: int = 0, bits: int = 16) -> dict:
-    """Compact (L, C) probabilities: all classes or the `topk` largest (values, int16 indices), fp16 or 8-bit min-max codes."""
-    packed = {}
-    if 0 < topk < probs.shape[1]:
-        probs, indices = probs.topk(topk, 1)
-        packed["indices"] = indices.short()
-    if bits == 8:
-        lo, hi = probs.min(1, keepdim=True).values.half(), probs.max(1, keepdim=True).values.half()
-        span = (hi.float() - lo.float()).clamp_min(1e-12)
-        packed.update(codes=((probs - lo.float()) / span * 255).round().clamp(0, 255).to(torch.uint8), lo=lo, hi=hi)
-    else:
-        packed["values"] = probs.half()
-    return packed
-
-
-def unpack_labels(packed: dict, num_classes: int) -> torch.Tensor:
-    """pack_labels' inverse -> (L, C) float; top-k labels spread the rest of the mass evenly over the other classes."""
-    if "codes" in packed:
-        lo, hi = packed["lo"].float(), packed["hi"].float()
-        values = lo + packed["codes"].float() / 255 * (hi - lo)
-    else:
-        values = packed["values"].float()
-    if "indices" not in packed:
-        return values
-    rest = (1 - values.sum(1, keepdim=True)).clamp_min(0) / max(num_classes - values.shape[1], 1)
-    full = rest.expand(len(values), num_classes).clone().scatter_(1, packed["indices"].long(), values)
-    return full / full.sum(1, keepdim=True)  # rounding can leave the kept mass a hair above 1
-
-
-def tensors_digest(tensors: dict) -> str:
-    """sha256 over every tensor (nested dicts included) in key order: detects any altered byte."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        value = tensors[key]
-        digest.update(key.encode() + (tensors_digest(value).encode() if isinstance(value, dict) else value.cpu().numpy().tobytes()))
-    return digest.hexdigest()
-
-
-CACHE_TENSORS = ("index", "boxes", "flips", "partner", "cut", "labels")
-
-
-def fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def cache_header(*, classes: list, num_images: int, passes: int, image_size: int, batch_size: int, cutmix: bool, temperature: float,
-                 **settings) -> dict:
-    """The header a cache file needs: what load_cache rebuilds the cache from, any further settings the labels depend on
-    (teacher, seed, crop scale, ...; a teacher_mean_std other than ImageNet's), and the fingerprint of them all."""
-    header = dict(format=CACHE_FORMAT, classes=list(classes), num_images=num_images, passes=passes, image_size=image_size,
-                  batch_size=batch_size, cutmix=cutmix, temperature=temperature, **settings)
-    return {**header, "fingerprint": fingerprint(header)}
-
-
-def compact_labels_(cache: SoftLabelCache, topk: int = 0, bits: int = 16) -> dict:
-    """The cache's labels packed (pack_labels) and read back: lossy labels train as a reused cache will hold them."""
-    packed = pack_labels(cache.probs.float(), topk, bits)
-    cache.probs = unpack_labels(packed, cache.probs.shape[1]).half()
-    return packed
-
-
-def save_cache(cache: SoftLabelCache, packed: dict, header: dict, path) -> int:
-    """Write the cache, its header (settings and their fingerprint) and its tensors' sha256; returns the file's bytes."""
-    cut = cache.cut if cache.cut is not None else torch.full((len(cache), 4), -1, dtype=torch.short)  # -1s: no CutMix
-    tensors = dict(index=cache.index, boxes=cache.boxes, flips=cache.flips, partner=cache.partner, cut=cut, labels=packed)
-    tensors = {k: v if isinstance(v, dict) else v.cpu() for k, v in tensors.items()}
-    save_atomic({"header": {**header, "sha256": tensors_digest(tensors)}, **tensors}, path)
-    return Path(path).stat().st_size
-
-
-def load_cache(path, header: dict) -> SoftLabelCache:
-    """Load a cache made with exactly these settings (header's fingerprint); refuse anything else."""
-    blob = load_trusted(path, "soft-label cache")
-    stored = blob.get("header", {}) if isinstance(blob, dict) else {}
-    if stored.get("format") != CACHE_FORMAT or any(k not in blob for k in CACHE_TENSORS):
-        raise HaldError(f"{path} is not a hald soft-label cache: delete it or pass another --cache")
-    if stored.get("fingerprint") != header["fingerprint"]:
-        changed = [k for k in header if k != "fingerprint" and stored.get(k) != header[k]]
-        raise HaldError(f"cache {path} was made for other settings ({', '.join(changed) or 'images'} differ): "
-                        f"pass --rebuild-cache to replace it, or another --cache path")
-    t = {k: blob[k] for k in CACHE_TENSORS}
-    if tensors_digest(t) != stored.get("sha256") or len(t["index"]) != header["passes"] * header["num_images"]:
-        raise HaldError(f"cache {path} is corrupted (checksum or size mismatch): pass --rebuild-cache")
-    probs = check_finite(unpack_labels(t["labels"], len(header["classes"])).half(), f"the labels of cache {path}", "pass --rebuild-cache")
-    return SoftLabelCache(t["index"], t["boxes"], t["flips"], t["partner"], t["cut"] if header["cutmix"] else None, probs,
-                          header["num_images"], header["batch_size"], header["image_size"], temperature=header["temperature"],
-                          **dict(zip(("mean", "std"), header.get("teacher_mean_std", (IMAGENET_MEAN, IMAGENET_STD)))))
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """A temporary file renamed to `path` at the end: a crash leaves the old file or the new one, a failed write one line."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        raise HaldError(f"cannot write {path} ({e.strerror or e}): free space or make it writable (or choose another --out / "
-                        f"--cache), then run the command again (with --resume once a run had started)") from None
-    finally:
-        with contextlib.suppress(OSError):  # a parent that is a file: the message above, not this
-            tmp.unlink(missing_ok=True)
-
-
-def save_atomic(obj, path) -> None:
-    """Text, or tensors through a buffer (the archive inside is then named "archive", not after the temporary file)."""
-    with atomic_path(path) as tmp:
-        if isinstance(obj, str):
-            tmp.write_text(obj)
-        else:
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            tmp.write_bytes(buffer.getvalue())
-
-
-def load_trusted(path, what: str):
-    """torch.load restricted to tensors and plain containers: a file never runs code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a foreign pickle, ...
-        raise HaldError(f"cannot load {what} {path} ({type(e).__name__}): it is truncated, corrupted, or holds Python objects, "
-                        f"which hald.py never unpickles; save tensors only (a model's state_dict)") from None
-
-
 # ----------------------------------------------------------------------------- losses
 def soft_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || softmax(student / T)), batch mean, without the T^2 factor (as the authors)."""
@@ -876,30 +359,25 @@ def build_schedule(spec: str, epochs: int, soft_epochs=None, crops_per_image: in
     return [(phase, n) for phase, n in plan if n > 0]
 
 
-def auto_soft_epochs(epochs: int, model: str) -> int:
-    """-1 = auto for --soft-epochs: 4/5 for the BatchNorm ConvNet-3s (soft 120 / hard 60 / soft 120 of 300 beat the authors'
-    75 / 150 / 75 at 10 and 200 classes), the authors' half for the others (better there; 3 seeds each, RESULTS.md)."""
-    return epochs * 4 // 5 if model.startswith("convnet_bn") else epochs // 2
-
-
-def auto_lr_eta(num_classes: int, image_size: int, model: str, ipc: int, recipe: str = "none") -> tuple:
-    """-1 = auto for --lr and --eta: the AUTHORS_LR_ETA row of the dataset (--recipe, or 1,000 classes, 200, 100 at 32 px),
-    student and largest IPC at or below --ipc (else the first). -> lr, eta, why (for the start-up line)."""
-    dataset = recipe if recipe != "none" else {1000: "imagenet1k", 200: "tiny-imagenet"}.get(
-        num_classes, "cifar100" if (num_classes, image_size) == (100, 32) else "")
-    rows = AUTHORS_LR_ETA.get((dataset, model))
-    if not rows:
-        return 1e-3, 2.0 if ipc < 50 else 1.0, "hald.py's default, as the authors have no row for this setting"
-    start, lr, eta = max((row for row in rows if row[0] <= ipc), default=rows[0])
-    return lr, eta, f"the authors' {RECIPES[dataset][0]} {model} row from IPC {start}"
-
-
 def lr_at(epoch: int, lr: float, epochs: int, eta: float) -> float:
     """The authors' per-epoch cosine: eta = 2 ends near half the initial LR."""
     return lr * 0.5 * (1 + math.cos(math.pi * epoch / (epochs * eta)))
 
 
-# ----------------------------------------------------------------------------- models
+def begin_epoch(opt, epoch: int, phases: list, *, lr: float, eta: float, phase_switch: str = "reset") -> str:
+    """Start epoch `epoch` of `phases` (a phase name per epoch): its LR (lr_at) and, at a phase switch with "reset", AdamW's
+    state cleared, so that one phase's gradient sizes do not set the next one's steps ("keep", "t2": the authors'). -> phase."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(epoch, lr, len(phases), eta)
+    if epoch and phases[epoch] != phases[epoch - 1] and phase_switch == "reset":
+        opt.state.clear()
+    return phases[epoch]
+
+
+# --------------------------------------------------------------------------- students
+CONVNET = re.compile(r"convnet(_bn)?(\d*)(?:_d([1-9]\d*))?")  # hald.py's own: convnet, convnet_bn, convnet_bn64, convnet_bn_d4, ...
+
+
 def convnet(num_classes: int, image_size: int, width: int = 128, depth: int = 3, norm: str = "instance") -> nn.Sequential:
     """ConvNet-3 of dataset distillation papers: [conv 3x3, norm, ReLU, avg-pool 2] x depth, linear."""
     layers, channels = [], 3
@@ -944,216 +422,6 @@ def build_model(name: str, num_classes: int, image_size: int, weights=None, cifa
     return model
 
 
-def save_checkpoint(model: nn.Module, arch: str, classes: list, image_size: int, path, stats=NORMALIZATIONS["imagenet"]) -> None:
-    """A student for --teacher and --evaluate: architecture, class names, input size, mean and std, weights."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({"format": MODEL_FORMAT, "arch": arch, "classes": classes, "image_size": image_size,
-                 "mean": list(stats[0]), "std": list(stats[1]), "state_dict": state}, path)
-
-
-def foreign_naming(state: dict, arch: str) -> tuple[dict, str, str]:
-    """Other projects' names for hald.py's models, recognised from the keys: -> state renamed, architecture, note ("": not
-    recognised, unchanged). The authors' CIFAR model-pool ResNet (shortcut, linear) is torchvision's with the CIFAR stem;
-    DC / DM / MTT's ConvNet (features.N, classifier) is hald.py's, its width, depth and norm read from the weights."""
-    convs = [k for k in state if re.fullmatch(r"features\.\d+\.weight", k) and state[k].dim() == 4]
-    if CONVNET.fullmatch(arch) and convs == [f"features.{4 * i}.weight" for i in range(len(convs))] and "classifier.weight" in state:
-        bn, width, depth = any(k.endswith(".running_mean") for k in state), len(state[convs[0]]), len(convs)
-        found = f"convnet{'_bn' * bn}{'' if width == 128 else width}{'' if depth == 3 else f'_d{depth}'}"
-        subs = [(r"^features\.", ""), (r"^classifier\.", f"{4 * depth + 1}.")]  # the Flatten before the linear has no weights
-        note = (f"the DC/DM/MTT ConvNet naming (features, classifier), read as {found} (width {width}, depth {depth}, "
-                f"{'batch' if bn else 'instance'} norm)" + (f" in place of {arch}" if found != arch else ""))
-    elif not CONVNET.fullmatch(arch) and {"conv1.weight", "linear.weight"} <= state.keys():
-        found, subs = arch, [(r"\.shortcut\.", ".downsample."), (r"^linear\.", "fc.")]
-        note = "the CIFAR model-pool ResNet naming (shortcut, linear), renamed to torchvision's"
-    else:
-        return state, arch, ""
-    for pattern, name in subs:
-        state = {re.sub(pattern, name, k): v for k, v in state.items()}
-    return state, found, note
-
-
-def read_weights(path, arch: str = "", what: str = "model", log=print) -> dict:
-    """A model file (tensors only) with its identity: a hald.py checkpoint, or a state_dict of `arch` (alone or under one of
-    WEIGHT_KEYS, prefixes module. and _orig_mod. dropped, foreign namings renamed with a note)."""
-    blob, identity = load_trusted(path, what), "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
-        if arch not in ("", blob["arch"]):
-            raise HaldError(f"{what} {path} is a hald.py checkpoint of {blob['arch']}, not {arch}: drop --teacher-arch")
-        stats = (tuple(blob["mean"]), tuple(blob["std"])) if "mean" in blob else NORMALIZATIONS["imagenet"]  # older: ImageNet's
-        return {**blob, "identity": identity, "stats": stats}
-    if not arch:
-        raise HaldError(f"{what} {path} is not a checkpoint written by hald.py --save-model: for the weights of another "
-                        f"project's model, name its architecture with --teacher-arch (convnet_bn, resnet18, ...)")
-    for state in (blob, *map(blob.get, WEIGHT_KEYS)) if isinstance(blob, dict) else ():
-        if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
-            state, arch, note = foreign_naming({re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}, arch)
-            if note:
-                log(f"note: {what} {path}: {note}")
-            return {"arch": arch, "classes": None, "image_size": None, "state_dict": state, "identity": f"{identity} as {arch}", "stats": None}
-    raise HaldError(f"{what} {path} holds no state_dict (tensors by name), alone or under {', '.join(WEIGHT_KEYS)}: "
-                    f"save model.state_dict()")
-
-
-def model_from_weights(weights: dict, num_classes: int, image_size: int, what: str) -> nn.Module:
-    """read_weights' model loaded strictly: missing, unexpected and misshapen keys in one line."""
-    state, arch, conv1 = weights["state_dict"], weights["arch"], weights["state_dict"].get("conv1.weight")
-    model = build_model(arch, num_classes, image_size, cifar_stem=None if conv1 is None else conv1.shape[-1] == 3)
-    own = model.state_dict()
-    wrong = {"missing": [k for k in own if k not in state], "unexpected": [k for k in state if k not in own],
-             "misshapen (file vs model)": [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]}
-    head = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
-    if head and head[0] in state and len(state[head[0]]) != num_classes:
-        raise HaldError(f"{what} predicts {len(state[head[0]])} classes but the data has {num_classes}: "
-                        f"use a model trained on these classes (hald.py --schedule hard --save-model)")
-    if any(wrong.values()):
-        raise HaldError(f"{what} does not fit {arch} at {image_size} px: " + "; ".join(
-            f"{kind} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "") for kind, keys in wrong.items() if keys)
-            + ": give the architecture it was saved from with --teacher-arch (and its input size with --image-size)")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
-    if bad:  # named here, not taken for a wrong class order by the teacher check
-        raise HaldError(f"{what} holds NaN or infinite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
-                        f"the file is damaged or its training diverged; use another")
-    model.load_state_dict(state)
-    return model
-
-
-def torchvision_weights(spec: str):
-    """'resnet50:IMAGENET1K_V1' -> ('resnet50', weights). No tag: IMAGENET1K_V1 as the authors (else DEFAULT)."""
-    if spec.endswith((".pt", ".pth")):
-        raise HaldError(f"teacher checkpoint {spec} does not exist: check the path")
-    name, _, tag = spec.partition(":")
-    try:
-        weights = torchvision_models().get_model_weights(name)
-    except (ValueError, KeyError):
-        raise HaldError(f"teacher {spec!r} is neither a file nor a torchvision model name (such as resnet18 or "
-                        f"resnet50:IMAGENET1K_V1): check the path or the name") from None
-    tags = [w.name for w in weights]
-    tag = tag or ("IMAGENET1K_V1" if "IMAGENET1K_V1" in tags else "DEFAULT")
-    if tag != "DEFAULT" and tag not in tags:
-        raise HaldError(f"torchvision has no weights {tag!r} for {name}: use one of {', '.join(tags)}")
-    return name, weights.DEFAULT if tag == "DEFAULT" else weights[tag]
-
-
-def load_teacher(spec: str, classes: list, image_size: int, stats=NORMALIZATIONS["imagenet"], log=print, arch: str = "") -> tuple:
-    """A model file or a torchvision ImageNet model (name[:weights]), classes paired with the data's. -> model, identity
-    (for the cache's fingerprint), class names (None: unknown), (mean, std): its own if known, else `stats`."""
-    if Path(spec).is_file():
-        weights = read_weights(spec, arch, "teacher", log)
-        if weights["classes"]:
-            pair_classes(classes, weights["classes"], f"teacher {spec}", log)
-        if weights["image_size"] not in (None, image_size):
-            raise HaldError(f"teacher {spec} expects {weights['image_size']} px images, the data gives {image_size} px: "
-                            f"pass --image-size {weights['image_size']}")
-        model = model_from_weights(weights, len(classes), image_size, f"teacher {spec}")
-        return model, weights["identity"], weights["classes"], weights["stats"] or stats
-    name, weights = torchvision_weights(spec)
-    names = weights.meta.get("categories")  # ImageNet's in class-index order: the sorted order of its WordNet-id folders
-    if names:  # before the weights are downloaded
-        pair_classes(classes, names, f"teacher {spec}", log)
-    return build_model(name, len(classes), image_size, weights=weights).eval(), f"torchvision:{name}:{weights.name}", names, NORMALIZATIONS["imagenet"]
-
-
-class TeacherEnsemble(nn.Module):
-    """Several teachers as one (the authors' --model-choice): logits weighted 1/n, or softmax(w / 10), and summed."""
-
-    def __init__(self, teachers: list, weights=None):
-        super().__init__()
-        self.teachers = nn.ModuleList(teachers)
-        n = len(teachers)
-        self.weights = torch.tensor(weights, dtype=torch.float64).div(10).softmax(0).tolist() if weights else [1 / n] * n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sum(w * teacher(x).float() for w, teacher in zip(self.weights, self.teachers))
-
-
-def load_teachers(specs: str, weights: str, classes: list, image_size: int, stats, log=print, arch: str = "") -> tuple:
-    """--teacher: load_teacher's tuple for one, or a TeacherEnsemble of several (--teacher-arch: one, or one each)."""
-    specs, archs = specs.split(","), arch.split(",") if "," in arch else [arch] * len(specs.split(","))
-    loaded = [load_teacher(spec, classes, image_size, stats, log, a) for spec, a in zip(specs, archs)]
-    if len(loaded) == 1:
-        return loaded[0]
-    if len({str(t[3]) for t in loaded}) > 1:
-        raise HaldError(f"the teachers {', '.join(specs)} normalise their inputs differently: give teachers of the same statistics")
-    w = [float(v) for v in weights.split(",")] if weights else None
-    identity = " + ".join(t[1] for t in loaded) + (f" weighted {w}" if w else "")
-    return TeacherEnsemble([t[0] for t in loaded], w), identity, next((t[2] for t in loaded if t[2]), None), loaded[0][3]
-
-
-@torch.no_grad()
-def teacher_check(teacher: nn.Module, images, labels, val: dict, device, stats, min_val: int = 5000, rank: int = 0, world: int = 1,
-                  precision: str = "bf16") -> dict:
-    """The teacher (eval mode, T = 1) before training: its agreement (%) with the distilled images' labels, top-1 and top-5
-    on --val (every k-th image, at least min_val). A wrong class order drops the figure concerned to about 100 / C."""
-    teacher.eval()
-    agree = torch.zeros((), dtype=torch.long, device=labels.device)
-    for s in range(0, len(images), 256):
-        with autocast(device, precision):
-            logits = check_finite(teacher(model_layout(normalize(images[s:s + 256], *stats))), *TEACHER_OUTPUTS)
-        agree += (logits.argmax(1) == labels[s:s + 256]).sum()
-    step = max(1, len(val["labels"]) // min_val)
-    sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
-    top1, top5 = evaluate(teacher, sample, device, stats, rank=rank, world=world, precision=precision)
-    return {"teacher_agreement": 100 * agree.item() / len(images), "teacher_top1": top1, "teacher_top5": top5,
-            "teacher_check_val_images": len(sample["labels"])}
-
-
-def chance_floor(num_classes: int) -> float:
-    """Near chance below this (%): twice chance, at least chance + 0.25 (0.1 +- 0.05 % permuted at 1,000 classes), at most
-    halfway to 100 %. The demo: 86 % agreement, 78 % top-1 in order; 2-3 % and 1.6 % with a wrong order (README)."""
-    chance = 100 / num_classes
-    return min(max(2 * chance, chance + 0.25), (chance + 100) / 2)
-
-
-# ------------------------------------------------------------------------ diagnostics
-def crop_prob_spread(probs: torch.Tensor) -> torch.Tensor:
-    """Trace of the covariance of k probability vectors per image. probs (N, k, C) -> (N,)."""
-    centred = probs - probs.mean(1, keepdim=True)
-    return centred.pow(2).sum((1, 2)) / max(probs.shape[1] - 1, 1)
-
-
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence (natural log, at most ln 2) between rows of p and q. -> (N,)."""
-    m = (p + q) / 2
-    kl = lambda a: torch.xlogy(a, a).sum(1) - torch.xlogy(a, m).sum(1)  # noqa: E731
-    return (kl(p) + kl(q)) / 2
-
-
-@torch.no_grad()
-def crop_probs(model, images, k: int, size: int, scale: float, gen, stats, batch_size: int = 256) -> torch.Tensor:
-    """Eval-mode probabilities (T = 1) of k random crops per image -> (N, k, C)."""
-    model.eval()
-    n = len(images)
-    boxes, flips = sample_crops(n * k, size, size, gen, scale=(scale, 1.0))
-    index = torch.arange(n).repeat_interleave(k)
-    out = [F.softmax(model(replay(images, index[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size],
-                                  None, None, size, *stats)).float(), 1).cpu() for s in range(0, n * k, batch_size)]
-    return torch.cat(out).view(n, k, -1)
-
-
-def drift_report(teacher, student, images, labels, k: int, size: int, scale: float, gen, stats=(NORMALIZATIONS["imagenet"],) * 2,
-                 max_images: int = 1000) -> dict:
-    """Local semantic drift of the teacher over the relabel crop distribution, and the student's agreement between
-    two crops of one image (the paper's Jensen-Shannon analysis). stats: the (mean, std) of the teacher and the student."""
-    pick = torch.randperm(len(images), generator=gen)[:max_images].sort().values
-    images, labels = images[pick.to(images.device)], labels[pick]
-    report = {"drift_images": len(pick)}
-    if teacher is not None:
-        probs = crop_probs(teacher, images, k, size, scale, gen, stats[0])
-        spread = crop_prob_spread(probs)
-        report.update(teacher_crop_trace_mean=spread.mean().item(), teacher_crop_trace_median=spread.median().item(),
-                      teacher_crop_mismatch=(probs.argmax(2) != labels[:, None].cpu()).float().mean().item())
-    pair = crop_probs(student, images, 2, size, scale, gen, stats[1])
-    report["student_crop_js_mean"] = js_divergence(pair[:, 0], pair[:, 1]).mean().item()
-    return report
-
-
-# -------------------------------------------------------------------------- train/eval
-def autocast(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on CUDA unless precision is "fp32" (the authors' runs); a no-op on the CPU (fp32: exact, reproducible)."""
-    on = device.type == "cuda" and precision == "bf16"
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on, cache_enabled=False)  # no cache: CUDA graphs
-
-
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
     """AdamW with decay on weights (ndim > 1) only, as the authors; fused on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1162,29 +430,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, val: dict, device: torch.device, stats=NORMALIZATIONS["imagenet"], batch_size: int = 500, rank: int = 0,
-             world: int = 1, precision: str = "bf16"):
-    """Top-1 and top-5 accuracy (%) on the validation set, in batches (sharded over ranks under torchrun)."""
-    was_training = model.training
-    model.eval()
-    if world > 1:  # BatchNorm statistics drift apart between ranks after the last broadcast: use rank 0's
-        for b in model.buffers():
-            torch.distributed.broadcast(b, 0)
-    correct = torch.zeros(2, dtype=torch.long, device=device)
-    for s in range(rank * batch_size, len(val["labels"]), world * batch_size):  # rank r: batches r, r + world, ...
-        x = normalize(val["images"][s:s + batch_size].to(device, non_blocking=True), *stats)
-        y = val["labels"][s:s + batch_size].to(device)
-        with autocast(device, precision):
-            logits = model(model_layout(x))
-        top = logits.topk(min(5, logits.shape[1]), 1).indices
-        correct += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum()])
-    if world > 1:
-        torch.distributed.all_reduce(correct)
-    model.train(was_training)
-    return tuple(100 * c / len(val["labels"]) for c in correct.tolist())  # top-1, top-5
-
-
+# ------------------------------------------------------------------------- epoch loop
 def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.Generator) -> list[int]:
     """`count` stored batch ids from a shuffled pool, refilled when empty: each once per pass (the authors' sampler)."""
     drawn = []
@@ -1199,11 +445,10 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
               batch_size: int = 16, size: int = 0, temperature: float = 20.0, smoothing: float = 0.8, crop_scale: float = 0.08,
               cutmix: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, hybrid_lambda: float = 1.0, hybrid_crops: str = "fresh",
               t2: bool = False, precision: str = "bf16", log=print, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """One pass over the images in the soft, hard or hybrid phase; returns the mean loss (0-dim). soft: stored batches of
-    `cache` with their teacher labels, drawn from `pool` (a list kept across epochs, [] at first); hard: fresh crops +
-    CutMix, label-smoothed targets; hybrid: both, the hard term on fresh or on the stored crops. images (N, 3, H, W) uint8
-    or float in [0, 1], labels (N,); gens: CPU generators "pool" and "hard"; size 0: the images' height. Under torchrun
-    (DDP) every rank draws the global batch and trains on its slice, weighted to give the whole batch's gradient."""
+    """One pass over the images in the soft, hard or hybrid phase -> the mean loss (0-dim). soft: stored batches of `cache`
+    with their teacher labels, drawn from `pool` (a list kept across epochs, [] at first); hard: fresh crops + CutMix, smoothed
+    targets; hybrid: both, the hard term on fresh or stored crops. images (N, 3, H, W) uint8 or float in [0, 1], labels (N,);
+    gens: CPU generators "pool" and "hard". Under torchrun every rank draws the global batch and trains on its slice."""
     if phase not in ("soft", "hard", "hybrid"):
         raise HaldError(f"phase must be soft, hard or hybrid, got {phase!r}")
     if phase != "hard" and (cache is None or pool is None):
@@ -1265,6 +510,862 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
     return total / (steps * world)
 
 
+# ------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, val: dict, device: torch.device, stats=(IMAGENET_MEAN, IMAGENET_STD), batch_size: int = 500, rank: int = 0,
+             world: int = 1, precision: str = "bf16"):
+    """Top-1 and top-5 accuracy (%) on the validation set, in batches (sharded over ranks under torchrun)."""
+    was_training = model.training
+    model.eval()
+    if world > 1:  # BatchNorm statistics drift apart between ranks after the last broadcast: use rank 0's
+        for b in model.buffers():
+            torch.distributed.broadcast(b, 0)
+    correct = torch.zeros(2, dtype=torch.long, device=device)
+    for s in range(rank * batch_size, len(val["labels"]), world * batch_size):  # rank r: batches r, r + world, ...
+        x = normalize(val["images"][s:s + batch_size].to(device, non_blocking=True), *stats)
+        y = val["labels"][s:s + batch_size].to(device)
+        with autocast(device, precision):
+            logits = model(model_layout(x))
+        top = logits.topk(min(5, logits.shape[1]), 1).indices
+        correct += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum()])
+    if world > 1:
+        torch.distributed.all_reduce(correct)
+    model.train(was_training)
+    return tuple(100 * c / len(val["labels"]) for c in correct.tolist())  # top-1, top-5
+
+
+# ================================================================================ Part II: the program
+# config -> checks -> readers -> resolve (reads, checks, writes nothing) -> claim (the first write) -> execute -> report -> main
+HERE = Path(__file__).resolve().parent
+DEMO = HERE / "demo"
+# --normalize: (mean, std) per dataset, as each family trains its models (CIFAR-10: the DC / MTT statistics)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                  "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)), "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+CACHE_FORMAT = "hald-soft-labels-v1"
+MODEL_FORMAT = "hald-model-v1"
+# -1 = auto for --label-smoothing and --temperature, by class count: hald.py's values up to the largest class count it
+# was measured at (README: Flags), the authors' above it, where nothing here says otherwise.
+AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, AUTO_MEASURED_CLASSES = 0.1, 4.0, 200
+AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE = 0.8, 20.0
+# --recipe: the authors' datasets (name, classes, --normalize); with one, their smoothing 0.8 and T 20 at any class count
+RECIPES = {"imagenet1k": ("ImageNet-1K", 1000, "imagenet"), "tiny-imagenet": ("Tiny-ImageNet", 200, "imagenet"),
+           "cifar100": ("CIFAR-100", 100, "cifar100"), "imagenette": ("ImageNette", 10, "imagenet"), "imagewoof": ("ImageWoof", 10, "imagenet")}
+# -1 = auto for --lr and --eta: the authors' tuned values (validate/hyper.yaml) per dataset and student, as rows (from IPC,
+# lr, eta). ImageNette and ImageWoof: their "mostly 5e-4". No row: lr 1e-3, eta 2 (1 from IPC 50), their most common.
+AUTHORS_LR_ETA = {
+    ("imagenet1k", "resnet18"): [(1, 1e-3, 2.0), (50, 1e-3, 1.0)], ("imagenet1k", "resnet50"): [(1, 5e-4, 2.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)],
+    ("imagenet1k", "resnet101"): [(1, 3.5e-3, 2.0), (10, 1e-3, 2.0), (50, 5e-4, 1.0)],
+    **{("imagenet1k", model): [(10, 1e-3, 2.0)] for model in ("mobilenet_v2", "densenet121")},
+    ("tiny-imagenet", "resnet18"): [(1, 1e-3, 2.0), (50, 1e-3, 1.0)],
+    **{("tiny-imagenet", model): [(1, 5e-4, 2.0), (50, 5e-4, 1.0)] for model in ("resnet50", "resnet101")},
+    ("cifar100", "resnet18"): [(1, 5e-4, 2.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)], ("cifar100", "resnet101"): [(1, 5e-4, 1.0)],
+    ("cifar100", "resnet50"): [(1, 1e-3, 1.0), (10, 1e-3, 2.0), (50, 1e-3, 1.0)],
+    **{(data, model): [(1, 5e-4, 2.0), (50, 5e-4, 1.0)] for data in ("imagenette", "imagewoof") for model in ("resnet18", "resnet50", "resnet101")},
+}
+CHECK_IMAGES = 5000  # --val images of the teacher check: every k-th, at least these
+RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "curves.png", "comparison.json", "comparison.png", ".lock")
+WEIGHT_KEYS = ("state_dict", "model", "net", "model_state_dict")  # where research code keeps a model's weights in a dict
+TENSOR_SUFFIXES = (".pt", ".pth")
+TENSOR_KEYS = (("images", "labels"), ("image_syn", "label_syn"), ("x", "y"))  # the names dataset condensation code saves under
+CACHE_TENSORS = ("index", "boxes", "flips", "partner", "cut", "labels")
+CHECKPOINT_KEYS = ("run", "epoch", "model", "optimizer", "pool", "history", "generators", "torch_rng")
+
+
+# ----------------------------------------------------------------------------- config
+def arg(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+GROUPS = {"data": "data", "teacher": "soft labels", "model": "student and schedule", "batch_size": "optimisation", "seed": "run"}
+# `python hald.py` with no --data: the bundled CIFAR-10 demo, HALD against soft-only from one cache, 1 crop per image.
+DEMO_FLAGS = {"schedule": "shs soft", "slc": 10, "epochs": 200}
+
+
+@dataclass
+class Config:
+    # data
+    data: str = arg("", "ImageFolder of the distilled images or a tensor file (DC / DM's res_*.pt, MTT's images_best.pt); none: the demo")
+    labels: str = arg("", "labels of a --data tensor file of images only; default: its name with images -> labels (MTT's labels_best.pt)")
+    val: str = arg("", "ImageFolder of real validation images, classes paired with --data's by sorted position; required with --data")
+    ipc: int = arg(10, "images per class used from --data (the first IPC of each class: files sorted, a tensor file's in file order)")
+    image_size: int = arg(0, "input size in pixels; 0 = the height of the first distilled image (a tensor set is resized bilinearly)")
+    normalize: str = arg("imagenet", "mean and std of the student's inputs, a tensor --data and a teacher file without its own: "
+                         "imagenet, cifar10 (DC / MTT's), cifar100, none, or m1,m2,m3,s1,s2,s3")
+    val_storage: str = arg("auto", "where decoded --val images are kept; auto: the GPU, memory or a file", ("auto", "device", "memory", "file"))
+    # soft labels
+    teacher: str = arg("", "hald.py checkpoint, weights with --teacher-arch, or a torchvision ImageNet name[:weights] (resnet18, "
+                       "resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); several, comma-separated: an ensemble")
+    teacher_weights: str = arg("", "one weight per --teacher of an ensemble (logits summed with softmax(w / 10)); none: 1/n each")
+    teacher_arch: str = arg("", "architecture of a --teacher or --evaluate file not written by hald.py: convnet_bn, resnet18, ...")
+    check_teacher: bool = arg(True, "stop before training when the teacher agrees with --data or --val near chance (class order)")
+    teacher_mode: str = arg("train", "the teacher's BatchNorm at relabel: train (batch statistics, as the authors) or eval", ("train", "eval"))
+    slc: int = arg(100, "soft labels per class stored (a multiple of --ipc; slc/ipc crops per image)")
+    temperature: float = arg(-1.0, "T of the stored labels and of the soft loss; -1 = auto: 4 up to 200 classes, the authors' 20 above")
+    crop_scale: float = arg(0.08, "smallest crop area fraction of RandomResizedCrop (upper bound 1)")
+    cutmix: bool = arg(True, "apply CutMix to every relabel and hard-phase batch")
+    label_topk: int = arg(0, "store only the K largest probabilities per label (0 = all classes)")
+    label_bits: int = arg(16, "precision of stored probabilities: 16 (fp16) or 8 (per-label min-max codes)", (16, 8))
+    cache: str = arg("", "soft-label cache file; default OUT/soft_labels.pt; reused when its fingerprint matches")
+    rebuild_cache: bool = arg(False, "rebuild the cache when it exists but was made for other settings")
+    # student and schedule
+    model: str = arg("convnet_bn", "student: convnet_bn (ConvNet-3, BatchNorm), convnet (instance norm), a width and depth such as "
+                     "convnet_bn64_d4, resnet18 (CIFAR stem <= 64 px) or a torchvision name")
+    schedule: str = arg("shs", "shs (HALD), soft, hard, hybrid, hs, sh, hsh, alt-hard-n, alt-soft-2n, ..., or phase:epochs,...; "
+                        "several ('shs soft') train from one cache into OUT/<schedule>/, then a comparison")
+    epochs: int = arg(300, "training epochs in all")
+    soft_epochs: int = arg(-1, "soft epochs of the presets (HALD's split around the hard phase); -1 = auto: 4/5 for convnet_bn..., else half")
+    label_smoothing: float = arg(-1.0, "hard targets' label smoothing (timm's); -1 = auto: 0.1 up to 200 classes, the authors' 0.8 above")
+    hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
+    hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
+    hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
+    phase_switch: str = arg("reset", "AdamW across a soft <-> hard switch: reset (state cleared), keep (the authors'), or t2 (kept; "
+                            "the soft loss x T^2); README: When HALD helps", ("reset", "keep", "t2"))
+    # optimisation
+    batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
+    lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (README)")
+    weight_decay: float = arg(0.01, "AdamW weight decay, applied to weights with ndim > 1 only")
+    eta: float = arg(-1.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); -1 = auto, as for --lr")
+    recipe: str = arg("none", "the authors' recipe for their dataset (--data must have its classes): its --normalize, smoothing 0.8, "
+                      "T 20, --lr and --eta, each unless given", ("none", *RECIPES))
+    # run
+    seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
+    seeds: str = arg("", "several seeds (0,1,2): every schedule at every seed into OUT/seed<k>/, then mean +- std; each seed stores its "
+                     "own crops (the spread includes which), shared by its schedules (their differences are paired)")
+    device: str = arg("auto", "auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)", ("auto", "cpu", "cuda"))
+    precision: str = arg("bf16", "CUDA arithmetic: bf16 autocast, or fp32 as the authors ran (the CPU computes in fp32)", ("bf16", "fp32"))
+    compile: bool = arg(False, "torch.compile the student (pays off on long GPU runs; the first steps compile)")
+    cuda_graph: bool = arg(False, "CUDA: the student's forward + backward replayed from CUDA graphs (small batches)")
+    eval_every: int = arg(20, "evaluate every N epochs (and always at the end); 0 = at the end only")
+    drift_crops: int = arg(8, "crops per image for the drift diagnostics; 0 turns them off")
+    out: str = arg("runs/hald", "output folder: metrics.jsonl, summary.json, the cache by default")
+    overwrite: bool = arg(False, "replace the results of a finished or unfinished run in --out (refused otherwise)")
+    save_model: str = arg("", "write the trained student here (usable as --teacher)")
+    resume: bool = arg(False, "continue from OUT/checkpoint.pt (written after every epoch) with the same settings")
+    evaluate: str = arg("", "no training: top-1 and top-5 on --val of this model file (OUT/evaluation.json with --out)")
+    debug: bool = arg(False, "show tracebacks instead of one-line errors")
+
+
+def parse_config(argv=None) -> Config:
+    """The CLI, built from Config: one argparse group per section, the demo's flags when --data is not given."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
+        flag, choices = "--" + f.name.replace("_", "-"), f.metadata["choices"]
+        shown = "none" if f.default == "" else f.default
+        demo = f"; the demo without --data: {DEMO_FLAGS[f.name]}" if f.name in DEMO_FLAGS else ""
+        help = f.metadata["help"] + (f" (one of: {', '.join(map(str, choices))})" if choices else "") + f" [default: {shown}{demo}]"
+        if f.type is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:  # int, float or str: the field's annotation converts the flag's text
+            group.add_argument(flag, type=f.type, metavar=f.name.upper(), help=help)
+    given = vars(parser.parse_args(argv))
+    if "data" not in given:
+        given = {**DEMO_FLAGS, **given}
+    if "evaluate" in given and "out" not in given:
+        given["out"] = ""  # --evaluate writes nothing unless told where
+    return Config(**given)
+
+
+# ------------------------------------------------------------ checks, one per kind of input
+# every numeric flag: (its test, the range in words); -1 means auto where the words say so; a float must also be finite
+FLAG_RANGES = {
+    "ipc": (lambda v: v >= 1, ">= 1"), "image_size": (lambda v: v == 0 or v >= 8, "0 (the images' own size) or >= 8"),
+    "slc": (lambda v: v >= 1, ">= 1 (a multiple of --ipc)"), "temperature": (lambda v: v > 0 or v == -1, "> 0, or -1 (auto)"),
+    "crop_scale": (lambda v: 0 < v <= 1, "in (0, 1]"), "label_topk": (lambda v: v >= 0, ">= 0 (0 keeps all classes)"),
+    "epochs": (lambda v: v >= 1, ">= 1"), "soft_epochs": (lambda v: v >= 0 or v == -1, ">= 0 (at most --epochs), or -1 (auto)"),
+    "label_smoothing": (lambda v: 0 <= v < 1 or v == -1, "in [0, 1), or -1 (auto)"), "hybrid_lambda": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 2, ">= 2 (CutMix mixes the images of a batch)"), "lr": (lambda v: v > 0 or v == -1, "> 0, or -1 (auto)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"), "eta": (lambda v: v > 0 or v == -1, "> 0, or -1 (auto)"),
+    "seed": (lambda v: v >= 0, ">= 0"), "eval_every": (lambda v: v >= 0, ">= 0 (0: at the end only)"),
+    "drift_crops": (lambda v: v >= 0, ">= 0 (0 turns the diagnostics off)"),
+}
+
+
+def check_flags(cfg: Config) -> None:
+    """Every flag's value before anything is read: FLAG_RANGES, the choices, and the flags that hold lists or name a device."""
+    for name, (ok, words) in FLAG_RANGES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise HaldError(f"--{name.replace('_', '-')} must be {words}, got {value}")
+    for f in dataclasses.fields(cfg):
+        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
+            raise HaldError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, f.metadata['choices']))}, got {getattr(cfg, f.name)!r}")
+    if cfg.soft_epochs > cfg.epochs:
+        raise HaldError(f"--soft-epochs {cfg.soft_epochs} must be at most --epochs {cfg.epochs} (or -1 for auto)")
+    mean_std_of(cfg.normalize)
+    if cfg.seeds and (not re.fullmatch(r"\d+(,\d+)*", cfg.seeds) or len(set(map(int, cfg.seeds.split(",")))) <= cfg.seeds.count(",")):
+        raise HaldError(f"--seeds takes different whole numbers split by commas (0,1,2), got {cfg.seeds!r}")
+    n, weights = len(cfg.teacher.split(",")), cfg.teacher_weights.split(",") if cfg.teacher_weights else []
+    if weights and (len(weights) != n or not all(re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", w) for w in weights)):
+        raise HaldError(f"--teacher-weights {cfg.teacher_weights} must be one finite number per --teacher ({n} comma-separated)")
+    if len(cfg.teacher_arch.split(",")) not in (1, n):
+        raise HaldError(f"--teacher-arch {cfg.teacher_arch} must name one architecture, or one per --teacher ({n} comma-separated)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise HaldError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
+
+
+def mean_std_of(spec: str) -> tuple:
+    """--normalize -> (mean, std): a name in NORMALIZATIONS or six finite numbers m1,m2,m3,s1,s2,s3 (s > 0)."""
+    if spec in NORMALIZATIONS:
+        return NORMALIZATIONS[spec]
+    try:
+        values = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 6 or not all(map(math.isfinite, values)) or min(values[3:]) <= 0:
+        raise HaldError(f"--normalize {spec!r} is neither {', '.join(NORMALIZATIONS)} nor six finite numbers m1,m2,m3,s1,s2,s3 with "
+                        f"positive s")
+    return values[:3], values[3:]
+
+
+def normalization(cfg: Config) -> str:
+    """The --normalize a run uses: --recipe's when --normalize is left at imagenet (resolve_settings, a tensor set, --evaluate)."""
+    return RECIPES[cfg.recipe][2] if cfg.recipe != "none" and cfg.normalize == "imagenet" else cfg.normalize
+
+
+def check_class_counts(counts: list, classes: list, where, ipc: int = 0, log=print) -> None:
+    """Image sets: every class holds --ipc images (--data) or one (ipc 0: --val); a note when most --data classes hold more."""
+    for name, count in zip(classes, counts):
+        if count < max(ipc, 1):
+            raise HaldError(f"class {name!r} in {where} has {count} images, " + (f"fewer than --ipc {ipc}: lower --ipc or add images"
+                            if ipc else "and every class of --val is scored: add its images, or give a --val of the classes of --data"))
+    typical = sorted(counts)[len(counts) // 2]
+    if ipc and typical > 2 * ipc:
+        log(f"note: --ipc {ipc} uses the first {ipc} of about {typical} images per class in {where}: a distilled set holds "
+            f"IPC images per class; give --ipc {typical} to use them all")
+
+
+def check_labels(labels, n: int, where: str) -> tuple:
+    """Labels of an image set -> class indices (N,) int64 and the class count. Integer indices from 0, or rows (N, C), one-hot or
+    soft, each finite and naming exactly one class by a single largest value; every class from 0 to C - 1 present."""
+    if not (torch.is_tensor(labels) and labels.ndim in (1, 2) and len(labels) == n and n and labels.numel()):
+        got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise HaldError(f"{where}: {n} images but labels {got}: give class indices (N,) or one-hot rows (N, C)")
+    if labels.ndim == 1 and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.min() < 0):
+        raise HaldError(f"{where}: the labels are {labels.dtype} from {labels.min().item():g} to {labels.max().item():g}: give class "
+                        f"indices as integers from 0 (labels.long()), or one-hot rows (N, C)")
+    if labels.ndim == 2:
+        rows = labels.double()
+        bad = (~rows.isfinite().all(1) | ((rows == rows.max(1, keepdim=True).values).sum(1) != 1)).nonzero().flatten()
+        if len(bad):
+            raise HaldError(f"{where}: label row {bad[0]} ({', '.join(f'{v:g}' for v in rows[bad[0], :6].tolist())}"
+                            f"{', ...' if rows.shape[1] > 6 else ''}) names no single class: each row must be finite with one largest value")
+        num_classes, index = labels.shape[1], rows.argmax(1)
+    else:
+        num_classes, index = int(labels.max()) + 1, labels.long()
+    counts = torch.bincount(index, minlength=num_classes)
+    if (counts == 0).any():  # 1-based labels, or one out of range (255 as "ignore")
+        raise HaldError(f"{where}: the labels run from 0 to {num_classes - 1} but no image has class {(counts == 0).nonzero()[0, 0]}"
+                        f": give class indices 0 to C - 1 (1-based labels: subtract 1; a label out of range: fix or drop that image)")
+    return index, num_classes
+
+
+def check_weights(state: dict, what: str, fix: str = "the file is damaged or its training diverged; use another") -> dict:
+    """Model files (teacher, --evaluate, checkpoint.pt): no NaN or infinite weight (not taken later for a wrong class order)."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise HaldError(f"{what} holds NaN or infinite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): {fix}")
+    return state
+
+
+def settings_differ(then: dict, now: dict) -> list:
+    """Stored settings (a cache's header, a checkpoint's) against this run's: the names of those that differ, sorted."""
+    return [k for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)]
+
+
+def check_target(path, flag: str, folder: bool = False) -> Path:
+    """Output targets (--out, run folders, --cache, --save-model), probed without a write: the right kind, a writable folder."""
+    path = Path(path)
+    try:
+        kind, above = path.exists() and path.is_dir(), next(p for p in (path.parent, *path.parents) if p.exists())
+    except OSError as e:  # a name too long for the file system, ...
+        raise HaldError(f"cannot use {flag} {path} ({e.strerror or e}): choose another {flag}") from None
+    if path.exists() and kind != folder:
+        raise HaldError(f"{flag} {path} is a {'file' if folder else 'folder'}: give " + ("a folder (it is created if missing)" if folder
+                        else "a file name"))
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise HaldError(f"cannot write {flag} {path}: {above} is {'not a folder' if not above.is_dir() else 'not writable'}; "
+                        f"choose another {flag}")
+    return path
+
+
+# ---------------------------------------------------------------------------- readers
+def list_image_folder(root, log=print) -> tuple[list[list[Path]], list[str]]:
+    """Class names (sorted folder names) and, per class, its image files (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise HaldError(f"{root} is not a folder: give an ImageFolder with one sub-folder of images per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise HaldError(f"{root} has no class folders: put the images of each class in {root}/<class name>/")
+    files, ignored = [], 0
+    for name in classes:
+        entries = sorted(p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith("."))
+        files.append([p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS])
+        ignored += len(entries) - len(files[-1])
+    nested = [name for name, f in zip(classes, files) if not f and any(p.is_dir() for p in (root / name).iterdir())]
+    if nested:  # a dataset root (train/, val/) instead of an ImageFolder
+        raise HaldError(f"{root}/{nested[0]} holds folders, not images: an ImageFolder has one folder of images per class; "
+                        f"did you mean {root / nested[0]}?")
+    if ignored:
+        log(f"note: ignored {ignored} non-image files in {root}")
+    if all(c.isdigit() for c in classes) and classes != sorted(classes, key=int):  # as torchvision's ImageFolder sorts them
+        log(f"note: the class folders of {root} are unpadded numbers, paired in text order ({', '.join(classes[:4])}, ...); "
+            f"zero-pad the names if their order should be numeric")
+    return files, classes
+
+
+def decode_image(path: Path, size: int, center_crop: bool = False) -> torch.Tensor:
+    """One image as uint8 (3, size, size) (size 0: as it is); grayscale and RGBA become RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grey (PNG, TIFF, PGM): scaled to 8 bits
+                import numpy as np
+
+                values = np.asarray(image, dtype=np.float64)
+                if values.min() < 0 or values.max() > 65535:
+                    raise ValueError(f"mode {image.mode} with values from {values.min():g} to {values.max():g}, beyond 16 bits")
+                image = Image.fromarray((values / 257).round().astype(np.uint8), "L")
+            elif image.mode not in ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"):
+                raise ValueError(f"mode {image.mode}, which hald.py does not read as colours; save it as 8-bit RGB or grey")
+            image = image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise HaldError(f"cannot read image {path} ({e}): replace or remove the file") from None
+    if center_crop:  # the authors' validation transform: Resize(256) + CenterCrop(224), scaled to size
+        short, (w, h) = round(size * 256 / 224), image.size
+        image = image.resize((max(short, round(w * short / h)), max(short, round(h * short / w))), Image.BILINEAR)
+        w, h = image.size
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    elif size and image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.size[1], image.size[0], 3).permute(2, 0, 1)
+
+
+def decode_images(paths, size: int, center_crop: bool = False) -> torch.Tensor:
+    """Decode many images in threads (PIL releases the GIL) into one uint8 (N, 3, size, size)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return torch.stack(list(pool.map(lambda p: decode_image(p, size, center_crop), paths)))
+
+
+def load_distilled(root, ipc: int, size: int = 0, log=print):
+    """The first `ipc` images of each class as uint8 (N, 3, S, S), labels (N,) and class names."""
+    files, classes = list_image_folder(root, log)
+    check_class_counts([len(f) for f in files], classes, root, ipc, log)
+    paths = [p for class_files in files for p in class_files[:ipc]]
+    size = size or decode_image(paths[0], 0).shape[1]
+    return decode_images(paths, size), torch.arange(len(classes)).repeat_interleave(ipc), classes
+
+
+def read_tensor_set(path: Path, labels_file: str = "") -> tuple:
+    """(images, labels, layout) of a tensor file: a dict (TENSOR_KEYS, DC / DM's "data"), a pair, or images and a labels file."""
+    if not path.is_file():
+        raise HaldError(f"--data {path} does not exist: give an ImageFolder or a tensor file of the distilled set")
+    blob, layout = load_trusted(path, "--data tensor file"), "an (images, labels) pair"
+    if isinstance(blob, dict) and isinstance(blob.get("data"), (list, tuple)) and blob["data"]:
+        blob, layout = blob["data"][-1], f"DC / DM res_*.pt: the last of {len(blob['data'])} [images, labels] pairs under data"
+    names = next((k for k in TENSOR_KEYS if isinstance(blob, dict) and k[0] in blob), None)
+    if names:
+        blob, layout = (blob[names[0]], blob.get(names[1])), f"a dict of {names[0]} and {names[1]}"
+    blob = (blob, None) if torch.is_tensor(blob) else blob
+    if not (isinstance(blob, (list, tuple)) and len(blob) == 2):
+        found = f"a dict of {', '.join(map(str, blob))}" if isinstance(blob, dict) else f"a {type(blob).__name__}"
+        raise HaldError(f"--data {path} holds {found}, no layout hald.py knows: save a dict of images and labels, "
+                        f"{{'data': [[images, labels]]}}, an (images, labels) pair, or the images with --labels")
+    images, labels = blob
+    if labels is None or labels_file:
+        other = Path(labels_file) if labels_file else path.with_name(path.name.replace("images", "labels"))
+        if other == path or not other.is_file():
+            raise HaldError(f"--data {path} holds images only and {other} is not a file: give the labels file with --labels")
+        labels, layout = load_trusted(other, "--labels file"), f"images, labels from {other}"
+    return images, labels, layout
+
+
+def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagenet"], labels_file: str = "", log=print):
+    """The first `ipc` images per class of a tensor file as float32 (N, 3, S, S) in [0, 1] units (x * std + mean, not clipped),
+    labels, class names "0", ..., layout."""
+    path = Path(path)
+    images, labels, layout = read_tensor_set(path, labels_file)
+    if not (torch.is_tensor(images) and images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3)
+            and images.shape[2] == images.shape[3] and images.numel()):
+        got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
+        raise HaldError(f"--data {path}: the images must be float (N, C, H, W) with 1 or 3 channels and H = W, got {got}"
+                        + ("; 0-255 pixels: save images.float() / 255 and pass --normalize none" if "uint8" in got else ""))
+    if torch.is_tensor(labels) and labels.ndim == 2:
+        log(f"note: the labels of {path} are rows of {labels.shape[1]} values: each image takes the class of its largest (argmax)")
+    labels, num_classes = check_labels(labels, len(images), f"--data {path}")
+    # ZCA-whitened sets (MTT's --zca) are refused, as hald.py does not apply ZCA: whitening lowers the contrast (std of
+    # normalised CIFAR-10 1.2 -> 0.45) and the correlation of neighbouring pixels (0.93 -> 0.4); sets from noise keep std ~1
+    x = images.float()
+    neighbours = torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
+    if x.std((0, 2, 3)).mean() < 0.8 and neighbours < 0.6:
+        raise HaldError(f"--data {path} looks ZCA-whitened (low contrast, neighbouring pixels correlated {neighbours:.2f}): "
+                        f"hald.py does not apply ZCA; save the images before whitening (MTT: without --zca)")
+    m, s = mean_std(x.device, tuple(stats[0]), tuple(stats[1]))
+    x = check_finite(x.expand(-1, 3, -1, -1) * s + m, f"the images of --data {path}", "the distillation diverged, or the file is damaged")
+    check_images(x, f"the images of --data {path}, de-normalised (x * std + mean),", "give --normalize the statistics it was saved "
+                 "with (none for [0, 1]; 0-255 values: divide by 255)")
+    classes = [str(c) for c in range(num_classes)]
+    check_class_counts(torch.bincount(labels, minlength=num_classes).tolist(), classes, path, ipc, log)
+    x = x[torch.cat([(labels == c).nonzero().flatten()[:ipc] for c in range(num_classes)])]
+    if size and size != x.shape[-1]:
+        x, layout = F.interpolate(x, (size, size), mode="bilinear", antialias=True), f"{layout}, resized from {x.shape[-1]} px"
+    return x.contiguous(), torch.arange(num_classes).repeat_interleave(ipc), classes, layout
+
+
+def pair_classes(classes: list[str], other: list[str], what: str, log=print, ours: str = "--data") -> None:
+    """Classes pair by sorted folder position, as ImageFolder, the authors, SRe2L and FADRM pair them: counts must agree."""
+    if len(other) != len(classes):
+        raise HaldError(f"{what} has {len(other)} classes but {ours} has {len(classes)}: "
+                        f"both must hold the same classes, paired by sorted folder position")
+    if other != classes:
+        pairs = ", ".join(f"{a} -> {b}" for a, b in zip(classes[:3], other[:3]))
+        log(f"note: classes of {ours} paired with {what} by sorted position: {pairs}, ...")
+
+
+def val_storage_for(nbytes: int, device: torch.device) -> str:
+    """Where decoded --val images go: the GPU under half its free memory, else host memory under half of it, else a file."""
+    if device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+        return "device"
+    try:
+        available = int(re.search(r"MemAvailable:\s*(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
+    except (OSError, TypeError):  # not Linux
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 if hasattr(os, "sysconf") else 2 * 1024**3
+    return "memory" if nbytes <= available // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) else "file"
+
+
+def decode_into(out: torch.Tensor, paths, size: int, center_crop: bool, chunk: int = 1024) -> torch.Tensor:
+    """Decode images chunk by chunk into a preallocated uint8 (N, 3, S, S) on any device or in a mapped file."""
+    for start in range(0, len(paths), chunk):
+        out[start:start + chunk] = decode_images(paths[start:start + chunk], size, center_crop).to(out.device)
+    return out
+
+
+def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), storage: str = "auto", spill_dir=None, log=print) -> dict:
+    """--val decoded once as uint8 (N, 3, S, S): on the device, in memory, or in a mapped file in spill_dir (without it: only
+    the teacher check's images); classes paired with `classes` (None: not); size 0: its first image's height."""
+    files, val_classes = list_image_folder(root, log)
+    if classes is not None:
+        pair_classes(classes, val_classes, f"--val {root}", log)
+    check_class_counts([len(f) for f in files], val_classes, f"--val {root}")
+    paths = [p for class_files in files for p in class_files]
+    size = size or decode_image(paths[0], 0).shape[1]
+    labels = torch.cat([torch.full((len(f),), c) for c, f in enumerate(files)])
+    center_crop = size > 64  # ImageNet-style evaluation; small images are used as they are
+    shape, t0 = (len(paths), 3, size, size), time.time()
+    nbytes = math.prod(shape)
+    storage = val_storage_for(nbytes, device) if storage == "auto" else storage
+    if storage == "file" and spill_dir is None:  # resolve() writes nothing: the teacher check's images now, the whole set
+        step = max(1, len(paths) // CHECK_IMAGES)  # into its file after the claim
+        return {"images": decode_images(paths[::step], size, center_crop), "labels": labels[::step], "classes": val_classes,
+                "storage": "sample", "count": len(paths)}
+    if storage == "file":
+        key = hashlib.sha256(json.dumps([size, center_crop] + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]).encode())
+        path = Path(spill_dir or ".") / f"val-{key.hexdigest()[:16]}.u8"
+        if not (path.exists() and path.stat().st_size == nbytes):
+            with atomic_path(path) as tmp:  # a complete file or none
+                decode_into(torch.from_file(str(tmp), shared=True, size=nbytes, dtype=torch.uint8).view(shape), paths, size, center_crop)
+        images = torch.from_file(str(path), shared=False, size=nbytes, dtype=torch.uint8).view(shape)  # copy-on-write map
+    else:
+        images = decode_into(torch.empty(shape, dtype=torch.uint8, device=device if storage == "device" else "cpu"), paths, size, center_crop)
+    log(f"validation: {len(paths):,} images of {root} decoded to {size} px uint8 in {time.time() - t0:.1f}s, "
+        f"kept {'on the device' if storage == 'device' else 'in host memory' if storage == 'memory' else f'in {path}'} ({nbytes / 1e9:.2f} GB)")
+    return {"images": images, "labels": labels, "classes": val_classes, "storage": storage}
+
+
+def load_trusted(path, what: str):
+    """torch.load restricted to tensors and plain containers: a file never runs code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a foreign pickle, ...
+        raise HaldError(f"cannot load {what} {path} ({type(e).__name__}): it is truncated, corrupted, or holds Python objects, "
+                        f"which hald.py never unpickles; save tensors only (a model's state_dict)") from None
+
+
+def foreign_naming(state: dict, arch: str) -> tuple[dict, str, str]:
+    """Other projects' names for hald.py's models, from the keys -> state renamed, architecture, note ("": unchanged): the
+    authors' CIFAR model-pool ResNet (torchvision's, CIFAR stem); DC / DM / MTT's ConvNet (width, depth, norm from weights)."""
+    convs = [k for k in state if re.fullmatch(r"features\.\d+\.weight", k) and state[k].dim() == 4]
+    if CONVNET.fullmatch(arch) and convs == [f"features.{4 * i}.weight" for i in range(len(convs))] and "classifier.weight" in state:
+        bn, width, depth = any(k.endswith(".running_mean") for k in state), len(state[convs[0]]), len(convs)
+        found = f"convnet{'_bn' * bn}{'' if width == 128 else width}{'' if depth == 3 else f'_d{depth}'}"
+        subs = [(r"^features\.", ""), (r"^classifier\.", f"{4 * depth + 1}.")]  # the Flatten before the linear has no weights
+        note = (f"the DC/DM/MTT ConvNet naming (features, classifier), read as {found} (width {width}, depth {depth}, "
+                f"{'batch' if bn else 'instance'} norm)" + (f" in place of {arch}" if found != arch else ""))
+    elif not CONVNET.fullmatch(arch) and {"conv1.weight", "linear.weight"} <= state.keys():
+        found, subs = arch, [(r"\.shortcut\.", ".downsample."), (r"^linear\.", "fc.")]
+        note = "the CIFAR model-pool ResNet naming (shortcut, linear), renamed to torchvision's"
+    else:
+        return state, arch, ""
+    for pattern, name in subs:
+        state = {re.sub(pattern, name, k): v for k, v in state.items()}
+    return state, found, note
+
+
+def read_weights(path, arch: str = "", what: str = "model", log=print) -> dict:
+    """A model file (tensors only) and its identity: a hald.py checkpoint, or a state_dict of `arch` (alone or under WEIGHT_KEYS)."""
+    blob, identity = load_trusted(path, what), "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
+        if arch not in ("", blob["arch"]):
+            raise HaldError(f"{what} {path} is a hald.py checkpoint of {blob['arch']}, not {arch}: drop --teacher-arch")
+        stats = (tuple(blob["mean"]), tuple(blob["std"])) if "mean" in blob else NORMALIZATIONS["imagenet"]  # older: ImageNet's
+        return {**blob, "identity": identity, "stats": stats}
+    if not arch:
+        raise HaldError(f"{what} {path} is not a checkpoint written by hald.py --save-model: for the weights of another "
+                        f"project's model, name its architecture with --teacher-arch (convnet_bn, resnet18, ...)")
+    for state in (blob, *map(blob.get, WEIGHT_KEYS)) if isinstance(blob, dict) else ():
+        if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
+            state, arch, note = foreign_naming({re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state.items()}, arch)
+            if note:
+                log(f"note: {what} {path}: {note}")
+            return {"arch": arch, "classes": None, "image_size": None, "state_dict": state, "identity": f"{identity} as {arch}", "stats": None}
+    raise HaldError(f"{what} {path} holds no state_dict (tensors by name), alone or under {', '.join(WEIGHT_KEYS)}: "
+                    f"save model.state_dict()")
+
+
+def model_from_weights(weights: dict, num_classes: int, image_size: int, what: str) -> nn.Module:
+    """read_weights' model loaded strictly: missing, unexpected and misshapen keys in one line."""
+    state, arch, conv1 = weights["state_dict"], weights["arch"], weights["state_dict"].get("conv1.weight")
+    model = build_model(arch, num_classes, image_size, cifar_stem=None if conv1 is None else conv1.shape[-1] == 3)
+    own = model.state_dict()
+    wrong = {"missing": [k for k in own if k not in state], "unexpected": [k for k in state if k not in own],
+             "misshapen (file vs model)": [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]}
+    head = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+    if head and head[0] in state and len(state[head[0]]) != num_classes:
+        raise HaldError(f"{what} predicts {len(state[head[0]])} classes but the data has {num_classes}: "
+                        f"use a model trained on these classes (hald.py --schedule hard --save-model)")
+    if any(wrong.values()):
+        raise HaldError(f"{what} does not fit {arch} at {image_size} px: " + "; ".join(
+            f"{kind} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "") for kind, keys in wrong.items() if keys)
+            + ": give the architecture it was saved from with --teacher-arch (and its input size with --image-size)")
+    model.load_state_dict(check_weights(state, what))
+    return model
+
+
+def torchvision_weights(spec: str):
+    """'resnet50:IMAGENET1K_V1' -> ('resnet50', weights). No tag: IMAGENET1K_V1 as the authors (else DEFAULT)."""
+    if spec.endswith((".pt", ".pth")):
+        raise HaldError(f"teacher checkpoint {spec} does not exist: check the path")
+    name, _, tag = spec.partition(":")
+    try:
+        weights = torchvision_models().get_model_weights(name)
+    except (ValueError, KeyError):
+        raise HaldError(f"teacher {spec!r} is neither a file nor a torchvision model name (such as resnet18 or "
+                        f"resnet50:IMAGENET1K_V1): check the path or the name") from None
+    tags = [w.name for w in weights]
+    tag = tag or ("IMAGENET1K_V1" if "IMAGENET1K_V1" in tags else "DEFAULT")
+    if tag != "DEFAULT" and tag not in tags:
+        raise HaldError(f"torchvision has no weights {tag!r} for {name}: use one of {', '.join(tags)}")
+    return name, weights.DEFAULT if tag == "DEFAULT" else weights[tag]
+
+
+def load_teacher(spec: str, classes: list, image_size: int, stats=NORMALIZATIONS["imagenet"], log=print, arch: str = "") -> tuple:
+    """A model file or a torchvision ImageNet model (name[:weights]) -> model, identity, class names (or None), (mean, std)."""
+    if Path(spec).is_file():
+        weights = read_weights(spec, arch, "teacher", log)
+        if weights["classes"]:
+            pair_classes(classes, weights["classes"], f"teacher {spec}", log)
+        if weights["image_size"] not in (None, image_size):
+            raise HaldError(f"teacher {spec} expects {weights['image_size']} px images, the data gives {image_size} px: "
+                            f"pass --image-size {weights['image_size']}")
+        model = model_from_weights(weights, len(classes), image_size, f"teacher {spec}")
+        return model, weights["identity"], weights["classes"], weights["stats"] or stats
+    name, weights = torchvision_weights(spec)
+    names = weights.meta.get("categories")  # ImageNet's in class-index order: the sorted order of its WordNet-id folders
+    if names:  # before the weights are downloaded
+        pair_classes(classes, names, f"teacher {spec}", log)
+    return build_model(name, len(classes), image_size, weights=weights).eval(), f"torchvision:{name}:{weights.name}", names, NORMALIZATIONS["imagenet"]
+
+
+class TeacherEnsemble(nn.Module):
+    """Several teachers as one (the authors' --model-choice): logits weighted 1/n, or softmax(w / 10), and summed."""
+
+    def __init__(self, teachers: list, weights=None):
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+        n = len(teachers)
+        self.weights = torch.tensor(weights, dtype=torch.float64).div(10).softmax(0).tolist() if weights else [1 / n] * n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(w * teacher(x).float() for w, teacher in zip(self.weights, self.teachers))
+
+
+def load_teachers(specs: str, weights: str, classes: list, image_size: int, stats, log=print, arch: str = "") -> tuple:
+    """--teacher: load_teacher's tuple for one, or a TeacherEnsemble of several (--teacher-arch: one, or one each)."""
+    specs, archs = specs.split(","), arch.split(",") if "," in arch else [arch] * len(specs.split(","))
+    loaded = [load_teacher(spec, classes, image_size, stats, log, a) for spec, a in zip(specs, archs)]
+    if len(loaded) == 1:
+        return loaded[0]
+    if len({str(t[3]) for t in loaded}) > 1:
+        raise HaldError(f"the teachers {', '.join(specs)} normalise their inputs differently: give teachers of the same statistics")
+    w = [float(v) for v in weights.split(",")] if weights else None
+    identity = " + ".join(t[1] for t in loaded) + (f" weighted {w}" if w else "")
+    return TeacherEnsemble([t[0] for t in loaded], w), identity, next((t[2] for t in loaded if t[2]), None), loaded[0][3]
+
+
+@torch.no_grad()
+def teacher_check(teacher: nn.Module, images, labels, val: dict, device, stats, min_val: int = CHECK_IMAGES, rank: int = 0, world: int = 1,
+                  precision: str = "bf16") -> dict:
+    """The teacher (eval mode) before training: its agreement (%) with the distilled images' labels, top-1 and top-5 on --val
+    (every k-th image, at least min_val). A wrong class order drops the figure concerned to about 100 / C."""
+    teacher.eval()
+    agree = torch.zeros((), dtype=torch.long, device=labels.device)
+    for s in range(0, len(images), 256):
+        with autocast(device, precision):
+            logits = check_finite(teacher(model_layout(normalize(images[s:s + 256], *stats))), *TEACHER_OUTPUTS)
+        agree += (logits.argmax(1) == labels[s:s + 256]).sum()
+    step = max(1, len(val["labels"]) // min_val)
+    sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
+    top1, top5 = evaluate(teacher, sample, device, stats, rank=rank, world=world, precision=precision)
+    return {"teacher_agreement": 100 * agree.item() / len(images), "teacher_top1": top1, "teacher_top5": top5,
+            "teacher_check_val_images": len(sample["labels"])}
+
+
+def chance_floor(num_classes: int) -> float:
+    """Near chance below this (%): twice chance, at least chance + 0.25, at most halfway to 100 %."""
+    chance = 100 / num_classes
+    return min(max(2 * chance, chance + 0.25), (chance + 100) / 2)
+
+
+# ---------------------------------------------------------------- the files hald.py writes
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary file renamed to `path` at the end: a crash leaves the old file or the new one, a failed write one line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise HaldError(f"cannot write {path} ({e.strerror or e}): free space or make it writable (or choose another --out / "
+                        f"--cache), then run the command again (with --resume once a run had started)") from None
+    finally:
+        with contextlib.suppress(OSError):  # a parent that is a file: the message above, not this
+            tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path) -> None:
+    """Text, or tensors through a buffer (the archive inside is then named "archive", not after the temporary file)."""
+    with atomic_path(path) as tmp:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        else:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            tmp.write_bytes(buffer.getvalue())
+
+
+# the cache on disk (hald.py's own format; a copier of the cache may leave this layer out)
+def pack_labels(probs: torch.Tensor, topk: int = 0, bits: int = 16) -> dict:
+    """Compact (L, C) probabilities: all classes or the `topk` largest (values, int16 indices), fp16 or 8-bit min-max codes."""
+    packed = {}
+    if 0 < topk < probs.shape[1]:
+        probs, indices = probs.topk(topk, 1)
+        packed["indices"] = indices.short()
+    if bits == 8:
+        lo, hi = probs.min(1, keepdim=True).values.half(), probs.max(1, keepdim=True).values.half()
+        span = (hi.float() - lo.float()).clamp_min(1e-12)
+        packed.update(codes=((probs - lo.float()) / span * 255).round().clamp(0, 255).to(torch.uint8), lo=lo, hi=hi)
+    else:
+        packed["values"] = probs.half()
+    return packed
+
+
+def unpack_labels(packed: dict, num_classes: int) -> torch.Tensor:
+    """pack_labels' inverse -> (L, C) float; top-k labels spread the rest of the mass evenly over the other classes."""
+    if "codes" in packed:
+        lo, hi = packed["lo"].float(), packed["hi"].float()
+        values = lo + packed["codes"].float() / 255 * (hi - lo)
+    else:
+        values = packed["values"].float()
+    if "indices" not in packed:
+        return values
+    rest = (1 - values.sum(1, keepdim=True)).clamp_min(0) / max(num_classes - values.shape[1], 1)
+    full = rest.expand(len(values), num_classes).clone().scatter_(1, packed["indices"].long(), values)
+    return full / full.sum(1, keepdim=True)  # rounding can leave the kept mass a hair above 1
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over every tensor (nested dicts included) in key order: detects any altered byte."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key]
+        digest.update(key.encode() + (tensors_digest(value).encode() if isinstance(value, dict) else value.cpu().numpy().tobytes()))
+    return digest.hexdigest()
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def cache_header(*, classes: list, num_images: int, passes: int, image_size: int, batch_size: int, cutmix: bool, temperature: float,
+                 **settings) -> dict:
+    """A cache file's header: what load_cache rebuilds the cache from, the other settings its labels depend on, their fingerprint."""
+    header = dict(format=CACHE_FORMAT, classes=list(classes), num_images=num_images, passes=passes, image_size=image_size,
+                  batch_size=batch_size, cutmix=cutmix, temperature=temperature, **settings)
+    return {**header, "fingerprint": fingerprint(header)}
+
+
+def compact_labels_(cache: SoftLabelCache, topk: int = 0, bits: int = 16) -> dict:
+    """The cache's labels packed (pack_labels) and read back: lossy labels train as a reused cache will hold them."""
+    packed = pack_labels(cache.probs.float(), topk, bits)
+    cache.probs = unpack_labels(packed, cache.probs.shape[1]).half()
+    return packed
+
+
+def save_cache(cache: SoftLabelCache, packed: dict, header: dict, path) -> int:
+    """Write the cache, its header (settings and their fingerprint) and its tensors' sha256; returns the file's bytes."""
+    cut = cache.cut if cache.cut is not None else torch.full((len(cache), 4), -1, dtype=torch.short)  # -1s: no CutMix
+    tensors = dict(index=cache.index, boxes=cache.boxes, flips=cache.flips, partner=cache.partner, cut=cut, labels=packed)
+    tensors = {k: v if isinstance(v, dict) else v.cpu() for k, v in tensors.items()}
+    save_atomic({"header": {**header, "sha256": tensors_digest(tensors)}, **tensors}, path)
+    return Path(path).stat().st_size
+
+
+def load_cache(path, header: dict) -> SoftLabelCache:
+    """Load a cache made with exactly these settings (header's fingerprint); refuse anything else."""
+    blob = load_trusted(path, "soft-label cache")
+    stored = blob.get("header", {}) if isinstance(blob, dict) else {}
+    if stored.get("format") != CACHE_FORMAT or any(k not in blob for k in CACHE_TENSORS):
+        raise HaldError(f"{path} is not a hald soft-label cache: delete it or pass another --cache")
+    if stored.get("fingerprint") != header["fingerprint"]:
+        changed = settings_differ({k: stored.get(k) for k in header if k != "fingerprint"}, {k: v for k, v in header.items() if k != "fingerprint"})
+        raise HaldError(f"cache {path} was made for other settings ({', '.join(changed) or 'images'} differ): "
+                        f"pass --rebuild-cache to replace it, or another --cache path")
+    t = {k: blob[k] for k in CACHE_TENSORS}
+    if tensors_digest(t) != stored.get("sha256") or len(t["index"]) != header["passes"] * header["num_images"]:
+        raise HaldError(f"cache {path} is corrupted (checksum or size mismatch): pass --rebuild-cache")
+    probs = check_finite(unpack_labels(t["labels"], len(header["classes"])).half(), f"the labels of cache {path}", "pass --rebuild-cache")
+    return SoftLabelCache(t["index"], t["boxes"], t["flips"], t["partner"], t["cut"] if header["cutmix"] else None, probs,
+                          header["num_images"], header["batch_size"], header["image_size"], temperature=header["temperature"],
+                          **dict(zip(("mean", "std"), header.get("teacher_mean_std", (IMAGENET_MEAN, IMAGENET_STD)))))
+
+
+def save_checkpoint(model: nn.Module, arch: str, classes: list, image_size: int, path, stats=NORMALIZATIONS["imagenet"]) -> None:
+    """A student for --teacher and --evaluate: architecture, class names, input size, mean and std, weights."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({"format": MODEL_FORMAT, "arch": arch, "classes": classes, "image_size": image_size,
+                 "mean": list(stats[0]), "std": list(stats[1]), "state_dict": state}, path)
+
+
+def run_settings(cfg: Config) -> dict:
+    """What a resumed run must share with the interrupted one: every setting but where outputs go."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
+            "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""), ("labels", ""),
+            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"),
+            ("seeds", ""))}
+    # at the values of older hald.py, newer flags are left out: older checkpoints' fingerprints stay as they were
+
+
+def save_state(path, settings: dict, model, opt, epoch: int, pool: list[int], gens: dict, history: list[dict]) -> None:
+    """Everything needed to continue exactly: weights, optimizer, position, soft pool and every RNG."""
+    save_atomic({"run": fingerprint(settings), "settings": json.dumps(settings), "epoch": epoch, "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "pool": torch.tensor(pool, dtype=torch.long), "history": json.dumps(history),
+                 "generators": {k: g.get_state() for k, g in gens.items()}, "torch_rng": torch.get_rng_state()}, path)
+
+
+def read_checkpoint(path, settings: dict) -> dict:
+    """OUT/checkpoint.pt, checked before anything is written: a hald.py checkpoint, of a run with these settings, finite."""
+    state = load_trusted(path, "checkpoint")
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        raise HaldError(f"{path} is not a checkpoint written by hald.py: move it away, or pass --overwrite to start again")
+    if state["run"] != fingerprint(settings):
+        then = json.loads(state.get("settings", "{}"))  # checkpoints before hald.py recorded them: {}
+        changed = [f"--{k.replace('_', '-')} {then.get(k)} then, {settings.get(k)} now" for k in settings_differ(then, settings)
+                   ] if then else ["not recorded in this older checkpoint"]
+        raise HaldError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): resume with the same flags, or use "
+                        f"another --out")
+    check_weights(state["model"], f"checkpoint {path}", "pass --overwrite to start again")
+    return state
+
+
+# ---------------------------------------------------------------------------- resolve
+def auto_soft_epochs(epochs: int, model: str) -> int:
+    """-1 = auto for --soft-epochs: 4/5 for the BatchNorm ConvNet-3s, the authors' half for the others (README: Flags)."""
+    return epochs * 4 // 5 if model.startswith("convnet_bn") else epochs // 2
+
+
+def auto_lr_eta(num_classes: int, image_size: int, model: str, ipc: int, recipe: str = "none") -> tuple:
+    """-1 = auto for --lr and --eta: the AUTHORS_LR_ETA row of the dataset (--recipe, or 1,000 classes, 200, 100 at 32 px),
+    student and largest IPC at or below --ipc (else the first). -> lr, eta, why (for the start-up line)."""
+    dataset = recipe if recipe != "none" else {1000: "imagenet1k", 200: "tiny-imagenet"}.get(
+        num_classes, "cifar100" if (num_classes, image_size) == (100, 32) else "")
+    rows = AUTHORS_LR_ETA.get((dataset, model))
+    if not rows:
+        return 1e-3, 2.0 if ipc < 50 else 1.0, "hald.py's default, as the authors have no row for this setting"
+    start, lr, eta = max((row for row in rows if row[0] <= ipc), default=rows[0])
+    return lr, eta, f"the authors' {RECIPES[dataset][0]} {model} row from IPC {start}"
+
+
+def resolve_settings(cfg: Config, num_classes: int, image_size: int = 0) -> Config:
+    """The -1 = auto values, resolved once (summary.json records them), and --recipe's --normalize."""
+    recipe = RECIPES.get(cfg.recipe)
+    if recipe and recipe[1] != num_classes:
+        raise HaldError(f"--recipe {cfg.recipe} is for {recipe[0]}'s {recipe[1]:,} classes but --data has {num_classes:,}: "
+                        f"drop --recipe or name the dataset of --data")
+    measured = num_classes <= AUTO_MEASURED_CLASSES and not recipe
+    lr, eta, _ = auto_lr_eta(num_classes, image_size, cfg.model, cfg.ipc, cfg.recipe)
+    auto = {"label_smoothing": AUTO_LABEL_SMOOTHING if measured else AUTHORS_LABEL_SMOOTHING,
+            "temperature": AUTO_TEMPERATURE if measured else AUTHORS_TEMPERATURE,
+            "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model), "lr": lr, "eta": eta}
+    return dataclasses.replace(cfg, normalize=normalization(cfg), **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
+
+
+def with_demo_defaults(cfg: Config) -> Config:
+    """The bundled demo's files only without --data: a user's data never meets the demo's teacher or --val by accident."""
+    if not cfg.data and not DEMO.is_dir():  # an installed hald (pip install .): the demo stays in the checkout
+        raise HaldError("--data is missing: give --data, --val and --teacher (the bundled demo runs from a checkout: python hald.py)")
+    if not cfg.data:
+        return dataclasses.replace(cfg, data=str(DEMO / "distilled"), val=cfg.val or str(DEMO / "val"),
+                                   teacher=cfg.teacher or str(DEMO / "teacher.pt"))
+    if not cfg.val:
+        raise HaldError("--val is missing: with --data, give the real validation set as an ImageFolder "
+                        "(its class folders are paired with --data's by sorted position)")
+    return cfg
+
+
+def check_out(cfg: Config) -> None:
+    """Where a run writes: --out (no earlier run in it unless told), --cache and --save-model (files of their own)."""
+    out = check_target(cfg.out, "--out", folder=True)
+    own = {out.resolve(), *((out / name).resolve() for name in RUN_FILES)}
+    for path, flag in ((cfg.cache, "--cache"), (cfg.save_model, "--save-model")):  # and --save-model is not the cache
+        if path and (check_target(path, flag).resolve() in own or (out / ".lock").resolve() in Path(path).resolve().parents):
+            raise HaldError(f"{flag} {path} is --out, or a file hald.py writes there: give another name")
+        own.add(Path(cfg.cache or out / "soft_labels.pt").resolve())
+    if cfg.overwrite or cfg.resume:
+        return
+    if (out / "summary.json").exists():
+        raise HaldError(f"--out {out} holds a finished run (summary.json): pass --overwrite to replace it, or another --out")
+    if (out / "checkpoint.pt").exists():
+        raise HaldError(f"--out {out} holds an unfinished run (checkpoint.pt): pass --resume to continue it, "
+                        f"--overwrite to start again, or another --out")
+
+
+def check_run(cfg: Config, schedule, world: int) -> None:
+    """Checks of the settings that need the schedule but no image."""
+    soft = any(phase != "hard" for phase, _ in schedule)
+    for name, flag in [(cfg.model, "--model")] + [(a, "--teacher-arch") for a in cfg.teacher_arch.split(",")]:  # a typo found now
+        if name:
+            torchvision_models(name, flag)
+    if soft and not cfg.teacher:
+        raise HaldError(f"--teacher is missing: the soft phases of --schedule {cfg.schedule} need one (a hald.py checkpoint, "
+                        f"weights with --teacher-arch, or a torchvision name such as resnet18); --schedule hard needs none")
+    for spec in cfg.teacher.split(",") if soft else []:  # a missing checkpoint or an unknown name, before any image is decoded
+        if not Path(spec).is_file():
+            torchvision_weights(spec)
+            if cfg.teacher_arch:
+                raise HaldError(f"--teacher-arch is for a --teacher file; the torchvision teacher {spec} brings its own: drop it")
+    if soft and cfg.slc % cfg.ipc:
+        raise HaldError(f"--slc {cfg.slc} is not a multiple of --ipc {cfg.ipc}: use e.g. --slc "
+                        f"{max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc} (slc/ipc crops per image)")
+    if cfg.batch_size % world:
+        raise HaldError(f"--batch-size {cfg.batch_size} is the global batch: make it a multiple of the {world} processes")
+
+
 def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
@@ -1295,9 +1396,157 @@ def seen_alike(path: Path, device: torch.device, world: int) -> bool:
     return bool(seen)
 
 
+def resolve(cfg: Config, log=print) -> SimpleNamespace:
+    """Read and check everything the runs depend on, writing nothing: flags, every schedule and seed, every output path, the
+    checkpoints of --resume, the distilled set, the teachers, --val and the teacher check, the caches. -> the plan: the runs
+    (a Config and schedule per seed and schedule, seed-major) and what they share (images and labels on the device, ...)."""
+    demo, replace_demo = not cfg.data, False
+    cfg = with_demo_defaults(cfg)
+    check_flags(cfg)
+    seeds, schedules = [int(k) for k in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed], cfg.schedule.split() or [cfg.schedule]
+    device, rank, world = init_distributed(pick_device(cfg.device))
+    log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
+    several = len(seeds) * len(schedules) > 1
+    for refused, why in ((cfg.cuda_graph and (device.type != "cuda" or world > 1), "--cuda-graph needs a CUDA device and a single "
+                          "process: drop it here (or under torchrun)"),
+                         (cfg.cache and len(seeds) > 1, "--cache holds one seed's soft labels: with several --seeds each seed "
+                          "builds its own in OUT/seed<k>/; drop --cache"),
+                         (cfg.save_model and several, "--save-model names one file, which each run of several --schedule or "
+                          "--seeds would overwrite: train one schedule at one seed, or drop --save-model"),
+                         (cfg.labels and Path(cfg.data).suffix not in TENSOR_SUFFIXES, "--labels is for a --data tensor file (.pt, "
+                          ".pth); an ImageFolder's classes are its folders: drop it")):
+        if refused:
+            raise HaldError(why)
+    tensors = load_tensor_set(cfg.data, cfg.ipc, cfg.image_size, mean_std_of(normalization(cfg)), cfg.labels, log) \
+        if Path(cfg.data).suffix in TENSOR_SUFFIXES else None  # read once, de-normalised with the statistics it was saved with
+    files, classes = (None, tensors[2]) if tensors else list_image_folder(cfg.data, log=lambda *_: None)
+    size = tensors[0].shape[-1] if tensors else cfg.image_size
+    if not size and (first := next((p for class_files in files for p in class_files), None)):  # its height: the authors' lr row
+        from PIL import Image
+
+        with contextlib.suppress(OSError, ValueError, Image.DecompressionBombError), Image.open(first) as image:  # the header only
+            size = image.height
+    given, cfg = cfg, resolve_settings(cfg, len(classes), size)
+    out, runs = Path(cfg.out), []
+    # `python hald.py` again replaces the default --out that holds finished demos only (each summary.json in it or a folder
+    # down names the bundled images); anything else is left to check_out
+    earlier = {p.parent for name in ("summary.json", "checkpoint.pt") for p in (*out.glob(name), *out.glob(f"*/{name}"))} \
+        if demo and cfg.out == Config.out and not cfg.resume else ()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # an unfinished run, or a file hald.py did not write
+        replace_demo = bool(earlier) and all(json.loads((r / "summary.json").read_text())["config"]["data"] == str(DEMO / "distilled") for r in earlier)
+    for k in seeds:
+        folder = out / f"seed{k}" if len(seeds) > 1 else out
+        for spec in schedules:
+            run = dataclasses.replace(cfg, schedule=spec, seed=k, seeds="", cache=cfg.cache or (str(folder / "soft_labels.pt") if several else ""),
+                                      out=str(folder / re.sub(r"[^\w.-]+", "-", spec) if len(schedules) > 1 else folder))
+            schedule = build_schedule(spec, run.epochs, run.soft_epochs, run.slc // run.ipc)
+            check_run(run, schedule, world)
+            check_out(dataclasses.replace(run, overwrite=True) if replace_demo else run)  # the earlier demo goes at the claim
+            if run.resume and seen_alike(checkpoint := Path(run.out) / "checkpoint.pt", device, world):
+                read_checkpoint(checkpoint, run_settings(run))
+            elif run.resume:
+                log(f"note: --resume: {checkpoint} does not exist, so this run starts at epoch 1")
+            runs.append((run, schedule))
+    images, labels, classes = tensors[:3] if tensors else load_distilled(cfg.data, cfg.ipc, cfg.image_size, log)  # u8 or float
+    if cfg.batch_size > len(images):
+        raise HaldError(f"--batch-size {cfg.batch_size} is larger than the {len(images)} distilled images: lower it")
+    if 0 < len(images) % cfg.batch_size < world:
+        raise HaldError(f"the last batch ({len(images) % cfg.batch_size} images) needs an image per process ({world}): change --batch-size")
+    soft = any(phase != "hard" for _, schedule in runs for phase, _ in schedule)
+    teacher = soft and load_teachers(cfg.teacher, cfg.teacher_weights, classes, images.shape[-1], mean_std_of(cfg.normalize), log, cfg.teacher_arch)
+    classes = list(teacher[2]) if tensors and teacher and teacher[2] else classes  # a tensor set's classes are numbers: the teacher's names
+    val = load_val(cfg.val, classes, images.shape[-1], device, cfg.val_storage, None, log)  # too large for memory: a sample
+    plan = SimpleNamespace(given=given, runs=runs, device=device, rank=rank, world=world, images=images.to(device), labels=labels.to(device),
+                           classes=classes, layout=tensors[3] if tensors else "", teacher=teacher and (teacher[0].to(device).eval(), *teacher[1:]),
+                           val=val, check={}, caches={}, replace_demo=replace_demo, log=log)
+    plan.check = check_teacher(plan, cfg) if teacher and cfg.check_teacher else {}
+    for run, schedule in runs:
+        path = Path(run.cache or Path(run.out) / "soft_labels.pt")
+        if any(phase != "hard" for phase, _ in schedule) and not (run.rebuild_cache or replace_demo) and str(path) not in plan.caches \
+                and seen_alike(path, device, world):
+            plan.caches[str(path)] = load_cache(path, cache_header_of(run, plan))
+    return plan
+
+
+def check_teacher(plan, cfg: Config) -> dict:
+    """The teacher check of each teacher (and of their ensemble): near chance on --data or --val, a class order is wrong."""
+    teacher, members = plan.teacher[0], list(zip(cfg.teacher.split(","), getattr(plan.teacher[0], "teachers", [])))
+    for who, model in [(f" of {spec}", m) for spec, m in members] + [(" of the ensemble" if members else "", teacher)]:
+        check = teacher_check(model, plan.images, plan.labels, plan.val, plan.device, plan.teacher[3], rank=plan.rank,
+                              world=plan.world, precision=cfg.precision)
+        figures = (f"agrees with the class labels of --data on {check['teacher_agreement']:.1f} % of the {len(plan.images)} images; "
+                   f"top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on {check['teacher_check_val_images']:,}"
+                   f" of the {plan.val.get('count', len(plan.val['labels'])):,} --val images (chance {100 / len(plan.classes):.2f} %)")
+        plan.log(f"teacher check{who}: {figures}")
+        bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < chance_floor(len(plan.classes))]
+        if bad:
+            raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (it {figures}): classes pair by "
+                            f"sorted folder position, so name the folders in the teacher's order (or pass --no-check-teacher)")
+    return check
+
+
+# ------------------------------------------------------------------------------ claim
+HELD = {}  # --out -> (its lock, whether this run made the folder), released when main() returns
+
+
+def claim(plan, out: Path) -> None:
+    """The first write, after the last refusal (by rank 0): the earlier demo replaced, --out made and locked (OUT/.lock, freed
+    when the process ends), a killed run's temporary files removed; then a --val too large for memory decoded into --out."""
+    if plan.rank == 0:
+        if plan.replace_demo:
+            shutil.rmtree(out, ignore_errors=True)
+            plan.log(f"note: replacing the earlier demo in {out}/ (give --out to keep a run)")
+        made = [p for p in (*reversed(out.parents), out) if not p.exists()]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()
+            lock = open(out / ".lock", "a+")
+        except OSError as e:
+            if made:  # a refused claim leaves no folder behind: all under made[0] is this run's
+                shutil.rmtree(made[0], ignore_errors=True)
+            raise HaldError(f"cannot write in {e.filename or out} ({e.strerror or e}): make it writable or choose another --out") from None
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no lock
+            pass
+        except BlockingIOError:  # held
+            lock.seek(0)
+            raise HaldError(f"--out {out} is in use by {lock.read().strip() or 'another run'}: wait for it to end, or choose another "
+                            f"--out") from None
+        except OSError as e:  # a file system without locks (Lustre mounted without -o flock): said, not taken for a held lock
+            print(f"note: {out} cannot be locked ({e.strerror or e}): nothing stops a second run from writing into this --out meanwhile")
+        lock.truncate(0)
+        lock.write(f"the run of process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+        HELD[str(out)] = lock, bool(made)
+        for tmp in out.rglob(".*.tmp"):  # atomic_path's, of a run killed while writing
+            tmp.unlink(missing_ok=True)
+    if plan.val["storage"] == "sample":  # checked on its sample: now the whole set, into its file
+        cfg = plan.runs[0][0]
+        plan.val = load_val(cfg.val, plan.classes, plan.images.shape[-1], plan.device, cfg.val_storage, out, plan.log)
+
+
+# ---------------------------------------------------------------------------- execute
+def make_generators(seed: int) -> dict[str, torch.Generator]:
+    """Independent CPU streams: a reused cache gives the run a rebuilt one gives, on any device."""
+    return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(("relabel", "pool", "hard", "drift"))}
+
+
+def cache_header_of(cfg: Config, plan) -> dict:
+    """The settings a run's soft labels depend on (cache_header), with the teacher's identity and the images' digest."""
+    stats = plan.teacher[3]
+    return cache_header(classes=plan.classes, num_images=len(plan.images), ipc=cfg.ipc, slc=cfg.slc, passes=cfg.slc // cfg.ipc,
+                        image_size=plan.images.shape[-1], batch_size=cfg.batch_size, temperature=cfg.temperature, teacher=plan.teacher[1],
+                        teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3], cutmix=cfg.cutmix,
+                        seed=cfg.seed, values="probs", images_sha256=tensors_digest({"images": plan.images, "labels": plan.labels}),
+                        label_topk=cfg.label_topk, label_bits=cfg.label_bits,
+                        **({"teacher_mean_std": stats} if stats != NORMALIZATIONS["imagenet"] else {}))
+
+
 class GraphedForward:
-    """The student's forward and backward replayed from one CUDA graph per input shape (a batch of 16 is bound by kernel
-    launches); loss and AdamW stay eager. Capture's warm-up would move BatchNorm statistics: they are put back."""
+    """The student's forward and backward replayed from a CUDA graph per input shape; BatchNorm statistics kept as they were."""
 
     def __init__(self, model: nn.Module, precision: str = "bf16"):
         self.model, self.graphs, self.precision = model, {}, precision
@@ -1319,188 +1568,33 @@ def speed_up(model: nn.Module, compile: bool, cuda_graph: bool, precision: str =
     return GraphedForward(model, precision) if cuda_graph else model
 
 
-def make_generators(seed: int) -> dict[str, torch.Generator]:
-    """Independent CPU streams: a reused cache gives the run a rebuilt one gives, on any device."""
-    return {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(("relabel", "pool", "hard", "drift"))}
-
-
-def header_height(files) -> int:
-    """The height of the first image, from its header alone (0 when it cannot be read: load_distilled says why)."""
-    from PIL import Image
-
-    try:
-        with Image.open(next(p for class_files in files for p in class_files)) as image:
-            return image.height
-    except (StopIteration, OSError, ValueError, Image.DecompressionBombError):
-        return 0
-
-
-def resolve_settings(cfg: Config, num_classes: int, image_size: int = 0) -> Config:
-    """The -1 = auto values, resolved once (summary.json records them): smoothing and T by class count (AUTO_*; the authors'
-    above it or with --recipe), soft epochs by student, lr and eta by auto_lr_eta; --recipe's --normalize."""
-    recipe = RECIPES.get(cfg.recipe)
-    if recipe and recipe[1] != num_classes:
-        raise HaldError(f"--recipe {cfg.recipe} is for {recipe[0]}'s {recipe[1]:,} classes but --data has {num_classes:,}: "
-                        f"drop --recipe or name the dataset of --data")
-    measured = num_classes <= AUTO_MEASURED_CLASSES and not recipe
-    lr, eta, _ = auto_lr_eta(num_classes, image_size, cfg.model, cfg.ipc, cfg.recipe)
-    auto = {"label_smoothing": AUTO_LABEL_SMOOTHING if measured else AUTHORS_LABEL_SMOOTHING,
-            "temperature": AUTO_TEMPERATURE if measured else AUTHORS_TEMPERATURE,
-            "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model), "lr": lr, "eta": eta}
-    return dataclasses.replace(cfg, normalize=normalization(cfg), **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
-
-
-def with_demo_defaults(cfg: Config) -> Config:
-    """The bundled demo's files only without --data: a user's data never meets the demo's teacher or --val by accident."""
-    if not cfg.data and not DEMO.is_dir():  # an installed hald (pip install .): the demo stays in the checkout
-        raise HaldError("--data is missing: give --data, --val and --teacher (the bundled demo runs from a checkout: python hald.py)")
-    if not cfg.data:
-        return dataclasses.replace(cfg, data=str(DEMO / "distilled"), val=cfg.val or str(DEMO / "val"),
-                                   teacher=cfg.teacher or str(DEMO / "teacher.pt"))
-    if not cfg.val:
-        raise HaldError("--val is missing: with --data, give the real validation set as an ImageFolder "
-                        "(its class folders are paired with --data's by sorted position)")
-    return cfg
-
-
-def check_out(cfg: Config) -> None:
-    """No silent overwrite: an --out that holds a finished run, or an unfinished one, is refused unless told."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise HaldError(f"--out {out} is a file: give a folder (it is created if missing)")
-    if cfg.overwrite or cfg.resume:
-        return
-    if (out / "summary.json").exists():
-        raise HaldError(f"--out {out} holds a finished run (summary.json): pass --overwrite to replace it, or another --out")
-    if (out / "checkpoint.pt").exists():
-        raise HaldError(f"--out {out} holds an unfinished run (checkpoint.pt): pass --resume to continue it, "
-                        f"--overwrite to start again, or another --out")
-
-
-HELD = {}  # --out folder -> (its lock, made by this run), released when main() returns; a refused run leaves no folder
-
-
-def claim_out(out: Path, *files) -> None:
-    """One run per --out: an exclusive lock on OUT/.lock, which the system frees when the process ends, crash included; the
-    temporary files a killed run left in it are removed. --out and the folders of `files` are checked writable now, before
-    anything expensive."""
-    if str(out) in HELD:
-        return
-    created = not out.exists()
-    try:
-        for folder in (*(Path(f).parent for f in files if f), out):
-            folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
-        lock = open(out / ".lock", "a+")
-    except OSError as e:
-        raise HaldError(f"cannot write in {e.filename or out} ({e.strerror or e}): make it writable or choose another --out") from None
-    try:
-        import fcntl
-
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no fcntl (Windows): no lock
-        pass
-    except BlockingIOError:  # held
-        lock.seek(0)
-        raise HaldError(f"--out {out} is in use by {lock.read().strip() or 'another run'}: wait for it to end, or choose another "
-                        f"--out") from None
-    except OSError as e:  # a file system without locks (Lustre mounted without -o flock): said, not taken for a held lock
-        print(f"note: {out} cannot be locked ({e.strerror or e}): nothing stops a second run from writing into this --out meanwhile")
-    lock.truncate(0)
-    lock.write(f"the run of process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
-    HELD[str(out)] = lock, created
-    for tmp in (*out.glob(".*.tmp"), *out.glob("*/.*.tmp")):  # atomic_path's, of a run killed while writing
-        tmp.unlink(missing_ok=True)
-
-
-def replace_earlier_demo(out: Path, log=print) -> None:
-    """`python hald.py` again: the default --out is replaced when it holds finished demos only (every summary.json in it or
-    one folder down names the bundled images); anything else, an unfinished demo included, is left to check_out."""
-    runs = {p.parent for name in ("summary.json", "checkpoint.pt") for p in (*out.glob(name), *out.glob(f"*/{name}"))}
-    try:
-        demos = all(json.loads((run / "summary.json").read_text())["config"]["data"] == str(DEMO / "distilled") for run in runs)
-    except (OSError, ValueError, KeyError, TypeError):  # an unfinished run, or a file hald.py did not write
-        return
-    if runs and demos:
-        shutil.rmtree(out, ignore_errors=True)
-        log(f"note: replacing the earlier demo in {out}/ (give --out to keep a run)")
-
-
-def check_run(cfg: Config, schedule, world: int) -> None:
-    """Checks of the settings that need the schedule but no image."""
-    soft = any(phase != "hard" for phase, _ in schedule)
-    for name, flag in [(cfg.model, "--model")] + [(a, "--teacher-arch") for a in cfg.teacher_arch.split(",")]:  # a typo found now
-        if name:
-            torchvision_models(name, flag)
-    if soft and not cfg.teacher:
-        raise HaldError(f"--teacher is missing: the soft phases of --schedule {cfg.schedule} need one (a hald.py checkpoint, "
-                        f"weights with --teacher-arch, or a torchvision name such as resnet18); --schedule hard needs none")
-    for spec in cfg.teacher.split(",") if soft else []:  # a missing checkpoint or an unknown name, before any image is decoded
-        if not Path(spec).is_file():
-            torchvision_weights(spec)
-            if cfg.teacher_arch:
-                raise HaldError(f"--teacher-arch is for a --teacher file; the torchvision teacher {spec} brings its own: drop it")
-    n = len(cfg.teacher.split(","))
-    try:
-        weights = [float(w) for w in cfg.teacher_weights.split(",")] if cfg.teacher_weights else [1.0] * n
-    except ValueError:
-        weights = []
-    if len(weights) != n:
-        raise HaldError(f"--teacher-weights {cfg.teacher_weights} must be one number per --teacher ({n} comma-separated)")
-    if soft and (cfg.slc < 1 or cfg.slc % cfg.ipc):
-        raise HaldError(f"--slc {cfg.slc} is not a positive multiple of --ipc {cfg.ipc}: use e.g. --slc "
-                        f"{max(1, round(cfg.slc / cfg.ipc)) * cfg.ipc} (slc/ipc crops per image)")
-    if cfg.batch_size % world:
-        raise HaldError(f"--batch-size {cfg.batch_size} is the global batch: make it a multiple of the {world} processes")
-
-
-def soft_labels(cfg: Config, teacher, images, labels, classes, val, device, gens, rank, world, log=print):
-    """The teacher (load_teachers' tuple) checked, then the cache built or reused. -> teacher, cache, its bytes, the check."""
-    size, out = images.shape[-1], Path(cfg.out)
-    teacher, teacher_id, teacher_classes, stats = teacher
-    teacher = teacher.to(device).eval()
-    members = list(zip(cfg.teacher.split(","), teacher.teachers)) if isinstance(teacher, TeacherEnsemble) else []
-    check = {}
-    for who, model in [(f" of {spec}", m) for spec, m in members] + [(" of the ensemble" if members else "", teacher)] if cfg.check_teacher else []:
-        check = teacher_check(model, images, labels, val, device, stats, rank=rank, world=world, precision=cfg.precision)
-        figures = (f"agrees with the class labels of --data on {check['teacher_agreement']:.1f} % of the {len(images)} images; "
-                   f"top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on {check['teacher_check_val_images']:,}"
-                   f" of the {len(val['labels']):,} --val images (chance {100 / len(classes):.2f} %)")
-        log(f"teacher check{who}: {figures}")
-        floor = chance_floor(len(classes))
-        bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < floor]
-        if bad:
-            raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (it {figures}): classes pair by "
-                            f"sorted folder position, so name the folders in the teacher's order (or pass --no-check-teacher)")
-    header = cache_header(classes=classes, num_images=len(images), ipc=cfg.ipc, slc=cfg.slc, passes=cfg.slc // cfg.ipc, image_size=size,
-                          batch_size=cfg.batch_size, temperature=cfg.temperature, teacher=teacher_id, teacher_mode=cfg.teacher_mode,
-                          crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3], cutmix=cfg.cutmix, seed=cfg.seed, values="probs",
-                          images_sha256=tensors_digest({"images": images, "labels": labels}), label_topk=cfg.label_topk,
-                          label_bits=cfg.label_bits, **({"teacher_mean_std": stats} if stats != NORMALIZATIONS["imagenet"] else {}))
-    cache_path = Path(cfg.cache or out / "soft_labels.pt")
-    if seen_alike(cache_path, device, world) and not cfg.rebuild_cache:
-        cache = load_cache(cache_path, header)
-        log(f"reusing soft-label cache {cache_path}")
+def soft_labels(cfg: Config, plan, gens) -> tuple:
+    """The run's cache: the one resolve() read, or that this seed's first run wrote, or a relabel. -> the cache, its bytes."""
+    path, header = Path(cfg.cache or Path(cfg.out) / "soft_labels.pt"), cache_header_of(cfg, plan)
+    cache = plan.caches.get(str(path))
+    if cache is None and not cfg.rebuild_cache and seen_alike(path, plan.device, plan.world):  # written by this seed's first run
+        cache = load_cache(path, header)
+    if cache is not None:
+        plan.log(f"reusing soft-label cache {path}")
     else:
-        cache = SoftLabelCache.build(teacher, images, size=size, crops_per_image=cfg.slc // cfg.ipc, batch_size=cfg.batch_size,
-                                     temperature=cfg.temperature, gen=gens["relabel"], crop_scale=cfg.crop_scale, cutmix=cfg.cutmix,
-                                     teacher_mode=cfg.teacher_mode, mean=stats[0], std=stats[1], precision=cfg.precision, log=log,
-                                     rank=rank, world=world)
+        stats = plan.teacher[3]
+        cache = SoftLabelCache.build(plan.teacher[0], plan.images, size=plan.images.shape[-1], crops_per_image=cfg.slc // cfg.ipc,
+                                     batch_size=cfg.batch_size, temperature=cfg.temperature, gen=gens["relabel"],
+                                     crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, teacher_mode=cfg.teacher_mode, mean=stats[0],
+                                     std=stats[1], precision=cfg.precision, log=plan.log, rank=plan.rank, world=plan.world)
         packed = compact_labels_(cache, cfg.label_topk, cfg.label_bits)
-        if rank == 0:  # for the reader, beside the fingerprint: the class names of the teacher and of --val
-            save_cache(cache, packed, {**header, "teacher_classes": teacher_classes, "val_classes": val["classes"]}, cache_path)
-    cache_bytes = cache_path.stat().st_size if rank == 0 else 0
-    log(f"soft labels: {len(cache.probs)} ({cfg.slc} per class) in {cache_bytes:,} bytes = {cache_bytes / len(cache.probs):.0f} bytes/label")
-    return teacher, cache.to(device), cache_bytes, check
+        if plan.rank == 0:  # for the reader, beside the fingerprint: the class names of the teacher and of --val
+            save_cache(cache, packed, {**header, "teacher_classes": plan.teacher[2], "val_classes": plan.val["classes"]}, path)
+    cache_bytes = path.stat().st_size if plan.rank == 0 else 0
+    plan.log(f"soft labels: {len(cache.probs)} ({cfg.slc} per class) in {cache_bytes:,} bytes = {cache_bytes / len(cache.probs):.0f} "
+             f"bytes/label")
+    return cache.to(plan.device), cache_bytes
 
 
 def build_student(cfg: Config, num_classes: int, size: int, device, world: int, log=print):
     """The student (evaluated and saved), what training calls (DDP, compiled or graphed) and its optimizer."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes, size).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg.model, num_classes, size).to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     net = model
     if world > 1:  # BatchNorm statistics over the global batch on GPUs, as a single process computes them
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
@@ -1511,32 +1605,48 @@ def build_student(cfg: Config, num_classes: int, size: int, device, world: int, 
     return model, speed_up(net, cfg.compile, cfg.cuda_graph, cfg.precision), make_optimizer(model, cfg.lr, cfg.weight_decay, device)
 
 
-def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens, device, rank, world, log=print, later: int = 0):
-    """The schedule epoch by epoch, a checkpoint after each -> history, epochs trained before a resume. `later`: epochs to come."""
-    out, size, C = Path(cfg.out), images.shape[-1], len(val["classes"])
+def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False) -> dict:
+    """One run: soft labels, the student trained epoch by epoch (a checkpoint after each), results written. -> its summary."""
+    start, gens, log, given, rank, world = time.time(), make_generators(cfg.seed), plan.log, plan.given, plan.rank, plan.world
+    out, n, C, size, stats = Path(cfg.out), len(plan.images), len(plan.classes), plan.images.shape[-1], mean_std_of(cfg.normalize)
+    soft = any(phase != "hard" for phase, _ in schedule)
+    auto = given.label_smoothing == -1 or soft and given.temperature == -1
+    rule = f"recipe {cfg.recipe}" if cfg.recipe != "none" else "auto" + ("" if C <= AUTO_MEASURED_CLASSES else ": the authors' values")
+    lr_rule = ("auto" if cfg.recipe == "none" else f"recipe {cfg.recipe}") + ": " + auto_lr_eta(C, size, cfg.model, cfg.ipc, cfg.recipe)[2]
+    log(f"hald | torch {torch.__version__} | {plan.device} | {n} images of {size} px in {C} classes from {cfg.data}"
+        + (f" ({plan.layout})" if plan.layout else "") + f" | schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "")
+        + f"label smoothing {cfg.label_smoothing:g}" + (f", T {cfg.temperature:g}" if soft else "") + (f" ({rule})" if auto else "")
+        + f" | lr {cfg.lr:g}, eta {cfg.eta:g}" + (f" ({lr_rule})" if -1 in (given.lr, given.eta) else "")
+        + (f" | teacher mode {cfg.teacher_mode}" if soft else "")
+        + (f" | phase switch: AdamW {cfg.phase_switch}" if len(schedule) > 1 else ""))
+    if cfg.schedule == "shs" and not comparing and cfg.slc // cfg.ipc > (1 if cfg.phase_switch == "keep" else 4):
+        log(f"note: {cfg.slc // cfg.ipc} stored crops per image: HALD's lead over soft-only shrinks as stored crops grow (README: "
+            f"When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them, --seeds 0,1,2 at three seeds")
+    cache, cache_bytes = soft_labels(cfg, plan, gens) if soft else (None, 0)
+    model, net, opt = build_student(cfg, C, size, plan.device, world, log)
     phases = [phase for phase, count in schedule for _ in range(count)]
-    stats = mean_std_of(cfg.normalize)
     epoch_settings = dict(batch_size=cfg.batch_size, size=size, temperature=cfg.temperature, smoothing=cfg.label_smoothing,
                           crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, mean=stats[0], std=stats[1], hybrid_lambda=cfg.hybrid_lambda,
                           hybrid_crops=cfg.hybrid_crops, t2=cfg.hybrid_t2 or cfg.phase_switch == "t2", precision=cfg.precision)
-    settings = run_settings(cfg)
-    pool, history, first = [], [], 0
+    settings, pool, history, first = run_settings(cfg), [], [], 0
     runaway = 10 * math.log(max(C, 2)) * (cfg.temperature**2 if epoch_settings["t2"] else 1) * (1 + cfg.hybrid_lambda)
-    if cfg.resume and seen_alike(out / "checkpoint.pt", device, world):
-        first, pool, history = restore_state(out / "checkpoint.pt", settings, model, opt, gens)
+    if cfg.resume and seen_alike(out / "checkpoint.pt", plan.device, world):
+        state = read_checkpoint(out / "checkpoint.pt", settings)
+        model.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"]), torch.set_rng_state(state["torch_rng"])
+        for k, g in gens.items():
+            g.set_state(state["generators"][k])
+        first, pool, history = state["epoch"], state["pool"].tolist(), json.loads(state["history"])
         log(f"resuming after epoch {first} from {out / 'checkpoint.pt'}")
     if rank == 0:
         save_atomic("".join(json.dumps(row) + "\n" for row in history), out / "metrics.jsonl")
     model.train()
     started = time.time()
     for epoch in range(first, len(phases)):
-        phase, t0 = phases[epoch], time.time()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, cfg.lr, cfg.epochs, cfg.eta)
-        if epoch and phase != phases[epoch - 1] and cfg.phase_switch == "reset":  # AdamW's moments of the last phase dropped
-            opt.state.clear()
-        loss = run_epoch(phase, net, opt, images, labels, C, gens, cache, pool, **epoch_settings, log=log, rank=rank, world=world).item()
-        if not math.isfinite(loss):  # from finite images, labels and weights (each checked where it arose): divergence
+        t0 = time.time()
+        phase = begin_epoch(opt, epoch, phases, lr=cfg.lr, eta=cfg.eta, phase_switch=cfg.phase_switch)
+        loss = run_epoch(phase, net, opt, plan.images, plan.labels, C, gens, cache, pool, **epoch_settings, log=log, rank=rank,
+                         world=world).item()
+        if not math.isfinite(loss):  # can only fail here: from finite images, labels and weights (each checked), divergence
             raise HaldError(f"the loss became {loss} in epoch {epoch + 1} ({phase} phase): lower --lr (now {cfg.lr:g})")
         row = {"epoch": epoch + 1, "phase": phase, "loss": loss, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
         if loss > runaway and not any("warning" in r for r in history):  # a uniform guess scores ln C (x T^2, + the hybrid's)
@@ -1544,7 +1654,7 @@ def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens
                               f"away (the student may end at chance); lower --lr (now {cfg.lr:g})")
             log(f"warning: {row['warning']}")
         if epoch + 1 == len(phases) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):  # and always the last
-            row["top1"], row["top5"] = evaluate(model, val, device, stats, rank=rank, world=world, precision=cfg.precision)
+            row["top1"], row["top5"] = evaluate(model, plan.val, plan.device, stats, rank=rank, world=world, precision=cfg.precision)
         history.append(row)
         if rank == 0:  # metrics.jsonl is rewritten whole (atomic): a full disk never leaves half a line
             save_state(out / "checkpoint.pt", settings, model, opt, epoch + 1, pool, gens, history)
@@ -1554,127 +1664,89 @@ def fit(cfg: Config, schedule, model, net, opt, images, labels, cache, val, gens
         left = elapsed / (epoch + 1 - first) * (len(phases) - epoch - 1 + later)
         log(f"epoch {epoch + 1:>4}/{len(phases)} {phase:<6} loss {loss:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s | "
             f"{elapsed / 60:.1f} min, {left / 60:.1f} min left{' in all' if later else ''}{acc}")
-    return history, first
-
-
-def train(cfg: Config, log=print, later: int = 0, comparing: bool = False) -> dict:
-    """The pipeline: settings checked, data and teacher loaded, soft labels built or reused, student trained, results
-    written. -> summary. later: epochs of the runs to come; comparing: one run of several from one cache."""
-    cfg = with_demo_defaults(cfg)
-    check_config(cfg)
-    check_out(cfg)
-    device, rank, world = init_distributed(pick_device(cfg.device))
-    log = log if rank == 0 else (lambda *args: None)  # rank 0 speaks and writes for all
-    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
-        raise HaldError("--cuda-graph needs a CUDA device and a single process: drop it here (or under torchrun)")
-    given = cfg  # the flags as given: the start-up line says which values were auto
-    tensors = None
-    if Path(cfg.data).suffix in TENSOR_SUFFIXES:  # read once, de-normalised with the statistics it was saved with
-        tensors = load_tensor_set(cfg.data, cfg.ipc, cfg.image_size, mean_std_of(normalization(cfg)), cfg.labels, log)
-    if cfg.labels and not tensors:
-        raise HaldError("--labels is for a --data tensor file (.pt, .pth); an ImageFolder's classes are its folders: drop it")
-    files, classes = (None, tensors[2]) if tensors else list_image_folder(cfg.data, log=lambda *_: None)
-    cfg = resolve_settings(cfg, len(classes), tensors[0].shape[-1] if tensors else cfg.image_size or header_height(files))
-    schedule = build_schedule(cfg.schedule, cfg.epochs, cfg.soft_epochs, cfg.slc // cfg.ipc)
-    check_run(cfg, schedule, world)
-    if rank == 0:
-        claim_out(Path(cfg.out), cfg.cache, cfg.save_model)
-    start, gens = time.time(), make_generators(cfg.seed)
-
-    images, labels, classes = tensors[:3] if tensors else load_distilled(cfg.data, cfg.ipc, cfg.image_size, log)  # u8 or float
-    n, C, size = len(images), len(classes), images.shape[-1]
-    if cfg.batch_size > n:
-        raise HaldError(f"--batch-size {cfg.batch_size} is larger than the {n} distilled images: lower it")
-    if 0 < n % cfg.batch_size < world:
-        raise HaldError(f"the last batch ({n % cfg.batch_size} images) needs an image per process ({world}): change --batch-size")
-    soft = any(phase != "hard" for phase, _ in schedule)
-    auto = given.label_smoothing == -1 or soft and given.temperature == -1
-    rule = f"recipe {cfg.recipe}" if cfg.recipe != "none" else "auto: " + (
-        f"measured better at 10 and {AUTO_MEASURED_CLASSES} classes" if C <= AUTO_MEASURED_CLASSES
-        else f"the authors' values above {AUTO_MEASURED_CLASSES} classes, where hald.py has not measured")
-    lr_rule = ("auto" if cfg.recipe == "none" else f"recipe {cfg.recipe}") + ": " + auto_lr_eta(C, size, cfg.model, cfg.ipc, cfg.recipe)[2]
-    rded = all(re.fullmatch(r"\d{5}", c) for c in classes)  # RDED's class folders 00000, 00001, ...
-    mode_why = "running statistics" if cfg.teacher_mode == "eval" else "batch statistics" + (
-        "; RDED's layout, which the authors relabel in eval mode: train measured better on such sets, README" if rded
-        else ", the authors' mode for SRe2L-family sets")
-    log(f"hald | torch {torch.__version__} | {device} | {n} images of {size} px in {C} classes from {cfg.data}"
-        + (f" ({tensors[3]})" if tensors else "") + f" | schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "")
-        + f"label smoothing {cfg.label_smoothing:g}" + (f", T {cfg.temperature:g}" if soft else "") + (f" ({rule})" if auto else "")
-        + f" | lr {cfg.lr:g}, eta {cfg.eta:g}" + (f" ({lr_rule})" if -1 in (given.lr, given.eta) else "")
-        + (f" | teacher mode {cfg.teacher_mode} ({mode_why})" if soft else "")
-        + (f" | phase switch: AdamW {cfg.phase_switch}" if len(schedule) > 1 else ""))
-    if cfg.schedule == "shs" and not comparing and cfg.slc // cfg.ipc > (1 if cfg.phase_switch == "keep" else 4):
-        log(f"note: {cfg.slc // cfg.ipc} stored crops per image: " + ("with AdamW's state kept HALD lost to soft-only from 2 on in places"
-            if cfg.phase_switch == "keep" else "at 10 HALD and soft-only were within a point of each other, either way") + " (README: "
-            "When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them, --seeds 0,1,2 at three seeds")
-    stats = mean_std_of(cfg.normalize)
-    teacher = load_teachers(cfg.teacher, cfg.teacher_weights, classes, size, stats, log, cfg.teacher_arch) if soft else None  # misfits found early
-    classes = list(teacher[2]) if tensors and soft and teacher[2] else classes  # a tensor set's classes are numbers: the teacher's names
-    val = load_val(cfg.val, classes, size, device, cfg.val_storage, Path(cfg.out), log)
-    images, labels = images.to(device), labels.to(device)
-    cache, cache_bytes, check, teacher_classes, teacher_stats = None, 0, {}, None, None
-    if soft:
-        teacher_classes, teacher_stats = teacher[2:]
-        teacher, cache, cache_bytes, check = soft_labels(cfg, teacher, images, labels, classes, val, device, gens, rank, world, log)
-    model, net, opt = build_student(cfg, C, size, device, world, log)
-    history, resumed = fit(cfg, schedule, model, net, opt, images, labels, cache, val, gens, device, rank, world, log, later)
     if rank > 0:  # rank 0 writes the results: drift diagnostics, the saved student, summary.json and curves.png
         return {}
-    out, evals = Path(cfg.out), [row for row in history if "top1" in row]
-    top1, top5 = evals[-1]["top1"], evals[-1]["top5"]
-    best = max((row["top1"], row["epoch"]) for row in evals)
-    drift = {}
-    if cfg.drift_crops:
-        drift = drift_report(teacher, model, images, labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"], (teacher_stats, stats))
+    evals, teacher = [row for row in history if "top1" in row], plan.teacher if soft else None
+    top1, top5, best = evals[-1]["top1"], evals[-1]["top5"], max((row["top1"], row["epoch"]) for row in evals)
+    drift = drift_report(teacher and teacher[0], model, plan.images, plan.labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"],
+                         (teacher and teacher[3], stats)) if cfg.drift_crops else {}
+    if drift:
         log("drift: " + ", ".join(f"{k} {v:.4g}" for k, v in drift.items()))
     if cfg.save_model:
-        save_checkpoint(model, cfg.model, classes, size, cfg.save_model, stats)
-    seconds = time.time() - start + sum(row["seconds"] for row in history[:resumed])  # with the epochs of earlier starts
+        save_checkpoint(model, cfg.model, plan.classes, size, cfg.save_model, stats)
+    seconds = time.time() - start + sum(row["seconds"] for row in history[:first])  # with the epochs of earlier starts
     summary = {"final_top1": top1, "final_top5": top5, "best_top1": best[0], "best_epoch": best[1],
                "schedule": [list(p) for p in schedule], "soft_labels_per_class": cfg.slc if cache else 0,
                "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
-               **check, "drift": drift, "warnings": [row["warning"] for row in history if "warning" in row], "seconds": seconds,
-               "config": dataclasses.asdict(cfg),
-               "classes": {"data": classes, "val": val["classes"], "teacher": teacher_classes},
+               **(plan.check if soft else {}), "drift": drift, "warnings": [row["warning"] for row in history if "warning" in row],
+               "seconds": seconds, "config": dataclasses.asdict(cfg),
+               "classes": {"data": plan.classes, "val": plan.val["classes"], "teacher": teacher and teacher[2]},
                "versions": {"python": platform.python_version(), "torch": torch.__version__, **code_version()},
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
+               "device": torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
     save_atomic(json.dumps(summary, indent=2), out / "summary.json")
-    phases = " / ".join(f"{phase} {n}" for phase, n in schedule)
     budget = f" | SLC {cfg.slc} ({cfg.slc // cfg.ipc} per image)" if cache else ""
-    plot_curves({cfg.schedule: [history]}, out / "curves.png", f"{cfg.schedule}: {phases}{budget} | final top-1 {top1:.2f} %", log)
+    plot_curves({cfg.schedule: [history]}, out / "curves.png", f"{cfg.schedule}: {' / '.join(f'{p} {k}' for p, k in schedule)}{budget} | "
+                f"final top-1 {top1:.2f} %", log)
     log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | "
         f"soft labels {cache_bytes:,} bytes | {seconds:.0f}s | outputs in {out}/")
     return summary
 
 
-def train_all(cfg: Config, log=print) -> list[dict]:
-    """One run per seed of --seeds ('0,1,2') and schedule of --schedule ('shs soft'), each into OUT/[seed<k>/][<schedule>/],
-    the schedules of a seed from one cache, then a comparison (printed, OUT/comparison.json and .png). One of each: train().
-    The demo into the default --out replaces an earlier demo."""
-    if not cfg.data and cfg.out == Config.out and not cfg.resume:
-        replace_earlier_demo(Path(cfg.out), log)
-    schedules, seeds = cfg.schedule.split(), [cfg.seed]
-    if cfg.seeds:
-        if not re.fullmatch(r"\d+(,\d+)*", cfg.seeds) or len(set(seeds := [int(k) for k in cfg.seeds.split(",")])) < len(seeds):
-            raise HaldError(f"--seeds takes different whole numbers split by commas (0,1,2), got {cfg.seeds!r}")
-        if cfg.cache and len(seeds) > 1:
-            raise HaldError("--cache holds one seed's soft labels: with several --seeds each seed builds its own in OUT/seed<k>/; drop --cache")
-    out, many = Path(cfg.out), len(seeds) > 1
-    if len(schedules) < 2 and not many:
-        return [train(dataclasses.replace(cfg, seed=seeds[0], seeds=""), log)]
-    folder = {k: out / f"seed{k}" if many else out for k in seeds}
-    runs = [dataclasses.replace(cfg, schedule=spec, seed=k, seeds="", cache=cfg.cache or str(folder[k] / "soft_labels.pt"),
-                                out=str(folder[k] / re.sub(r"[^\w.-]+", "-", spec) if len(schedules) > 1 else folder[k]))
-            for k in seeds for spec in schedules]
-    for run in runs:  # before any work: a refusal never comes after the first run
-        check_out(run)
-    if os.environ.get("RANK", "0") == "0":
-        claim_out(out)
-    summaries = [train(run, log, later=cfg.epochs * (len(runs) - 1 - i), comparing=True) for i, run in enumerate(runs)]
-    if summaries[0]:  # rank 0
+# ----------------------------------------------------------------------------- report
+def crop_prob_spread(probs: torch.Tensor) -> torch.Tensor:
+    """Trace of the covariance of k probability vectors per image. probs (N, k, C) -> (N,)."""
+    centred = probs - probs.mean(1, keepdim=True)
+    return centred.pow(2).sum((1, 2)) / max(probs.shape[1] - 1, 1)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (natural log, at most ln 2) between rows of p and q. -> (N,)."""
+    m = (p + q) / 2
+    kl = lambda a: torch.xlogy(a, a).sum(1) - torch.xlogy(a, m).sum(1)  # noqa: E731
+    return (kl(p) + kl(q)) / 2
+
+
+@torch.no_grad()
+def crop_probs(model, images, k: int, size: int, scale: float, gen, stats, batch_size: int = 256) -> torch.Tensor:
+    """Eval-mode probabilities (T = 1) of k random crops per image -> (N, k, C)."""
+    model.eval()
+    n = len(images)
+    boxes, flips = sample_crops(n * k, size, size, gen, scale=(scale, 1.0))
+    index = torch.arange(n).repeat_interleave(k)
+    out = [F.softmax(model(replay(images, index[s:s + batch_size], boxes[s:s + batch_size], flips[s:s + batch_size],
+                                  None, None, size, *stats)).float(), 1).cpu() for s in range(0, n * k, batch_size)]
+    return torch.cat(out).view(n, k, -1)
+
+
+def drift_report(teacher, student, images, labels, k: int, size: int, scale: float, gen, stats=(NORMALIZATIONS["imagenet"],) * 2,
+                 max_images: int = 1000) -> dict:
+    """The teacher's local semantic drift over relabel crops, and the student's Jensen-Shannon between two crops (the paper's)."""
+    pick = torch.randperm(len(images), generator=gen)[:max_images].sort().values
+    images, labels = images[pick.to(images.device)], labels[pick]
+    report = {"drift_images": len(pick)}
+    if teacher is not None:
+        probs = crop_probs(teacher, images, k, size, scale, gen, stats[0])
+        spread = crop_prob_spread(probs)
+        report.update(teacher_crop_trace_mean=spread.mean().item(), teacher_crop_trace_median=spread.median().item(),
+                      teacher_crop_mismatch=(probs.argmax(2) != labels[:, None].cpu()).float().mean().item())
+    pair = crop_probs(student, images, 2, size, scale, gen, stats[1])
+    report["student_crop_js_mean"] = js_divergence(pair[:, 0], pair[:, 1]).mean().item()
+    return report
+
+
+def train_all(cfg: Config, log=print) -> list:
+    """The program: resolve, claim, execute each run (a seed of --seeds and schedule of --schedule each, into
+    OUT/[seed<k>/][<schedule>/], a seed's schedules from one cache), then report a comparison of several. -> the summaries."""
+    plan = resolve(cfg, log)
+    out, runs = Path(cfg.out), [run for run, _ in plan.runs]
+    claim(plan, out)
+    summaries = [execute(run, schedule, plan, later=run.epochs * (len(runs) - 1 - i), comparing=len(runs) > 1)
+                 for i, (run, schedule) in enumerate(plan.runs)]
+    if len(runs) > 1 and plan.rank == 0:  # the report
+        schedules = list(dict.fromkeys(run.schedule for run in runs))
         table = comparison(schedules, summaries)
-        save_atomic(json.dumps({"schedules": schedules, "seeds": seeds, "summaries": [str(Path(r.out) / "summary.json") for r in runs],
-                                "table": table}, indent=2), out / "comparison.json")
+        save_atomic(json.dumps({"schedules": schedules, "seeds": list(dict.fromkeys(run.seed for run in runs)),
+                                "summaries": [str(Path(r.out) / "summary.json") for r in runs], "table": table}, indent=2), out / "comparison.json")
         histories = [[json.loads(line) for line in (Path(r.out) / "metrics.jsonl").read_text().splitlines()] for r in runs]
         plot_curves({spec: histories[i::len(schedules)] for i, spec in enumerate(schedules)}, out / "comparison.png",
                     table.splitlines()[0].rstrip(":"), log)
@@ -1688,8 +1760,7 @@ def spread(values: list[float], sign: str = "") -> str:
 
 
 def comparison(schedules: list[str], summaries: list[dict]) -> str:
-    """Last-epoch top-1 of each schedule, its difference to the first, best top-1, soft-label storage and time; over several
-    seeds (summaries seed-major) their spread() and each seed's top-1, the difference paired by seed."""
+    """The text table of a comparison: each schedule's top-1 (over seeds: spread() and each seed's), paired difference, bytes, time."""
     runs = {spec: summaries[i::len(schedules)] for i, spec in enumerate(schedules)}
     top1 = {spec: [s["final_top1"] for s in rows] for spec, rows in runs.items()}
     cfg, n = summaries[0]["config"], len(top1[schedules[0]])
@@ -1706,43 +1777,9 @@ def comparison(schedules: list[str], summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_settings(cfg: Config) -> dict:
-    """What a resumed run must share with the interrupted one: every setting but where outputs go."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
-            "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""), ("labels", ""),
-            ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"),
-            ("seeds", ""))}
-    # at the values of older hald.py, newer flags are left out: older checkpoints' fingerprints stay as they were
-
-
-def save_state(path, settings: dict, model, opt, epoch: int, pool: list[int], gens: dict, history: list[dict]) -> None:
-    """Everything needed to continue exactly: weights, optimizer, position, soft pool and every RNG."""
-    save_atomic({"run": fingerprint(settings), "settings": json.dumps(settings), "epoch": epoch, "model": model.state_dict(),
-                 "optimizer": opt.state_dict(), "pool": torch.tensor(pool, dtype=torch.long), "history": json.dumps(history),
-                 "generators": {k: g.get_state() for k, g in gens.items()}, "torch_rng": torch.get_rng_state()}, path)
-
-
-def restore_state(path, settings: dict, model, opt, gens: dict):
-    state = load_trusted(path, "checkpoint")
-    if state.get("run") != fingerprint(settings):
-        then = json.loads(state.get("settings", "{}"))  # checkpoints before hald.py recorded them: {}
-        changed = [f"--{k.replace('_', '-')} {then.get(k)} then, {settings.get(k)} now" for k in sorted(then.keys() | settings.keys())
-                   if then.get(k) != settings.get(k)] if then else ["not recorded in this older checkpoint"]
-        raise HaldError(f"{path} belongs to a run with other settings ({'; '.join(changed)}): resume with the same flags, or use "
-                        f"another --out")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    for k, g in gens.items():
-        g.set_state(state["generators"][k])
-    torch.set_rng_state(state["torch_rng"])
-    return state["epoch"], state["pool"].tolist(), json.loads(state["history"])
-
-
 def plot_curves(runs: dict[str, list[list[dict]]], path: Path, title: str = "", log=print) -> None:
-    """Validation top-1 over the epochs, every phase but soft shaded: one run (curves.png) over a panel of its training loss
-    by phase (log scale: a soft KL near 0.05 beside a cross-entropy near 2), or the schedules of a comparison
-    (comparison.png), each in its colour (a line per seed) with its final top-1 in the legend (over seeds mean +- std and
-    each seed's). runs: schedule -> its histories, one per seed. Needs matplotlib; without it, a note."""
+    """Validation top-1 over the epochs, non-soft phases shaded: one run (curves.png, over its loss by phase, log scale) or the
+    schedules of a comparison (a colour each, a line per seed). runs: schedule -> histories. Needs matplotlib, else a note."""
     try:
         import matplotlib
 
@@ -1788,11 +1825,11 @@ def code_version() -> dict:
 
 def evaluate_file(cfg: Config, log=print) -> dict:
     """--evaluate: a model file's top-1 and top-5 (%) on --val, printed and (with --out) written to OUT/evaluation.json."""
-    check_config(cfg)
+    check_flags(cfg)
+    if cfg.out:
+        check_target(Path(cfg.out) / "evaluation.json", "--out")
     if not cfg.val:
         raise HaldError("--evaluate needs --val: the real validation images as an ImageFolder")
-    if cfg.teacher_arch:
-        torchvision_models(cfg.teacher_arch, "--teacher-arch")
     device, weights = pick_device(cfg.device), read_weights(cfg.evaluate, cfg.teacher_arch, log=log)
     classes = list_image_folder(cfg.val, log=lambda *_: None)[1]
     if weights["classes"]:  # a hald.py checkpoint: its classes paired with --val's by position
@@ -1815,26 +1852,23 @@ def evaluate_file(cfg: Config, log=print) -> dict:
 
 # ------------------------------------------------------------------------------- main
 def stopped(number, frame):
-    """SIGTERM (a preemption or time limit), SIGUSR1/2 and SIGXCPU (schedulers' warnings before a limit: Slurm's --signal,
-    SGE's soft limits) and SIGHUP (a closed terminal) stop a run as Ctrl-C does."""
+    """SIGTERM, SIGHUP, SIGUSR1/2 and SIGXCPU (schedulers' warnings before a limit) stop a run as Ctrl-C does."""
     raise KeyboardInterrupt(number)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, code, speaks = parse_config(argv), 2, os.environ.get("RANK", "0") == "0"  # under torchrun: rank 0 says it once
-    stops = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU)
+    stops = {sig: signal.signal(sig, stopped) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU)
              if threading.current_thread() is threading.main_thread()}
-    for sig in stops:
-        signal.signal(sig, stopped)
     try:
         evaluate_file(cfg) if cfg.evaluate else train_all(cfg)
         code = 0
-    except HaldError as e:
+    except (HaldError, OSError) as e:  # an OSError that no check foresaw (a path the file system refuses): one line too
         if cfg.debug:
             raise
         if speaks:
-            print(f"hald: error: {e}", file=sys.stderr)
+            print(f"hald: error: {e if isinstance(e, HaldError) else f'{e.strerror or e}: {e.filename}: check the path'}", file=sys.stderr)
     except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; the checkpoint of the last finished epoch stays
         code, python = 128 + (e.args[0] if e.args else signal.SIGINT), os.path.relpath(sys.executable)  # .venv/bin/python, or a name
         again = ("the same torchrun command with --resume" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else shlex.join(
@@ -1855,9 +1889,8 @@ def main(argv=None) -> int:
             if code == 0:  # the other ranks wait while rank 0 writes the results: a rank that left the group
                 torch.distributed.barrier()  # early made gloo abort the run about once in 30 runs
             torch.distributed.destroy_process_group()
-    if distributed:  # every file is written and the group destroyed; torch's C++ teardown of gloo at interpreter exit
-        sys.stdout.flush()  # still aborted about one 2-process CPU run in 60 (SIGABRT, "terminate called without an
-        sys.stderr.flush()  # active exception", no Python frame left): the processes leave before it
+    if distributed:  # all written, the group destroyed: leave before torch's C++ teardown of gloo at exit, which aborted
+        sys.stdout.flush(), sys.stderr.flush()  # about one 2-process CPU run in 60 (SIGABRT, no Python frame left)
         os._exit(code)
     return code
 

@@ -1,6 +1,10 @@
 """Tests of hald.py: properties of the pure pieces, batched vs per-image equivalence, and
 end-to-end runs of the CLI on tiny generated data on the CPU. Run: make test."""
+import ast
+import dataclasses
+import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -13,13 +17,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -546,7 +551,7 @@ def test_compact_labels_end_to_end(tiny, tmp_path, capsys):
     assert hald.main(tiny_args(tiny, tmp_path, *flags, "--overwrite")) == 0
     assert "reusing soft-label cache" in capsys.readouterr().out
     assert hald.main(tiny_args(tiny, tmp_path, "--label-topk", "3", "--overwrite")) == 2  # another format is another cache
-    assert "label_topk, label_bits differ" in capsys.readouterr().err
+    assert "label_bits, label_topk differ" in capsys.readouterr().err
 
 
 def test_same_seed_same_numbers_and_cache_reuse(tiny, tmp_path):
@@ -571,7 +576,7 @@ def test_saved_student_is_a_teacher_and_cache_mismatch_is_refused(tiny, tmp_path
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--slc", "3"], "not a positive multiple of --ipc"),
+    (["--slc", "3"], "is not a multiple of --ipc"),
     (["--ipc", "5", "--slc", "10"], "fewer than --ipc 5"),
     (["--batch-size", "9"], "larger than the 8 distilled images"),
     (["--schedule", "soft:1,hard:1"], "covers 2 epochs"),
@@ -627,9 +632,7 @@ def test_released_distilled_layouts_pair_by_position(tiny, tmp_path, capsys, nam
     out = capsys.readouterr().out
     assert f"classes of --data paired with --val {val} by sorted position: {naming[0]} -> n01440764, {naming[1]} -> n01443537" in out
     assert f"paired with teacher {tiny['teacher']} by sorted position: {naming[0]} -> class0" in out
-    rded = naming[0] == "00000"  # the authors' rule would label RDED's layout in eval mode: train measured better (README)
-    assert ("| teacher mode train (batch statistics; RDED's layout, which the authors relabel in eval mode: train measured better"
-            if rded else "| teacher mode train (batch statistics, the authors' mode for SRe2L-family sets)") in out
+    assert "| teacher mode train" in out  # RDED's layout too, which the authors relabel in eval mode (README)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["config"]["teacher_mode"] == "train"
     assert summary["classes"] == {"data": naming, "val": sorted(d.name for d in val.iterdir()), "teacher": [f"class{c}" for c in range(4)]}
@@ -1027,7 +1030,7 @@ def test_auto_smoothing_above_the_largest_measured_class_count_is_the_authors(tm
     data, val = write_folder(tmp_path / "data", 201, 1, 8, 0), write_folder(tmp_path / "val", 201, 1, 8, 1)
     assert hald.main(["--data", str(data), "--val", str(val), "--ipc", "1", "--schedule", "hard", "--epochs", "1",
                       "--model", "convnet8", "--drift-crops", "0", "--out", str(tmp_path / "out")]) == 0
-    assert "label smoothing 0.8 (auto: the authors' values above 200 classes, where hald.py has not measured)" in capsys.readouterr().out
+    assert "label smoothing 0.8 (auto: the authors' values)" in capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "summary.json").read_text())["config"]
     assert (config["label_smoothing"], config["temperature"]) == (0.8, 20.0)
 
@@ -1036,10 +1039,10 @@ def test_hald_alone_beyond_four_stored_crops_per_image_suggests_the_comparison(t
     """HALD alone gets a note suggesting the comparison where it was not ahead of soft-only everywhere measured: from 5
     stored crops per image with the reset (level within a point at 10), from 2 with AdamW's state kept; none at 4 with
     the reset (ahead everywhere measured up to 4), at 1, or when comparing already."""
-    notes = {"5 stored crops per image: at 10 HALD and soft-only were within a point of each other": ["--slc", "10"],
-             "2 stored crops per image: with AdamW's state kept HALD lost to soft-only from 2 on": ["--phase-switch", "keep"]}
-    for note, args in notes.items():
-        assert hald.main(tiny_args(tiny, tmp_path / f"alone{len(note)}", "--schedule", "shs", "--soft-epochs", "2", *args)) == 0
+    notes = {"5 stored crops per image: HALD's lead over soft-only shrinks": ["--slc", "10"],
+             "2 stored crops per image: HALD's lead over soft-only shrinks": ["--phase-switch", "keep"]}
+    for i, (note, args) in enumerate(notes.items()):
+        assert hald.main(tiny_args(tiny, tmp_path / f"alone{i}", "--schedule", "shs", "--soft-epochs", "2", *args)) == 0
         out = capsys.readouterr().out
         assert f"note: {note}" in out and "--seeds 0,1,2 at three seeds" in out
     assert "| phase switch: AdamW keep" in out and hald.main(tiny_args(tiny, tmp_path / "reset", "--schedule", "shs", "--soft-epochs", "2",
@@ -1146,7 +1149,7 @@ def test_no_argument_demo_in_short_and_again(tmp_path, capsys, monkeypatch, demo
     else:
         assert "note: pip install matplotlib to get comparison.png" in out
     assert out.count("reusing soft-label cache") == 1 and (tmp_path / "soft_labels.pt").exists()  # one cache for both
-    assert ("label smoothing 0.1, T 4 (auto: measured better at 10 and 200 classes) | lr 0.001, eta 2 (auto: hald.py's default, "
+    assert ("label smoothing 0.1, T 4 (auto) | lr 0.001, eta 2 (auto: hald.py's default, "
             "as the authors have no row for this setting)") in out  # 10 classes
     epochs = [line for line in out.splitlines() if line.startswith("epoch ")]  # the time left covers both schedules
     assert all(" min left in all" in line for line in epochs[:4]) and not any("in all" in line for line in epochs[4:])
@@ -1653,6 +1656,38 @@ def test_every_row_of_the_readme_copy_table_runs_alone(piece, tmp_path):
     USES[piece](pasted, g, tmp_path) if piece == "cache file" else USES[piece](pasted, g)
 
 
+def test_part_one_alone_is_the_whole_method_and_runs_the_copy_table_examples(tmp_path):
+    """Part I of hald.py, lifted alone under hald.py's imports (the standard library and torch), needs no name of Part II
+    (no file reading, no Config, no CLI), stays within 600 lines, and runs every copy-table example but the cache file's."""
+    import builtins
+    import dis
+
+    source = (HERE / "hald.py").read_text()
+    start, end = source.index("\n", source.index("Part I: the method")), source.index("# ====", source.index("Part I: the method"))
+    part = source[start:end]
+    assert part.count("\n") <= 600, f"Part I is {part.count(chr(10))} lines, over its 600"
+    imports = "\n".join(line for line in source[:start].splitlines() if line.startswith(("import ", "from ")))
+    namespace = {"__name__": "part_one"}
+    exec(compile(imports + "\n" + part, "part_one.py", "exec"), namespace)
+
+    def globals_used(code):
+        names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+        return names.union(*(globals_used(c) for c in code.co_consts if hasattr(c, "co_code")))
+
+    assert not globals_used(compile(part, "part_one.py", "exec")) - set(namespace) - set(dir(builtins))
+    tree = ast.parse(part)  # no file, no Config, no command line: tensors in, tensors out (log=print: a progress callback)
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not names & {"Config", "Path", "open", "sys", "argparse", "os", "torch.load", "torch.save"}
+    for piece, use in USES.items():
+        if piece != "cache file":
+            use(namespace, torch.Generator().manual_seed(0))
+
+
+def test_hald_py_stays_within_its_line_budget():
+    """hald.py within its ceiling of 1,900 lines (Part I's 600 are checked above): what a change adds, it pays for."""
+    assert len((HERE / "hald.py").read_text().splitlines()) <= 1900
+
+
 def test_the_example_trains_a_torchvision_model_with_the_pieces():
     run = subprocess.run([sys.executable, str(HERE / "examples" / "hald_in_your_loop.py"), "--epochs", "4"], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -1726,8 +1761,9 @@ def test_an_ensemble_trains_end_to_end_with_every_teacher_checked(tiny, tmp_path
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--teacher-weights", "1,2"], "--teacher-weights 1,2 must be one number per --teacher (1 comma-separated)"),
-    (["--teacher-weights", "1,x"], "must be one number per --teacher"),
+    (["--teacher-weights", "1,2"], "--teacher-weights 1,2 must be one finite number per --teacher (1 comma-separated)"),
+    (["--teacher-weights", "1,x"], "must be one finite number per --teacher"),
+    (["--teacher-weights", "nan"], "must be one finite number per --teacher"),
 ])
 def test_bad_teacher_weights_are_refused_in_one_line(tiny, tmp_path, capsys, extra, message):
     assert hald.main(tiny_args(tiny, tmp_path / "out", *extra)) == 2
@@ -1815,8 +1851,9 @@ def test_sigterm_stops_like_ctrl_c_and_one_run_holds_an_out(tiny, tmp_path, caps
                                                                               "finished epoch: ") and err.rstrip().endswith("--resume"), err
     assert not list((tmp_path / "run").glob(".*.tmp"))
     (tmp_path / "run" / ".checkpoint.pt.999999.tmp").write_bytes(b"half")  # what a kill -9 during a write leaves
-    assert hald.main([*args[:-12], "--epochs", "300", "--eval-every", "0", "--drift-crops", "0", "--resume", "--schedule", "hard",
-                      "--epochs", "1", "--out", str(tmp_path / "run")]) == 2  # refused (other settings), the folder claimed
+    assert hald.main([*args, "--resume", "--schedule", "hard", "--epochs", "1"]) == 2  # refused (other settings) before the claim
+    assert (tmp_path / "run" / ".checkpoint.pt.999999.tmp").exists()
+    assert hald.main([*args, "--overwrite", "--schedule", "hard", "--epochs", "1"]) == 0  # the next run claims the folder
     assert not (tmp_path / "run" / ".checkpoint.pt.999999.tmp").exists()
     killed = subprocess.Popen([sys.executable, str(HERE / "hald.py"), *args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -1826,8 +1863,8 @@ def test_sigterm_stops_like_ctrl_c_and_one_run_holds_an_out(tiny, tmp_path, caps
     killed.wait()
     capsys.readouterr()
     assert hald.main([*args, "--out", str(tmp_path / "killed"), "--resume", "--seed", "5"]) == 2
-    err = capsys.readouterr().err  # claimed (not "in use"), then refused for its cache's seed
-    assert "in use" not in err and "was made for other settings (seed differ)" in err
+    err = capsys.readouterr().err  # not "in use": refused for its checkpoint's seed
+    assert "in use" not in err and "belongs to a run with other settings (--seed 0 then, 5 now)" in err
 
 
 def test_write_problems_are_one_line_before_any_work(tiny, tmp_path, capsys):
@@ -1836,7 +1873,7 @@ def test_write_problems_are_one_line_before_any_work(tiny, tmp_path, capsys):
     for extra in (["--out", str(tmp_path / "file")], ["--save-model", str(tmp_path / "file" / "student.pt")]):
         assert hald.main(tiny_args(tiny, tmp_path / "out", *extra)) == 2
         err = capsys.readouterr()
-        assert err.err.count("\n") == 1 and ("is a file" in err.err or "cannot write in" in err.err) and "teacher check" not in err.out
+        assert err.err.count("\n") == 1 and ("is a file" in err.err or "cannot write" in err.err) and "teacher check" not in err.out
     assert not (tmp_path / "out").exists()  # a refused run leaves no folder behind
     with pytest.raises(hald.HaldError, match="cannot write"):  # the atomic write's cleanup does not hide its message
         hald.save_atomic("text", tmp_path / "file" / "summary.json")
@@ -1948,3 +1985,665 @@ def test_other_stop_signals_stop_like_sigterm(tiny, tmp_path, capsys, monkeypatc
     assert hald.main(tiny_args(tiny, tmp_path, "--epochs", "6")) == 128 + number
     assert capsys.readouterr().err.startswith(f"hald: stopped by {name}; to continue from the last finished epoch: ")
     assert 1 <= torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] <= 2 and signal.getsignal(number) == before
+
+
+# ------------------------------------------------------------------------------ the checks, one per kind of input
+# Property tests of the validators of Part II (and Part I's check_images, check_finite): generated bad inputs of each kind
+# raise a HaldError naming the problem; valid ones pass.
+ints, NONFINITE = st.integers, st.sampled_from([math.nan, math.inf, -math.inf])
+FLOAT_DTYPES = st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64])
+
+
+def fl(lo=None, hi=None, xlo=False, xhi=False):
+    return st.floats(lo, hi, exclude_min=xlo, exclude_max=xhi, allow_nan=False, allow_infinity=False)
+
+
+def poke(t, data, values):
+    """t with one element, at a drawn position, set to a drawn value."""
+    t.view(-1)[data.draw(ints(0, t.numel() - 1))] = data.draw(values)
+    return t
+
+
+# each flag's range, written again from its help (not read from FLAG_RANGES): values outside it, and inside, edges first
+E, AUTO, BIG = st.sampled_from, st.just(-1), 10 ** 6
+BAD = {"ipc": ints(max_value=0), "image_size": E([-1, 1, 7]) | ints(max_value=7).filter(bool), "slc": ints(max_value=0),
+       "temperature": E([0.0, -0.5, -2.0]) | fl(hi=0).filter(lambda v: v != -1), "crop_scale": E([0.0, 1 + 1e-9]) | fl(hi=0) | fl(1, xlo=True),
+       "label_topk": ints(max_value=-1), "epochs": ints(max_value=0), "soft_epochs": ints(max_value=-2),
+       "label_smoothing": E([1.0, -1e-9, -2.0]) | fl(hi=0, xhi=True).filter(lambda v: v != -1) | fl(1), "hybrid_lambda": E([-1e-9]) | fl(hi=0, xhi=True),
+       "batch_size": E([1, 0]) | ints(max_value=1), "lr": E([0.0, -2.0]) | fl(hi=0).filter(lambda v: v != -1), "weight_decay": E([-1e-9]) | fl(hi=0, xhi=True),
+       "eta": E([0.0, -2.0]) | fl(hi=0).filter(lambda v: v != -1), "seed": ints(max_value=-1), "eval_every": ints(max_value=-1),
+       "drift_crops": ints(max_value=-1)}
+GOOD = {"ipc": ints(1, BIG), "image_size": E([0, 8]) | ints(8, BIG), "slc": ints(1, BIG), "temperature": fl(0, BIG, xlo=True) | AUTO,
+        "crop_scale": E([1.0, 5e-324]) | fl(0, 1, xlo=True), "label_topk": ints(0, BIG), "epochs": ints(1, BIG),
+        "soft_epochs": E([0, 300]) | ints(0, 300) | AUTO, "label_smoothing": E([0.0, 1 - 1e-9]) | fl(0, 1, xhi=True) | AUTO,
+        "hybrid_lambda": E([0.0]) | fl(0, BIG), "batch_size": E([2]) | ints(2, BIG), "lr": fl(0, BIG, xlo=True) | AUTO,
+        "weight_decay": E([0.0]) | fl(0, BIG), "eta": fl(0, BIG, xlo=True) | AUTO, "seed": ints(0, BIG), "eval_every": ints(0, BIG),
+        "drift_crops": ints(0, BIG)}
+TYPES = {f.name: f.type for f in dataclasses.fields(hald.Config)}
+
+
+def test_every_ranged_flag_is_covered_and_the_defaults_pass():
+    """BAD and GOOD cover exactly FLAG_RANGES, each a numeric Config field; Config() passes check_flags."""
+    assert set(BAD) == set(GOOD) == set(hald.FLAG_RANGES) and all(TYPES[k] in (int, float) for k in BAD)
+    hald.check_flags(hald.Config())
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+@given(data=st.data())
+def test_each_flag_in_and_out_of_range(name, data):
+    """A flag in its range passes alone; out of it (or NaN / inf for a float flag) it is refused, naming the flag."""
+    hald.check_flags(hald.Config(**{name: data.draw(GOOD[name])}))
+    value = data.draw(BAD[name] | (NONFINITE if TYPES[name] is float else st.nothing()))
+    with pytest.raises(hald.HaldError, match=f"^--{name.replace('_', '-')} must be "):
+        hald.check_flags(hald.Config(**{name: value}))
+
+
+@given(given_flags=st.fixed_dictionaries({}, optional=GOOD))
+def test_in_range_flags_pass(given_flags):
+    """In-range values of any flags together pass (--soft-epochs kept at most --epochs)."""
+    if given_flags.get("soft_epochs", -1) > given_flags.get("epochs", 300):
+        given_flags["soft_epochs"] = given_flags.get("epochs", 300)
+    hald.check_flags(hald.Config(**given_flags))
+
+
+@given(epochs=ints(1, 1000), more=ints(1, 1000), name=st.sampled_from([f.name for f in dataclasses.fields(hald.Config) if f.metadata["choices"]]))
+def test_soft_epochs_above_epochs_and_unknown_choices_are_named(epochs, more, name):
+    """--soft-epochs above --epochs is refused naming both; a value outside a flag's choices is refused naming the flag."""
+    with pytest.raises(hald.HaldError, match=f"^--soft-epochs {epochs + more} must be at most --epochs {epochs}"):
+        hald.check_flags(hald.Config(epochs=epochs, soft_epochs=epochs + more))
+    with pytest.raises(hald.HaldError, match=f"^--{name.replace('_', '-')} must be one of "):
+        hald.check_flags(hald.Config(**{name: "no-such-choice"}))
+
+
+def test_device_cuda_without_cuda_is_refused(monkeypatch):
+    """--device cuda without CUDA is refused; with CUDA it passes."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(hald.HaldError, match="^--device cuda was asked for but CUDA is not available"):
+        hald.check_flags(hald.Config(device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    hald.check_flags(hald.Config(device="cuda"))
+
+
+@given(values=st.lists(fl(-BIG, BIG), min_size=6, max_size=6), data=st.data())
+def test_normalize_specs(values, data):
+    """Six finite numbers with positive stds give (mean, std); a wrong count, a non-finite or non-numeric value or a std <= 0 is named."""
+    values[3:] = [abs(v) or 1.0 for v in values[3:]]
+    assert hald.mean_std_of(",".join(map(repr, values))) == (tuple(values[:3]), tuple(values[3:]))
+    bad = data.draw(st.sampled_from(["count", "nonfinite", "text", "std"]))
+    if bad == "count":
+        values = data.draw(st.lists(fl(-10, 10), max_size=12).filter(lambda v: len(v) != 6))
+    elif bad == "std":
+        values[data.draw(ints(3, 5))] = data.draw(st.sampled_from([0.0, -0.0]) | fl(hi=0))
+    else:
+        values[data.draw(ints(0, 5))] = data.draw(NONFINITE if bad == "nonfinite" else st.sampled_from(["x", "", "1e", "0x1"]))
+    spec = ",".join(map(str, values))
+    with pytest.raises(hald.HaldError, match="^--normalize .* is neither imagenet, cifar10, cifar100, none nor six finite"):
+        hald.check_flags(hald.Config(normalize=spec))
+    assert all(hald.mean_std_of(name) == hald.NORMALIZATIONS[name] for name in hald.NORMALIZATIONS)
+
+
+@given(k=ints(1, 4), data=st.data())
+def test_teacher_weights_one_finite_number_per_teacher(k, data):
+    """--teacher-weights: k finite numbers for k --teacher entries pass; another count, a non-finite or non-numeric weight is named."""
+    teacher, weights = ",".join(f"t{i}.pt" for i in range(k)), data.draw(st.lists(fl(-BIG, BIG), min_size=k, max_size=k))
+    hald.check_flags(hald.Config(teacher=teacher, teacher_weights=",".join(map(repr, weights))))
+    bad = data.draw(st.sampled_from(["count", "nonfinite", "text"]))
+    if bad == "count":
+        weights = data.draw(st.lists(fl(-10, 10), min_size=1, max_size=6).filter(lambda w: len(w) != k))
+    else:
+        weights[data.draw(ints(0, k - 1))] = data.draw(NONFINITE if bad == "nonfinite" else st.sampled_from(["x", " ", "1e", "w1"]))
+    with pytest.raises(hald.HaldError, match=rf"^--teacher-weights .* must be one finite number per --teacher \({k} comma-separated\)"):
+        hald.check_flags(hald.Config(teacher=teacher, teacher_weights=",".join(map(str, weights))))
+
+
+@given(seeds=st.lists(ints(0, BIG), min_size=1, max_size=6, unique=True), data=st.data())
+def test_seeds(seeds, data):
+    """--seeds of different whole numbers passes; a repeat (0,00 too), a non-integer or another separator is refused."""
+    hald.check_flags(hald.Config(seeds=",".join(map(str, seeds))))
+    words, bad = [str(s) for s in seeds], data.draw(st.sampled_from(["repeat", "token", "separator"]))
+    if bad == "repeat":
+        words = data.draw(st.permutations(words + [data.draw(st.sampled_from(words)).zfill(data.draw(ints(1, 3)))]))
+    elif bad == "token":
+        words[data.draw(ints(0, len(words) - 1))] = data.draw(st.sampled_from(["-1", "1.5", "a", "", " 2", "+3", "1e3", "0x1"]))
+    spec = data.draw(st.sampled_from([" ", ";", ", ", "-"])).join(words + ["9"]) if bad == "separator" else ",".join(words)
+    assume(spec)  # an empty --seeds is no --seeds
+    with pytest.raises(hald.HaldError, match="^--seeds takes different whole numbers split by commas"):
+        hald.check_flags(hald.Config(seeds=spec))
+
+
+# ----------------------------------------------------------------------------- image sets
+@given(counts=st.lists(ints(0, 20), min_size=1, max_size=8), ipc=ints(0, 10))
+def test_class_counts(counts, ipc):
+    """The first class with fewer than --ipc images (fewer than 1 for --val, ipc 0) is named; otherwise it passes."""
+    classes, short = [f"c{i}" for i in range(len(counts))], [i for i, c in enumerate(counts) if c < max(ipc, 1)]
+    if not short:
+        return hald.check_class_counts(counts, classes, "the set", ipc, log=lambda line: None)
+    why = f"fewer than --ipc {ipc}" if ipc else "and every class of --val is scored"
+    with pytest.raises(hald.HaldError, match=f"^class 'c{short[0]}' in the set has {counts[short[0]]} images, {why}"):
+        hald.check_class_counts(counts, classes, "the set", ipc, log=lambda line: None)
+
+
+@given(shape=st.tuples(ints(1, 3), st.just(3), ints(1, 4), ints(1, 4)), seed=ints(0, 2 ** 16), dtype=FLOAT_DTYPES, data=st.data())
+def test_check_images_and_check_finite(shape, seed, dtype, data):
+    """Float images in [-5, 6] and any uint8 pass; a NaN / inf anywhere, or a value beyond [-5, 6], is refused."""
+    g = torch.Generator().manual_seed(seed)
+    x, whole = (torch.rand(shape, generator=g) * 11 - 5).to(dtype), torch.randint(-9, 9, shape, generator=g)
+    hald.check_images(x), hald.check_images(torch.randint(0, 256, shape, dtype=torch.uint8, generator=g))
+    assert hald.check_finite(x, "w") is x and hald.check_finite(whole, "w") is whole
+    with pytest.raises(hald.HaldError, match=r"^the images must be in \[0, 1\] units, got values from"):
+        hald.check_images(poke(x.clone(), data, fl(7, 1e4) | fl(-1e4, -6)))
+    x = poke(x, data, NONFINITE)
+    with pytest.raises(hald.HaldError, match="^the set's images hold NaN or infinite values: redo it$"):
+        hald.check_finite(x, "the set's images", "redo it")
+    with pytest.raises(hald.HaldError, match="^the images hold NaN or infinite values"):
+        hald.check_images(x)
+
+
+@given(shape=st.lists(ints(1, 3), min_size=1, max_size=5), dtype=st.sampled_from([torch.int8, torch.int32, torch.int64, torch.bool, torch.complex64]))
+def test_check_images_refuses_other_layouts_and_dtypes(shape, dtype):
+    """A shape other than (N, 3, H, W), a dtype other than uint8 or float, or a non-tensor is refused."""
+    for x in ([torch.zeros(shape)] if len(shape) != 4 or shape[1] != 3 else []) + [torch.zeros(2, 3, 4, 4, dtype=dtype), [[0.5]]]:
+        with pytest.raises(hald.HaldError, match=r"must be \(N, 3, H, W\) uint8, or float in \[0, 1\] units, got"):
+            hald.check_images(x)
+
+
+def test_check_images_empty_float_batch_passes_like_uint8():
+    """An empty float batch passes, as an empty uint8 batch does (not a RuntimeError from .min())."""
+    hald.check_images(torch.empty(0, 3, 8, 8, dtype=torch.uint8))
+    hald.check_images(torch.empty(0, 3, 8, 8))
+
+
+# ----------------------------------------------------------------------------- labels
+@st.composite
+def covering(draw, classes=ints(1, 6)):
+    """Class indices covering 0..C-1 (each at least once), shuffled, and C."""
+    c = draw(classes)
+    return draw(st.permutations(list(range(c)) + draw(st.lists(ints(0, c - 1), max_size=6)))), c
+
+
+@given(lc=covering(), dtype=st.sampled_from([torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]), soft=st.booleans())
+def test_valid_labels_give_indices_and_class_count(lc, dtype, soft):
+    """Integer indices covering 0..C-1 return (labels.long(), C); one-hot or soft rows return their argmax and C columns."""
+    labels, c = lc
+    index, num = hald.check_labels(torch.tensor(labels, dtype=dtype), len(labels), "w")
+    assert index.dtype == torch.int64 and index.tolist() == labels and num == c
+    rows = F.one_hot(torch.tensor(labels), c)
+    rows = rows * 2 + torch.rand(rows.shape) if soft else rows.to(dtype if dtype != torch.int8 else torch.bool)
+    index, num = hald.check_labels(rows, len(labels), "w")
+    assert index.tolist() == labels and num == c
+
+
+@given(lc=covering(), kind=st.sampled_from(["float32", "float64", "float16", "bool", "negative"]), data=st.data())
+def test_non_index_label_vectors_are_refused(lc, kind, data):
+    """1-D float, bool or negative labels are refused; so is a length other than the image count."""
+    t = torch.tensor(lc[0])
+    if kind == "negative":
+        t = poke(t.to(data.draw(st.sampled_from([torch.int8, torch.int64]))), data, ints(-100, -1))
+    else:
+        t = t.to(getattr(torch, kind))
+    with pytest.raises(hald.HaldError, match=r"^--data x: the labels are torch\.\w+ from .* give class indices as integers from 0"):
+        hald.check_labels(t, len(t), "--data x")
+    with pytest.raises(hald.HaldError, match=f"^--data x: {len(t) + 1} images but labels"):
+        hald.check_labels(torch.tensor(lc[0]), len(t) + 1, "--data x")
+
+
+@given(lc=covering(ints(2, 6)), how=st.sampled_from(["nan", "inf", "-inf", "tie", "zero"]), dtype=st.sampled_from([torch.float16, torch.float32]), data=st.data())
+def test_label_rows_naming_no_single_class_are_refused(lc, how, dtype, data):
+    """A row with a NaN / inf anywhere, or a tied largest value (an all-zero row), is refused, naming that row."""
+    labels, c = lc
+    rows, r = F.one_hot(torch.tensor(labels), c).to(dtype), data.draw(ints(0, len(labels) - 1))
+    if how == "zero":
+        rows[r] = 0
+    else:
+        other = data.draw(ints(0, c - 1).filter(lambda j: j != labels[r]))
+        rows[r, other] = 1 if how == "tie" else float(how)
+    with pytest.raises(hald.HaldError, match=f"^w: label row {r} \\(.*\\) names no single class"):
+        hald.check_labels(rows, len(labels), "w")
+
+
+@given(c=ints(2, 6), data=st.data(), onehot=st.booleans())
+def test_a_class_no_image_has_is_named(c, data, onehot):
+    """Labels up to C-1 that skip a class (1-based labels, an out-of-range label) are refused, naming the first missing class."""
+    present = sorted(data.draw(st.sets(ints(0, c - 2), max_size=c - 2)) | {c - 1})
+    labels = torch.tensor(present + data.draw(st.lists(st.sampled_from(present), max_size=6)))
+    with pytest.raises(hald.HaldError, match=f"^w: the labels run from 0 to {c - 1} but no image has class {min(set(range(c)) - set(present))}:"):
+        hald.check_labels(F.one_hot(labels, c).float() if onehot else labels, len(labels), "w")
+
+
+# ----------------------------------------------------------------------------- model files, stored settings, output targets
+@given(n=ints(1, 6), dtype=FLOAT_DTYPES, steps=ints(-2 ** 63, 2 ** 63 - 1), data=st.data())
+def test_check_weights_names_non_finite_float_tensors(n, dtype, steps, data):
+    """A state dict passes unchanged unless a floating tensor holds NaN / inf: then its first 3 such keys are named; integers never count."""
+    state = {"note": "not a tensor"}
+    for i in range(n):
+        state |= {f"l{i}.weight": torch.randn(2, 3).to(dtype), f"l{i}.num_batches_tracked": torch.tensor(steps)}
+    assert hald.check_weights(state, "m") is state
+    bad = data.draw(st.lists(st.sampled_from([f"l{i}.weight" for i in range(n)]), min_size=1, unique=True))
+    for key in bad:
+        poke(state[key], data, NONFINITE)
+    named = [k for k in state if k in bad]
+    with pytest.raises(hald.HaldError, match="^teacher t.pt holds NaN or infinite weights") as error:
+        hald.check_weights(state, "teacher t.pt")
+    assert all(k in str(error.value) for k in named[:3]) and not any(k in str(error.value) for k in named[3:])
+    assert (", ...)" in str(error.value)) == (len(named) > 3) and "num_batches_tracked" not in str(error.value)
+
+
+VALUES = st.booleans() | ints(-2, 2) | st.text(max_size=2) | st.lists(ints(0, 2), max_size=2) | fl(-2, 2)
+
+
+@given(then=st.dictionaries(st.sampled_from("abcdef"), VALUES), now=st.dictionaries(st.sampled_from("abcdef"), VALUES))
+def test_settings_differ_lists_exactly_the_changed_keys(then, now):
+    """settings_differ gives, sorted, the keys in only one dict or with unequal values; a dict against itself gives none."""
+    assert hald.settings_differ(then, now) == sorted(k for k in then.keys() | now.keys() if k not in then or k not in now or then[k] != now[k])
+    assert hald.settings_differ(then, {**then}) == [] and hald.settings_differ(now, then) == hald.settings_differ(then, now)
+
+
+@pytest.mark.parametrize("target, folder, error", [("d", False, "is a folder: give a file name"), ("f", True, "is a file: give a folder"),
+                         ("f/x", False, "f is not a folder"), ("f/x/y", True, "f is not a folder"), ("d", True, None), ("f", False, None),
+                         ("d/new/deeper", True, None), ("d/new/file.pt", False, None), ("new.pt", False, None)])
+def test_check_target(tmp_path, target, folder, error):
+    """A folder where a file is wanted, a file where a folder is, or a path under a file is refused; nothing is ever created."""
+    (tmp_path / "d").mkdir(), (tmp_path / "f").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    if error:
+        with pytest.raises(hald.HaldError, match=error):
+            hald.check_target(tmp_path / target, "--out", folder=folder)
+    else:
+        assert hald.check_target(str(tmp_path / target), "--out", folder=folder) == tmp_path / target
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------ every refusal of the command line
+# REFUSALS: one row per `raise HaldError` of Part II: the bad invocation that reaches it, or the test above that covers it
+# where one CLI call on a CPU cannot. Each refusal exits 2 with one line and writes nothing; every refusal has its row and
+# every row its refusal. MORE: further invocations of refusals that have a row.
+ANY = "…"  # in a row's site: where the message formats a value in (hald.py's messages use "..." for an ellipsis, never "…")
+
+
+def cheap_args(tiny, out, *extra) -> list:
+    """tiny_args made cheap: one soft epoch, no evaluation before the end, no drift crops."""
+    return tiny_args(tiny, out, "--schedule", "soft", "--epochs", "1", "--eval-every", "0", "--drift-crops", "0", *extra)
+
+
+@dataclasses.dataclass
+class Bench:
+    """What a row builds its bad invocation from: the fixtures, its own folder (tmp_path, also the working directory, so
+    the default --out runs/hald lies in it) and monkeypatch. A row puts every file it makes, and every output, in tmp."""
+    tiny: dict
+    demo: dict
+    trained: dict
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    held: list = dataclasses.field(default_factory=list)  # open files to close after the call
+
+    def args(self, *extra, drop: tuple = ()) -> list:
+        """cheap_args into tmp/out; later flags win, `drop` removes flags (with their values)."""
+        argv = cheap_args(self.tiny, self.tmp / "out", *extra)
+        for flag in drop:
+            while flag in argv:
+                del argv[argv.index(flag):argv.index(flag) + 2]
+        return argv
+
+    def demo_args(self, *extra) -> list:
+        """The no-argument demo (no --data), into the default --out runs/hald that holds an earlier demo."""
+        return ["--val", str(self.demo["val"]), "--epochs", "1", "--eval-every", "0", "--drift-crops", "0", *extra]
+
+    def save(self, name: str, blob) -> str:
+        """tmp/name holding blob (torch.save) -> its path."""
+        torch.save(blob, self.tmp / name)
+        return str(self.tmp / name)
+
+    def write(self, name: str, data: bytes) -> str:
+        (self.tmp / name).write_bytes(data)
+        return str(self.tmp / name)
+
+    def folder(self, name: str) -> str:
+        (self.tmp / name).mkdir(parents=True)
+        return str(self.tmp / name)
+
+    def tensor_set(self, change=lambda x, y: (x, y)) -> list:
+        """--data a tensor file: tiny's images (normalised with CIFAR-10's statistics) and labels, as change(x, y) makes them."""
+        return self.args("--data", self.save("set.pt", change(*tensor_set(self.tiny))), "--normalize", "cifar10")
+
+    def teacher_state(self) -> dict:
+        return {k: v.clone() for k, v in torch.load(self.tiny["teacher"], weights_only=True)["state_dict"].items()}
+
+    def of_three_processes(self, *extra) -> list:
+        """As one of three torchrun processes: its checks of the global batch, before any collective."""
+        self.monkeypatch.setattr(hald, "init_distributed", lambda device: (device, 0, 3))
+        return self.args(*extra)
+
+    def into_out(self, source, name: str = "") -> "Bench":
+        """A copy of the file source in tmp/out (as `name`)."""
+        (self.tmp / "out").mkdir(exist_ok=True)
+        shutil.copy(source, self.tmp / "out" / (name or Path(source).name))
+        return self
+
+
+@dataclasses.dataclass
+class Row:
+    """One refusal: `site` is literal text of exactly one `raise HaldError` of Part II (ANY where a value is formatted in);
+    `build` makes the bad invocation (-> argv), or `covered_by` names the test of test_hald.py that reaches it (None: none
+    does). `xfail`: how hald.py goes wrong on this invocation (a write before the refusal, or none)."""
+    id: str
+    site: str
+    build: Callable[[Bench], list] | None = None
+    covered_by: str | None = None
+    xfail: str = ""
+
+
+# ------------------------------------------------------------------------------------------------------------ builders
+def held_out(b: Bench) -> list:
+    """--out locked by another run (as claim locks it), which is still running."""
+    (b.tmp / "out").mkdir()
+    lock = open(b.tmp / "out" / ".lock", "a+")
+    lock.write("the run of process 1 on elsewhere, started 2000-01-01 00:00:00\n")
+    lock.flush()
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    b.held.append(lock)
+    return b.args()
+
+
+def without_cuda(b: Bench) -> list:
+    b.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where a GPU is
+    return b.args("--device", "cuda")
+
+
+def installed_without_demo(b: Bench) -> list:
+    """As `pip install .` leaves hald: no demo folder beside hald.py."""
+    b.monkeypatch.setattr(hald, "DEMO", b.tmp / "not-installed")
+    return []
+
+
+def broken_image(b: Bench) -> list:
+    shutil.copytree(b.tiny["data"], b.tmp / "data")
+    (b.tmp / "data" / "class0" / "000.png").write_bytes(b"not a png")
+    return b.args("--data", str(b.tmp / "data"))
+
+
+def val_with_an_empty_class(b: Bench) -> list:
+    shutil.copytree(b.tiny["val"], b.tmp / "val")
+    for f in (b.tmp / "val" / "class3").iterdir():
+        f.unlink()
+    return b.args("--val", str(b.tmp / "val"))
+
+
+def dataset_root(b: Bench) -> list:
+    for split in ("train", "val"):
+        (b.tmp / "root" / split / "class0").mkdir(parents=True)
+    return b.args("--data", str(b.tmp / "root"))
+
+
+def whitened(x, y) -> tuple:
+    """The statistics of ZCA-whitened images: low contrast, no correlation between neighbouring pixels."""
+    return 0.45 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)), y
+
+
+def nan_one_hot_row(x, y) -> tuple:
+    rows = F.one_hot(y, 4).float()
+    rows[5] = float("nan")
+    return x, rows
+
+
+def nan_teacher(b: Bench) -> list:
+    blob = torch.load(b.tiny["teacher"], weights_only=True)
+    blob["state_dict"] = b.teacher_state()
+    blob["state_dict"]["0.weight"][0, 0, 0, 0] = float("nan")
+    return b.args("--teacher", b.save("nan.pt", blob))
+
+
+def teacher_of_other_statistics(b: Bench) -> list:
+    other = b.tmp / "cifar.pt"
+    hald.save_checkpoint(hald.build_model("convnet8", 4, 16), "convnet8", [f"class{c}" for c in range(4)], 16, other,
+                         hald.NORMALIZATIONS["cifar10"])
+    return b.args("--teacher", f"{b.tiny['teacher']},{other}")
+
+
+def reversed_classes(b: Bench, *extra) -> list:
+    names = [f"class{c}" for c in range(4)]
+    return b.args("--data", str(renamed_copy(b.tiny["data"], b.tmp / "data", names[::-1])), *extra)
+
+
+def unwritable_at_the_claim(b: Bench) -> list:
+    """A folder that refuses files when the claim probes it (a permission that os.access cannot see, as for root)."""
+    def refuse(dir=None, **_):
+        raise PermissionError(13, "Permission denied", dir)
+    b.monkeypatch.setattr(hald.tempfile, "TemporaryFile", refuse)
+    return b.args("--cache", str(b.tmp / "new" / "cache.pt"))
+
+
+def cache_copy(b: Bench) -> Path:
+    return Path(shutil.copy(b.trained["cache"], b.tmp / "cache.pt"))
+
+
+def corrupted_cache(b: Bench) -> list:
+    """The cache of these very settings with one crop box changed after its checksum was taken."""
+    blob = torch.load(cache_copy(b), weights_only=True)
+    blob["boxes"][0, 0] += 1
+    return b.args("--cache", b.save("cache.pt", blob))
+
+
+# ---------------------------------------------------------------------------------------------------------------- rows
+REFUSALS = [
+    # flag values and their combinations (check_flags, mean_std_of, resolve_settings, the four (condition, message)
+    # pairs of resolve, check_run; the batch against the images)
+    Row("flag-out-of-range", f" must be {ANY}, got ", lambda b: b.args("--crop-scale", "0")),
+    Row("flag-not-a-choice", " must be one of ", lambda b: b.args("--teacher-mode", "test")),
+    Row("soft-epochs-over-epochs", "must be at most --epochs", lambda b: b.args("--soft-epochs", "3")),
+    Row("teacher-weights-count", "must be one finite number per --teacher", lambda b: b.args("--teacher-weights", "1,2")),
+    Row("cuda-not-available", "CUDA is not available", without_cuda),
+    Row("seeds-repeated", "--seeds takes different whole numbers", lambda b: b.args("--seeds", "0,0")),
+    Row("normalize-three-numbers", "nor six finite numbers", lambda b: b.args("--normalize", "1,2,3")),
+    Row("recipe-of-other-classes", "drop --recipe or name the dataset of --data", lambda b: b.args("--recipe", "cifar100")),
+    Row("cuda-graph-on-cpu", "--cuda-graph needs a CUDA device and a single process",
+        lambda b: b.demo_args("--cuda-graph", "--device", "cpu")),
+    Row("cache-with-seeds", "--cache holds one seed's soft labels",
+        lambda b: b.demo_args("--seeds", "0,1", "--cache", str(b.tmp / "cache.pt"))),
+    Row("save-model-of-several-runs", "--save-model names one file", lambda b: b.demo_args("--save-model", str(b.tmp / "s.pt"))),
+    Row("labels-with-a-folder", "--labels is for a --data tensor file", lambda b: b.args("--labels", str(b.tmp / "y.pt"))),
+    Row("slc-not-a-multiple", "is not a multiple of --ipc", lambda b: b.args("--slc", "3")),
+    Row("batch-over-images", "distilled images: lower it", lambda b: b.args("--batch-size", "10")),
+    Row("batch-per-process", "is the global batch", lambda b: b.of_three_processes("--batch-size", "4")),
+    Row("last-batch-per-process", "needs an image per process", lambda b: b.of_three_processes("--batch-size", "6")),
+    Row("teacher-arch-count", "must name one architecture, or one per --teacher",
+        lambda b: b.args("--teacher", f"{b.tiny['teacher']},{b.tiny['teacher']},{b.tiny['teacher']}", "--teacher-arch", "convnet8,convnet8")),
+
+    # image sets: ImageFolders (list_image_folder, decode_image, check_class_counts, pair_classes) and tensor files
+    Row("data-not-a-folder", "is not a folder: give an ImageFolder", lambda b: b.args("--data", str(b.tmp / "nowhere"))),
+    Row("data-without-classes", "has no class folders", lambda b: b.args("--data", b.folder("empty"))),
+    Row("data-is-a-dataset-root", "holds folders, not images", dataset_root),
+    Row("corrupt-image", "cannot read image", broken_image),
+    Row("val-class-without-images", "and every class of --val is scored", val_with_an_empty_class),
+    Row("val-of-other-classes", "both must hold the same classes",
+        lambda b: b.args("--val", str(write_folder(b.tmp / "five", 5, 1, 16, 2)))),
+    Row("tensor-file-missing", "or a tensor file of the distilled set", lambda b: b.args("--data", str(b.tmp / "missing.pt"))),
+    Row("tensor-file-layout", "no layout hald.py knows",
+        lambda b: b.args("--data", b.save("set.pt", {"state_dict": {}, "epoch": 3}))),
+    Row("tensor-file-without-labels", "holds images only and",
+        lambda b: b.args("--data", b.save("images.pt", tensor_set(b.tiny)[0]), "--normalize", "cifar10")),
+    Row("tensor-file-images-3d", "the images must be float (N, C, H, W)", lambda b: b.tensor_set(lambda x, y: (x[..., 0], y))),
+    Row("tensor-file-zca", "looks ZCA-whitened", lambda b: b.tensor_set(whitened)),
+
+    # labels of a tensor set (check_labels)
+    Row("labels-count", "images but labels", lambda b: b.tensor_set(lambda x, y: (x, y[:11]))),
+    Row("labels-float", "give class indices as integers from 0", lambda b: b.tensor_set(lambda x, y: (x, y.float()))),
+    Row("labels-nan-one-hot-row", "names no single class", lambda b: b.tensor_set(nan_one_hot_row)),
+    Row("labels-one-based", "but no image has class", lambda b: b.tensor_set(lambda x, y: (x, y + 1))),
+
+    # model files: teachers and --evaluate (check_run, torchvision_weights, load_teacher(s), read_weights, model_from_weights)
+    Row("teacher-missing", "--teacher is missing", lambda b: b.args(drop=("--teacher",))),
+    Row("teacher-arch-for-torchvision", "--teacher-arch is for a --teacher file",
+        lambda b: b.args("--teacher", "resnet18", "--teacher-arch", "resnet18")),
+    Row("teacher-file-missing", "does not exist: check the path", lambda b: b.args("--teacher", str(b.tmp / "missing.pt"))),
+    Row("teacher-name-unknown", "is neither a file nor a torchvision model name", lambda b: b.args("--teacher", "nonexistent_net")),
+    Row("teacher-weights-tag-unknown", "torchvision has no weights", lambda b: b.args("--teacher", "resnet18:V7")),
+    Row("teacher-not-loadable", "which hald.py never unpickles", lambda b: b.args("--teacher", b.write("garbage.pt", b"not a zip"))),
+    Row("teacher-checkpoint-of-other-arch", "is a hald.py checkpoint of", lambda b: b.args("--teacher-arch", "convnet16")),
+    Row("teacher-weights-without-arch", "is not a checkpoint written by hald.py --save-model",
+        lambda b: b.args("--teacher", b.save("plain.pt", b.teacher_state()))),
+    Row("teacher-without-state-dict", "holds no state_dict",
+        lambda b: b.args("--teacher", b.save("opt.pt", {"epoch": 3, "optimizer": {"lr": 0.1}}), "--teacher-arch", "convnet_bn8")),
+    Row("teacher-of-other-class-count", "classes but the data has",
+        lambda b: b.args("--teacher", b.save("ten.pt", hald.build_model("convnet_bn8", 10, 16).state_dict()),
+                         "--teacher-arch", "convnet_bn8")),
+    Row("teacher-does-not-fit-arch", "does not fit",
+        lambda b: b.args("--teacher", b.save("plain.pt", b.teacher_state()), "--teacher-arch", "convnet_bn16")),
+    Row("teacher-nan-weights", "holds NaN or infinite weights", nan_teacher),
+    Row("teacher-of-other-size", "px images, the data gives", lambda b: b.args("--image-size", "32")),
+    Row("teachers-of-other-statistics", "normalise their inputs differently", teacher_of_other_statistics),
+    Row("class-order-against-teacher", "does not match the teacher's", reversed_classes),
+    Row("evaluate-without-val", "--evaluate needs --val", lambda b: ["--evaluate", str(b.tiny["teacher"])]),
+
+    # stored settings: soft-label caches (load_cache) and checkpoints of --resume (read_checkpoint)
+    Row("cache-not-a-cache", "is not a hald soft-label cache", lambda b: b.args("--cache", b.save("cache.pt", {"x": torch.zeros(1)}))),
+    Row("cache-of-other-settings", "was made for other settings", lambda b: b.args("--cache", str(cache_copy(b)), "--seed", "1")),
+    Row("cache-corrupted", "is corrupted (checksum or size mismatch)", corrupted_cache),
+    Row("checkpoint-not-hald", "is not a checkpoint written by hald.py: move it away",
+        lambda b: b.into_out(b.save("other.pt", {"epoch": 1}), "checkpoint.pt").args("--resume")),
+    Row("checkpoint-of-other-settings", "belongs to a run with other settings",
+        lambda b: b.into_out(b.trained["checkpoint"]).args("--resume", "--lr", "0.5")),
+
+    # output targets (check_out, check_target, claim, atomic_path)
+    Row("out-holds-a-finished-run", "holds a finished run (summary.json)", lambda b: b.into_out(b.trained["summary"]).args()),
+    Row("out-holds-an-unfinished-run", "holds an unfinished run (checkpoint.pt)",
+        lambda b: b.into_out(b.trained["checkpoint"]).args()),
+    Row("save-model-is-a-folder", "give a file name", lambda b: b.args("--save-model", b.folder("folder"))),
+    Row("cache-under-a-file", "; choose another", lambda b: b.args("--cache", b.write("file", b"x") + "/cache.pt")),
+    Row("out-name-too-long", "cannot use ", lambda b: b.args("--out", str(b.tmp / ("x" * 300)))),
+    Row("save-model-in-out", "or a file hald.py writes there", lambda b: b.args("--save-model", str(b.tmp / "out" / "summary.json"))),
+    Row("out-in-use", "is in use by", held_out),  # also test_sigterm_stops_like_ctrl_c_and_one_run_holds_an_out, by a real run
+    Row("claim-cannot-write-in", "make it writable or choose another --out", unwritable_at_the_claim),
+    Row("files-differ-between-processes", "on a file system that every node shares",
+        covered_by="test_files_that_some_processes_do_not_see_are_refused"),  # torchrun only
+    Row("write-fails", "free space or make it writable",  # a full disk: any write of the run, after the claim
+        covered_by="test_a_full_disk_ends_in_one_line_and_the_run_resumes"),
+
+    # other: the demo without its files, and what can only fail while training
+    Row("data-missing-without-demo", "--data is missing", installed_without_demo),
+    Row("val-missing", "--val is missing", lambda b: b.args(drop=("--val",))),
+    Row("loss-not-finite", "the loss became", covered_by="test_bad_input_gives_a_one_line_error"),
+]
+
+# Further invocations of sites that have a row above, where hald.py goes wrong: it writes or deletes before it refuses, or
+# does not refuse in one line
+MORE = [
+    Row("demo-cache-under-a-file", "; choose another", lambda b: b.demo_args("--cache", b.write("file", b"x") + "/cache.pt")),
+    Row("demo-save-model-a-folder", "give a file name", lambda b: b.demo_args("--schedule", "shs", "--save-model", b.folder("folder"))),
+    Row("class-order-with-val-in-a-file", "does not match the teacher's", lambda b: reversed_classes(b, "--val-storage", "file")),
+    Row("cache-inside-the-lock", "or a file hald.py writes there", lambda b: b.args("--cache", str(b.tmp / "out" / ".lock" / "c.pt"))),
+    Row("save-model-is-out", "or a file hald.py writes there", lambda b: b.args("--save-model", str(b.tmp / "out"))),
+    Row("save-model-is-the-cache", "or a file hald.py writes there", lambda b: b.args("--save-model", str(b.tmp / "out" / "soft_labels.pt"))),
+]
+
+
+def param(row: Row):
+    return pytest.param(row, id=row.id, marks=[pytest.mark.xfail(strict=True, reason=row.xfail)] if row.xfail else [])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """One finished run of cheap_args (the rows' settings): its checkpoint, soft-label cache and summary."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert hald.main(cheap_args(tiny, out)) == 0
+    return {"checkpoint": out / "checkpoint.pt", "cache": out / "soft_labels.pt", "summary": out / "summary.json"}
+
+
+def snapshot(root: Path) -> dict:
+    """Every folder (None) and file (its bytes) under root."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("row", [param(row) for row in REFUSALS + MORE if row.build])
+def test_every_refusal_exits_2_in_one_line_and_writes_nothing(row, tiny, demo_small, trained, tmp_path, monkeypatch, capsys):
+    """Each bad invocation exits 2 with one line "hald: error: ..." naming its refusal and no traceback, and leaves every file
+    and folder under tmp_path as it was: --out, --cache and --save-model, and an earlier finished demo in the default --out
+    runs/hald (which only a `python hald.py` that goes on to train may replace)."""
+    monkeypatch.chdir(tmp_path)
+    for spec in ("shs", "soft"):
+        (tmp_path / "runs" / "hald" / spec).mkdir(parents=True)
+        (tmp_path / "runs" / "hald" / spec / "summary.json").write_text(json.dumps({"config": {"data": str(hald.DEMO / "distilled")}}))
+    (tmp_path / "runs" / "hald" / "soft_labels.pt").write_bytes(b"the earlier demo's cache")
+    bench = Bench(tiny, demo_small, trained, tmp_path, monkeypatch)
+    argv = row.build(bench)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    try:
+        code = hald.main(argv)
+    finally:
+        for f in bench.held:
+            f.close()
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert code == 2, (argv, err)
+    assert err.count("\n") == 1 and err.startswith("hald: error: "), err
+    pattern = ".+".join(map(re.escape, row.site.split(ANY)))
+    assert re.search(pattern, err), f"{row.site!r} not in {err!r}"
+    after, gone = snapshot(tmp_path), object()
+    assert [p for p in sorted(before.keys() | after.keys()) if before.get(p, gone) != after.get(p, gone)] == []  # made, changed, gone
+
+
+# ------------------------------------------------------------------------------------------------- sites of Part II
+def literal(node: ast.expr) -> list[str]:
+    """The literal text of a message expression: one string per choice of its conditional branches, ANY where a value is
+    formatted in; f-strings, plain strings and their concatenation with +."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return ["".join(parts) for parts in itertools.product(*(literal(v) for v in node.values))]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return [a + b for a, b in itertools.product(literal(node.left), literal(node.right))]
+    if isinstance(node, ast.IfExp):
+        return literal(node.body) + literal(node.orelse)
+    return [ANY]  # a formatted value, a name, a call
+
+
+def part_two_sites() -> list[tuple[int, list[str]]]:
+    """(line, literal texts) of every `raise HaldError(...)` of Part II; a `raise HaldError(name)` inside a loop over
+    (condition, message) pairs counts once per message, at the message's line."""
+    source = (HERE / "hald.py").read_text()
+    first = source[:source.index("Part II: the program")].count("\n") + 1
+    tree = ast.parse(source)
+    loops = [n for n in ast.walk(tree) if isinstance(n, ast.For) and isinstance(n.target, ast.Tuple)]
+    sites = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Raise) and node.lineno > first and isinstance(node.exc, ast.Call)
+                and isinstance(node.exc.func, ast.Name) and node.exc.func.id == "HaldError"):
+            continue
+        assert len(node.exc.args) == 1, f"hald.py:{node.lineno}: HaldError takes its message"
+        message = node.exc.args[0]
+        if isinstance(message, ast.Name):
+            loop = max((n for n in loops if n.lineno <= node.lineno <= n.end_lineno
+                        and message.id in [getattr(t, "id", None) for t in n.target.elts]), key=lambda n: n.lineno, default=None)
+            assert loop is not None and isinstance(loop.iter, (ast.Tuple, ast.List)), \
+                f"hald.py:{node.lineno}: raise HaldError({message.id}) outside a loop over (condition, message) pairs"
+            k = [getattr(t, "id", None) for t in loop.target.elts].index(message.id)
+            sites += [(pair.elts[k].lineno, literal(pair.elts[k])) for pair in loop.iter.elts]
+        else:
+            sites.append((node.lineno, literal(message)))
+    return sorted(sites)
+
+
+def test_every_refusal_of_part_two_has_a_row():
+    """Each `raise HaldError` of Part II (each message of resolve's pairs apart) holds exactly one row's site, and each row's
+    site lies in exactly one of them: a new refusal without a row fails here, and so does a row whose refusal changed or
+    went. Rows without an invocation name an existing test of test_hald.py (or None, said so here)."""
+    sites = part_two_sites()
+    assert len(sites) > 50, "Part II's refusals were not found"
+    problems = []
+    for line, texts in sites:
+        rows = [row.id for row in REFUSALS if any(row.site in text for text in texts)]
+        if len(rows) != 1:
+            problems.append(f"hald.py:{line} {texts[0][:70]!r} is the site of {len(rows)} rows {rows}")
+    for row in REFUSALS + MORE:
+        lines = [line for line, texts in sites if any(row.site in text for text in texts)]
+        if len(lines) != 1:
+            problems.append(f"row {row.id}: {row.site!r} is in {len(lines)} sites {lines}")
+        if row.build and row.covered_by or row.build is None and row.xfail:
+            problems.append(f"row {row.id}: an invocation, or a test that covers it, not both")
+    ids = [row.id for row in REFUSALS + MORE]
+    problems += [f"row id {i} twice" for i in sorted({i for i in ids if ids.count(i) > 1})]
+    tests = (HERE / "test_hald.py").read_text()
+    problems += [f"row {row.id}: no test {row.covered_by} in test_hald.py" for row in REFUSALS
+                 if row.covered_by and not re.search(rf"^def {row.covered_by}\(", tests, re.M)]
+    assert not problems, "\n".join(problems)
+    assert [row.id for row in REFUSALS if row.build is None and row.covered_by is None] == []

@@ -59,9 +59,9 @@ def test_recover_refuses_a_teacher_without_batchnorm_and_an_existing_out(tmp_pat
 
 def test_recovered_set_trains_with_hald_and_passes_the_teacher_check(tmp_path):
     assert distill("recover", tmp_path / "set").returncode == 0
-    summary = hald.train(hald.Config(data=str(tmp_path / "set"), val=str(DEMO / "val"), teacher=str(DEMO / "teacher.pt"), ipc=2,
+    summary = hald.train_all(hald.Config(data=str(tmp_path / "set"), val=str(DEMO / "val"), teacher=str(DEMO / "teacher.pt"), ipc=2,
                                      slc=2, epochs=2, schedule="shs", soft_epochs=1, eval_every=0, drift_crops=2, out=str(tmp_path / "run")),
-                         log=lambda *a: None)
+                             log=lambda *a: None)[0]
     assert summary["teacher_agreement"] >= 50 and summary["teacher_top1"] > 50
     assert summary["drift"]["teacher_crop_trace_mean"] >= 0 and 0 <= summary["final_top1"] <= 100
 

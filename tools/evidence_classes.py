@@ -185,6 +185,25 @@ def hard_table() -> str:
     return gain_table("classes", rows, {h: f"hard {h}{' (default)' if h == 60 else ''}" for h in HARD}) if rows else ""
 
 
+def switch_table() -> str:
+    """Reset against keep (issue 45's item 1), paired by seed, where both were measured: HALD minus soft-only with each, reset
+    minus keep, and the steps of the last soft phase (120 epochs of ceil(k * IPC / 16) steps)."""
+    lines = ["| classes | s | reset minus soft-only | keep minus soft-only | reset minus keep (per seed) | last soft phase, steps |",
+             "|---|---|---|---|---|---|"]
+    for k in CLASSES:
+        for s in CROPS:
+            reset, keep = load(k, "shs", s), load(k, "shs-keep", s)
+            seeds = sorted(reset.keys() & keep.keys())
+            if not seeds:
+                continue
+            gain, kept = diffs(k, "shs", s), diffs(k, "shs-keep", s)
+            paired = [reset[i]["final_top1"] - keep[i]["final_top1"] for i in seeds]
+            mean = lambda d: f"{statistics.mean(d.values()):+.1f}" if d else ""  # noqa: E731
+            lines.append(f"| {k} | {s} | {mean(gain)} | {mean(kept)} | **{statistics.mean(paired):+.2f}** ("
+                         + ", ".join(f"{v:+.2f}" for v in paired) + f") | {120 * -(-k * IPC // 16):,} |")
+    return "\n".join(lines)
+
+
 def picture(path: Path) -> None:
     """HALD minus soft-only against s, a line per class count (mean and each seed), CIFAR-10's real draw beside them
     (tools/evidence_switch.py, the same student family at 32 px), and the paper's ImageNet-1K point."""
@@ -247,6 +266,7 @@ def main():
     print(f"\nCrossover (HALD minus soft-only through zero, log-interpolated): {crossovers()}")
     if hard := hard_table():
         print(f"\nHALD (AdamW reset) minus soft-only by the hard phase's length, placed as the default's (per seed)\n{hard}")
+    print(f"\nHALD with AdamW reset at each switch against kept, paired by seed (issue 45)\n{switch_table()}")
     if args.picture:
         picture(Path(args.picture))
 
