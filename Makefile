@@ -62,12 +62,13 @@ evidence-switch: $(VENV)/installed
 	$(PY) tools/evidence_switch.py --cifar $(CIFAR) --jobs 2 --sets real-r18,real-in --crops 10,2,1 --treatments reset
 
 # the class-count axis: Tiny-ImageNet at 32 px, nested subsets of 10, 50 (and 200) classes, soft-only and HALD (the
-# reset) at s = 1, 2, 10, 3 seeds, the ceilings, then HALD with AdamW's state kept, and at 10 classes HALD with hard
+# reset) at s = 1, 2, 10, 3 seeds, the ceilings, then HALD with AdamW's state kept (at 200 classes: s = 10), and at 10 classes HALD with hard
 # phases of 30 and 5 epochs at s = 2, 4, 10; the gradient cosine of every setting (tools/alignment.py). 10 classes:
 # about 2 min a run; 50: about 7; 200: about 25 (one core each)
 evidence-classes: $(VENV)/installed
 	$(PY) tools/evidence_classes.py --tiny $(TINY) --jobs 2 --ceiling
 	$(PY) tools/evidence_classes.py --tiny $(TINY) --jobs 2 --schedules shs-keep --classes 10,50
+	$(PY) tools/evidence_classes.py --tiny $(TINY) --jobs 2 --schedules soft,shs,shs-keep --classes 200 --crops 10
 	$(PY) tools/evidence_classes.py --tiny $(TINY) --jobs 2 --classes 10 --crops 2,4,10 --schedules soft,shs,shs-h30,shs-h5
 	$(PY) tools/alignment.py --tiny $(TINY)
 
