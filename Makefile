@@ -1,5 +1,5 @@
 # make test: what CI runs. make demo: the bundled CIFAR-10 demo. make bench / make evidence: measurements.
-# make tables: the README's results tables from the committed per-run summaries.
+# make tables: the results tables (docs/results.md, RESULTS.md) from the committed per-run summaries.
 # Every target creates .venv from requirements.txt on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -80,7 +80,7 @@ TINY_TARS ?= ../shared/data/tiny-imagenet
 paper-tiny:
 	PYTHONUNBUFFERED=1 $(PYTHON) tools/paper_tiny.py --tiny-tars $(TINY_TARS) --out runs/paper-tiny
 
-# the README's results tables from the committed per-run summaries (results/*/runs/): no data, nothing trained
+# the results tables (docs/results.md, RESULTS.md) from the committed per-run summaries (results/*/runs/): no data, nothing trained
 tables: $(VENV)/installed
 	$(PY) tools/evidence.py --table-only --group students --crops 1,2,10
 	$(PY) tools/evidence.py --table-only --group ceiling --crops 300

@@ -65,7 +65,7 @@ def mean_std(device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 (B, 3, H, W), or float in [0, 1] units -> float normalised, in place on one new tensor (README, Benchmark)."""
+    """uint8 (B, 3, H, W), or float in [0, 1] units -> float normalised, in place on one new tensor (docs/speed.md)."""
     m, s = mean_std(images.device, tuple(mean), tuple(std))
     x = images.to(torch.float32, copy=True)
     return (x.div_(255) if images.dtype == torch.uint8 else x).sub_(m).div_(s)
@@ -545,7 +545,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 CACHE_FORMAT = "hald-soft-labels-v1"
 MODEL_FORMAT = "hald-model-v1"
 # -1 = auto for --label-smoothing and --temperature, by class count: hald.py's values up to the largest class count it
-# was measured at (README: Flags), the authors' above it, where nothing here says otherwise.
+# was measured at (docs/flags.md), the authors' above it, where nothing here says otherwise.
 AUTO_LABEL_SMOOTHING, AUTO_TEMPERATURE, AUTO_MEASURED_CLASSES = 0.1, 4.0, 200
 AUTHORS_LABEL_SMOOTHING, AUTHORS_TEMPERATURE = 0.8, 20.0
 # --recipe: the authors' datasets (name, classes, --normalize); with one, their smoothing 0.8 and T 20 at any class count
@@ -623,7 +623,7 @@ class Config:
                             "the soft loss x T^2); README: When HALD helps", ("reset", "keep", "t2"))
     # optimisation
     batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
-    lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (README)")
+    lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (docs/flags.md)")
     weight_decay: float = arg(0.01, "AdamW weight decay, applied to weights with ndim > 1 only")
     eta: float = arg(-1.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); -1 = auto, as for --lr")
     recipe: str = arg("none", "the authors' recipe for their dataset (--data must have its classes): its --normalize, smoothing 0.8, "
@@ -669,17 +669,14 @@ def parse_config(argv=None) -> Config:
 
 # ------------------------------------------------------------ checks, one per kind of input
 # every numeric flag: (its test, the range in words); -1 means auto where the words say so; a float must also be finite
+POSITIVE_OR_AUTO, AT_LEAST_0, AT_LEAST_1 = (lambda v: v > 0 or v == -1, "> 0, or -1 (auto)"), (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
 FLAG_RANGES = {
-    "ipc": (lambda v: v >= 1, ">= 1"), "image_size": (lambda v: v == 0 or v >= 8, "0 (the images' own size) or >= 8"),
-    "slc": (lambda v: v >= 1, ">= 1 (a multiple of --ipc)"), "temperature": (lambda v: v > 0 or v == -1, "> 0, or -1 (auto)"),
-    "crop_scale": (lambda v: 0 < v <= 1, "in (0, 1]"), "label_topk": (lambda v: v >= 0, ">= 0 (0 keeps all classes)"),
-    "epochs": (lambda v: v >= 1, ">= 1"), "soft_epochs": (lambda v: v >= 0 or v == -1, ">= 0 (at most --epochs), or -1 (auto)"),
-    "label_smoothing": (lambda v: 0 <= v < 1 or v == -1, "in [0, 1), or -1 (auto)"), "hybrid_lambda": (lambda v: v >= 0, ">= 0"),
-    "batch_size": (lambda v: v >= 2, ">= 2 (CutMix mixes the images of a batch)"), "lr": (lambda v: v > 0 or v == -1, "> 0, or -1 (auto)"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"), "eta": (lambda v: v > 0 or v == -1, "> 0, or -1 (auto)"),
-    "seed": (lambda v: v >= 0, ">= 0"), "eval_every": (lambda v: v >= 0, ">= 0 (0: at the end only)"),
-    "drift_crops": (lambda v: v >= 0, ">= 0 (0 turns the diagnostics off)"),
-}
+    "ipc": AT_LEAST_1, "image_size": (lambda v: v == 0 or v >= 8, "0 (the images' own size) or >= 8"), "slc": AT_LEAST_1, "epochs": AT_LEAST_1,
+    "temperature": POSITIVE_OR_AUTO, "lr": POSITIVE_OR_AUTO, "eta": POSITIVE_OR_AUTO, "crop_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "soft_epochs": (lambda v: v >= 0 or v == -1, ">= 0 (at most --epochs), or -1 (auto)"), "hybrid_lambda": AT_LEAST_0,
+    "label_smoothing": (lambda v: 0 <= v < 1 or v == -1, "in [0, 1), or -1 (auto)"), "label_topk": AT_LEAST_0, "weight_decay": AT_LEAST_0,
+    "batch_size": (lambda v: v >= 2, ">= 2 (CutMix mixes the images of a batch)"), "seed": AT_LEAST_0, "eval_every": AT_LEAST_0,
+    "drift_crops": AT_LEAST_0}
 
 
 def check_flags(cfg: Config) -> None:
@@ -971,8 +968,8 @@ def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), st
         images = torch.from_file(str(path), shared=False, size=nbytes, dtype=torch.uint8).view(shape)  # copy-on-write map
     else:
         images = decode_into(torch.empty(shape, dtype=torch.uint8, device=device if storage == "device" else "cpu"), paths, size, center_crop)
-    log(f"validation: {len(paths):,} images of {root} decoded to {size} px uint8 in {time.time() - t0:.1f}s, "
-        f"kept {'on the device' if storage == 'device' else 'in host memory' if storage == 'memory' else f'in {path}'} ({nbytes / 1e9:.2f} GB)")
+    log(f"validation: {len(paths):,} images of {root}, {size} px, {time.time() - t0:.1f}s, "
+        f"{'on the device' if storage == 'device' else 'in host memory' if storage == 'memory' else f'in {path}'} ({nbytes / 1e9:.2f} GB)")
     return {"images": images, "labels": labels, "classes": val_classes, "storage": storage}
 
 
@@ -1086,8 +1083,7 @@ class TeacherEnsemble(nn.Module):
     def __init__(self, teachers: list, weights=None):
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
-        n = len(teachers)
-        self.weights = torch.tensor(weights, dtype=torch.float64).div(10).softmax(0).tolist() if weights else [1 / n] * n
+        self.weights = torch.tensor(weights, dtype=torch.float64).div(10).softmax(0).tolist() if weights else [1 / len(teachers)] * len(teachers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum(w * teacher(x).float() for w, teacher in zip(self.weights, self.teachers))
@@ -1285,7 +1281,7 @@ def read_checkpoint(path, settings: dict) -> dict:
 
 # ---------------------------------------------------------------------------- resolve
 def auto_soft_epochs(epochs: int, model: str) -> int:
-    """-1 = auto for --soft-epochs: 4/5 for the BatchNorm ConvNet-3s, the authors' half for the others (README: Flags)."""
+    """-1 = auto for --soft-epochs: 4/5 for the BatchNorm ConvNet-3s, the authors' half for the others (docs/flags.md)."""
     return epochs * 4 // 5 if model.startswith("convnet_bn") else epochs // 2
 
 
@@ -1474,13 +1470,13 @@ def check_teacher(plan, cfg: Config) -> dict:
     for who, model in [(f" of {spec}", m) for spec, m in members] + [(" of the ensemble" if members else "", teacher)]:
         check = teacher_check(model, plan.images, plan.labels, plan.val, plan.device, plan.teacher[3], rank=plan.rank,
                               world=plan.world, precision=cfg.precision)
-        figures = (f"agrees with the class labels of --data on {check['teacher_agreement']:.1f} % of the {len(plan.images)} images; "
-                   f"top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % on {check['teacher_check_val_images']:,}"
-                   f" of the {plan.val.get('count', len(plan.val['labels'])):,} --val images (chance {100 / len(plan.classes):.2f} %)")
+        figures = (f"agrees with the labels of --data on {check['teacher_agreement']:.1f} % of {len(plan.images)} images (chance "
+                   f"{100 / len(plan.classes):.2f} %);\n  on --val: top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % "
+                   f"on {check['teacher_check_val_images']:,} of {plan.val.get('count', len(plan.val['labels'])):,} images")
         plan.log(f"teacher check{who}: {figures}")
         bad = [what for what, key in (("--data", "teacher_agreement"), ("--val", "teacher_top1")) if check[key] < chance_floor(len(plan.classes))]
         if bad:
-            raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (it {figures}): classes pair by "
+            raise HaldError(f"the class order of {' and '.join(bad)} does not match the teacher's (it {figures.replace(chr(10), '')}): classes pair by "
                             f"sorted folder position, so name the folders in the teacher's order (or pass --no-check-teacher)")
     return check
 
@@ -1586,8 +1582,7 @@ def soft_labels(cfg: Config, plan, gens) -> tuple:
         if plan.rank == 0:  # for the reader, beside the fingerprint: the class names of the teacher and of --val
             save_cache(cache, packed, {**header, "teacher_classes": plan.teacher[2], "val_classes": plan.val["classes"]}, path)
     cache_bytes = path.stat().st_size if plan.rank == 0 else 0
-    plan.log(f"soft labels: {len(cache.probs)} ({cfg.slc} per class) in {cache_bytes:,} bytes = {cache_bytes / len(cache.probs):.0f} "
-             f"bytes/label")
+    plan.log(f"soft labels: {len(cache.probs)} ({cfg.slc} per class) in {cache_bytes:,} bytes, {cache_bytes / len(cache.probs):.0f} a label")
     return cache.to(plan.device), cache_bytes
 
 
@@ -1613,15 +1608,14 @@ def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False
     auto = given.label_smoothing == -1 or soft and given.temperature == -1
     rule = f"recipe {cfg.recipe}" if cfg.recipe != "none" else "auto" + ("" if C <= AUTO_MEASURED_CLASSES else ": the authors' values")
     lr_rule = ("auto" if cfg.recipe == "none" else f"recipe {cfg.recipe}") + ": " + auto_lr_eta(C, size, cfg.model, cfg.ipc, cfg.recipe)[2]
-    log(f"hald | torch {torch.__version__} | {plan.device} | {n} images of {size} px in {C} classes from {cfg.data}"
-        + (f" ({plan.layout})" if plan.layout else "") + f" | schedule {schedule} | " + (f"teacher {cfg.teacher} | " if soft else "")
-        + f"label smoothing {cfg.label_smoothing:g}" + (f", T {cfg.temperature:g}" if soft else "") + (f" ({rule})" if auto else "")
-        + f" | lr {cfg.lr:g}, eta {cfg.eta:g}" + (f" ({lr_rule})" if -1 in (given.lr, given.eta) else "")
-        + (f" | teacher mode {cfg.teacher_mode}" if soft else "")
-        + (f" | phase switch: AdamW {cfg.phase_switch}" if len(schedule) > 1 else ""))
+    log(f"hald | torch {torch.__version__} | {plan.device} | {n} images of {size} px in {C} classes" + (f" ({plan.layout})" * bool(plan.layout)))
+    log(f"  data {cfg.data}" + (f"\n  teacher {cfg.teacher} (BatchNorm mode {cfg.teacher_mode})" if soft else ""))
+    log(f"  schedule {' / '.join(f'{p} {k}' for p, k in schedule)}" + (f", AdamW {cfg.phase_switch} at each switch" if len(schedule) > 1 else "")
+        + f" | label smoothing {cfg.label_smoothing:g}" + (f", T {cfg.temperature:g}" if soft else "") + (f" ({rule})" if auto else ""))
+    log(f"  lr {cfg.lr:g}, eta {cfg.eta:g}" + (f" ({lr_rule})" if -1 in (given.lr, given.eta) else ""))
     if cfg.schedule == "shs" and not comparing and cfg.slc // cfg.ipc > (1 if cfg.phase_switch == "keep" else 4):
-        log(f"note: {cfg.slc // cfg.ipc} stored crops per image: HALD's lead over soft-only shrinks as stored crops grow (README: "
-            f"When HALD helps); --schedule \"shs soft\" trains both from one cache and compares them, --seeds 0,1,2 at three seeds")
+        log(f"note: {cfg.slc // cfg.ipc} stored crops per image: HALD's lead over soft-only shrinks as they grow (README: When HALD helps)")
+        log('  --schedule "shs soft" trains both from one cache and compares them, --seeds 0,1,2 at three seeds')
     cache, cache_bytes = soft_labels(cfg, plan, gens) if soft else (None, 0)
     model, net, opt = build_student(cfg, C, size, plan.device, world, log)
     phases = [phase for phase, count in schedule for _ in range(count)]
@@ -1642,8 +1636,7 @@ def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False
     model.train()
     started = time.time()
     for epoch in range(first, len(phases)):
-        t0 = time.time()
-        phase = begin_epoch(opt, epoch, phases, lr=cfg.lr, eta=cfg.eta, phase_switch=cfg.phase_switch)
+        phase, t0 = begin_epoch(opt, epoch, phases, lr=cfg.lr, eta=cfg.eta, phase_switch=cfg.phase_switch), time.time()
         loss = run_epoch(phase, net, opt, plan.images, plan.labels, C, gens, cache, pool, **epoch_settings, log=log, rank=rank,
                          world=world).item()
         if not math.isfinite(loss):  # can only fail here: from finite images, labels and weights (each checked), divergence
@@ -1671,7 +1664,9 @@ def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False
     drift = drift_report(teacher and teacher[0], model, plan.images, plan.labels, cfg.drift_crops, size, cfg.crop_scale, gens["drift"],
                          (teacher and teacher[3], stats)) if cfg.drift_crops else {}
     if drift:
-        log("drift: " + ", ".join(f"{k} {v:.4g}" for k, v in drift.items()))
+        log(f"drift on {drift['drift_images']} images: " + (f"teacher crop trace {drift['teacher_crop_trace_mean']:.3g} (median "
+            f"{drift['teacher_crop_trace_median']:.3g}), mismatch {drift['teacher_crop_mismatch']:.3g}; " if teacher else "")
+            + f"student two-crop JS {drift['student_crop_js_mean']:.3g}")
     if cfg.save_model:
         save_checkpoint(model, cfg.model, plan.classes, size, cfg.save_model, stats)
     seconds = time.time() - start + sum(row["seconds"] for row in history[:first])  # with the epochs of earlier starts
@@ -1687,8 +1682,8 @@ def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False
     budget = f" | SLC {cfg.slc} ({cfg.slc // cfg.ipc} per image)" if cache else ""
     plot_curves({cfg.schedule: [history]}, out / "curves.png", f"{cfg.schedule}: {' / '.join(f'{p} {k}' for p, k in schedule)}{budget} | "
                 f"final top-1 {top1:.2f} %", log)
-    log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | "
-        f"soft labels {cache_bytes:,} bytes | {seconds:.0f}s | outputs in {out}/")
+    log(f"final top-1 {top1:.2f}% (best {best[0]:.2f}% at epoch {best[1]}), top-5 {top5:.2f}% | soft labels {cache_bytes:,} bytes | "
+        f"{seconds:.0f}s\n  outputs in {out}/")
     return summary
 
 
@@ -1744,8 +1739,8 @@ def train_all(cfg: Config, log=print) -> list:
                  for i, (run, schedule) in enumerate(plan.runs)]
     if len(runs) > 1 and plan.rank == 0:  # the report
         schedules = list(dict.fromkeys(run.schedule for run in runs))
-        table = comparison(schedules, summaries)
-        save_atomic(json.dumps({"schedules": schedules, "seeds": list(dict.fromkeys(run.seed for run in runs)),
+        table, numbers = comparison(schedules, summaries)
+        save_atomic(json.dumps({"schedules": schedules, "seeds": list(dict.fromkeys(run.seed for run in runs)), "results": numbers,
                                 "summaries": [str(Path(r.out) / "summary.json") for r in runs], "table": table}, indent=2), out / "comparison.json")
         histories = [[json.loads(line) for line in (Path(r.out) / "metrics.jsonl").read_text().splitlines()] for r in runs]
         plot_curves({spec: histories[i::len(schedules)] for i, spec in enumerate(schedules)}, out / "comparison.png",
@@ -1759,10 +1754,15 @@ def spread(values: list[float], sign: str = "") -> str:
     return f"{values[0]:{sign}.2f}" if len(values) == 1 else f"{statistics.mean(values):{sign}.2f} +- {statistics.stdev(values):.2f}"
 
 
-def comparison(schedules: list[str], summaries: list[dict]) -> str:
-    """The text table of a comparison: each schedule's top-1 (over seeds: spread() and each seed's), paired difference, bytes, time."""
+def comparison(schedules: list[str], summaries: list[dict]) -> tuple:
+    """A comparison (summaries seed-major) -> its text table (top-1: spread() and each seed's; the paired difference, bytes, time)
+    and its numbers by schedule: each seed's top-1 and top-5, their mean, sample std (None for one seed) and n, and the paired
+    difference to the first schedule's top-1 (vs_first: mean, std, n)."""
     runs = {spec: summaries[i::len(schedules)] for i, spec in enumerate(schedules)}
     top1 = {spec: [s["final_top1"] for s in rows] for spec, rows in runs.items()}
+    over = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else None, "n": len(v)}  # noqa: E731
+    numbers = {spec: {"top1": top1[spec], "top5": [s["final_top5"] for s in rows], **over(top1[spec]),
+                      "vs_first": over([a - b for a, b in zip(top1[spec], top1[schedules[0]])])} for spec, rows in runs.items()}
     cfg, n = summaries[0]["config"], len(top1[schedules[0]])
     w = 16 if n > 1 else 8  # "mean +- std" or one value
     lines = [(f"comparison over {n} seeds, the schedules of each seed on its own" if n > 1 else "comparison on the same")
@@ -1774,7 +1774,7 @@ def comparison(schedules: list[str], summaries: list[dict]) -> str:
         each = "  " + ", ".join(f"{v:.2f}" for v in top1[spec]) if n > 1 else ""
         lines.append(f"  {spec:<24} {spread(top1[spec]):>{w}} {diff:>{w + 2}} {statistics.mean(s['best_top1'] for s in rows):>8.2f} "
                      f"{rows[0]['soft_label_bytes']:>12,} {statistics.mean(s['seconds'] for s in rows) / 60:>8.1f}{each}")
-    return "\n".join(lines)
+    return "\n".join(lines), numbers
 
 
 def plot_curves(runs: dict[str, list[list[dict]]], path: Path, title: str = "", log=print) -> None:

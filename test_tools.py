@@ -66,36 +66,197 @@ def test_recovered_set_trains_with_hald_and_passes_the_teacher_check(tmp_path):
     assert summary["drift"]["teacher_crop_trace_mean"] >= 0 and 0 <= summary["final_top1"] <= 100
 
 
-# ------------------------------------------------------------------------------ README
-def readme_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+# ------------------------------------------------------------------------------ README and docs/
+PAGES = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]  # the pages whose snippets a reader pastes
+
+
+def readme_blocks(language: str, pages=PAGES) -> list[tuple[Path, str]]:
+    return [(page, block) for page in pages for block in re.findall(rf"```{language}\n(.*?)```", page.read_text(), re.S)]
 
 
 def test_readme_python_blocks_run_as_pasted(monkeypatch):
+    """Every ```python block of README.md and docs/*.md runs as pasted, from the repository root."""
     blocks = readme_blocks("python")
-    assert blocks
+    assert any(page.name == "README.md" for page, _ in blocks)
     monkeypatch.chdir(HERE)
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+    for page, block in blocks:
+        exec(compile(block, str(page.relative_to(HERE)), "exec"), {})
 
 
 def test_readme_commands_name_flags_and_targets_that_exist():
+    """Every line of a ```bash block of README.md and docs/*.md that runs hald.py or tools/distill.py parses with its
+    parser, and every `make` line names targets of the Makefile."""
     sys.path.insert(0, str(HERE / "tools"))
     import distill
 
     targets = set(re.findall(r"^([\w-]+):", (HERE / "Makefile").read_text(), re.M))
-    checked = 0
-    for block in readme_blocks("bash"):
+    checked = {}
+    for page, block in readme_blocks("bash"):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             for script, parse in (("hald.py", hald.parse_config), ("tools/distill.py", distill.parse_args)):
                 if script in words:
                     parse(words[words.index(script) + 1:])  # argparse exits (SystemExit) on an unknown flag
-                    checked += 1
+                    checked[page.name] = checked.get(page.name, 0) + 1
             if words[:1] == ["make"]:
-                assert set(words[1:]) <= targets, line
-                checked += 1
-    assert checked >= 5
+                assert set(words[1:]) <= targets, f"{page.name}: {line}"
+                checked[page.name] = checked.get(page.name, 0) + 1
+    assert checked.get("README.md", 0) >= 5 and sum(checked.values()) >= 10, checked
+
+
+# ------------------------------------------------------------------------------ links and anchors
+LINKED = [HERE / "README.md", HERE / "RESULTS.md", *sorted((HERE / "docs").glob("*.md"))]  # the pages whose links are checked
+
+
+def without_fences(text: str) -> str:
+    """The text outside fenced code blocks (their lines stay, empty, so line numbers keep)."""
+    return re.sub(r"^ {0,3}(`{3,}|~{3,}).*?^ {0,3}\1[^\n]*$", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S | re.M)
+
+
+def github_anchors(text: str) -> set[str]:
+    """The #anchors GitHub gives a page's headings: the heading's text (links to their text, no emphasis or code marks)
+    lowercased, every character but letters, digits, spaces, - and _ removed, spaces to -; a repeated anchor gets -1, -2,
+    ... in order. Explicit <a name=...> / id=... anchors count too."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^ {0,3}#{1,6}[ \t]+(.*?)[ \t]*#*[ \t]*$", without_fences(text), re.M):
+        plain = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # [text](url) -> text
+        plain = re.sub(r"<[^>]+>", "", plain).replace("`", "").replace("*", "")
+        slug = re.sub(r"[^\w\- ]", "", plain.strip().lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors | set(re.findall(r"<a\s+(?:name|id)=\"([^\"]+)\"", text))
+
+
+def test_github_anchors_follow_githubs_rules():
+    text = "# Results\n## HALD across the phase switch: AdamW's state\n## `--recipe`\n## Results\n## Results\n```\n# not a heading\n```\n"
+    assert github_anchors(text) == {"results", "hald-across-the-phase-switch-adamws-state", "--recipe", "results-1", "results-2"}
+    assert github_anchors("## The teacher's mode at relabel: train or eval, on RDED-style images") == {
+        "the-teachers-mode-at-relabel-train-or-eval-on-rded-style-images"}
+    assert github_anchors("### [README, Flags](README.md#flags) and `make demo` (**200** classes)") == {"readme-flags-and-make-demo-200-classes"}
+
+
+def relative_links(text: str) -> list[str]:
+    """The targets of a page's [text](target) and ![alt](target) links outside code, but for web and mail addresses."""
+    prose = re.sub(r"`[^`\n]*`", "", without_fences(text))
+    targets = re.findall(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", prose)
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t, re.I)]  # https:, mailto:, ...
+
+
+def broken_links(pages=LINKED) -> list[str]:
+    from urllib.parse import unquote
+
+    broken = []
+    for page in pages:
+        for target in relative_links(page.read_text()):
+            path, _, anchor = target.partition("#")
+            file = (page.parent / unquote(path)).resolve() if path else page
+            shown = lambda f: f.relative_to(HERE) if f.is_relative_to(HERE) else f  # noqa: E731
+            where = f"{shown(page)}: {target}"
+            if not file.exists():
+                broken.append(f"{where} (no file {shown(file)})")
+            elif anchor and (file.suffix != ".md" or unquote(anchor) not in github_anchors(file.read_text())):
+                broken.append(f"{where} (no heading #{anchor} in {file.name})")
+    return broken
+
+
+def test_every_relative_link_and_anchor_resolves():
+    """Every relative link and #anchor of README.md, RESULTS.md and docs/*.md names a file that exists and a heading that
+    exists in it, by GitHub's anchor rules."""
+    assert sum(len(relative_links(page.read_text())) for page in LINKED) >= 50  # the links are found at all
+    assert not broken_links(), "\n".join(broken_links())
+
+
+def test_the_link_check_finds_a_broken_link_and_anchor(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Top\n\n[ok](#top), [gone](#nowhere), [file](missing.md), [there](page.md#top), `[code](#x)`\n")
+    found = broken_links([page])
+    assert len(found) == 2 and "#nowhere" in found[0] and "missing.md" in found[1]
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(HERE / target.partition("#")[0]).resolve() for target in relative_links((HERE / "README.md").read_text())}
+    assert not [page.name for page in (HERE / "docs").glob("*.md") if page.resolve() not in linked]
+
+
+def test_the_readmes_caveat_on_keep_is_the_measured_one_word_for_word():
+    """The README's caveat on --phase-switch keep is docs/when-hald-helps.md's sentence, as RESULTS.md measured it."""
+    words = lambda text: " ".join(text.split())  # noqa: E731
+    caveat = re.search(r"Keep was ahead of the reset in one place measured.*?of soft-only\.", words((HERE / "README.md").read_text()))
+    assert caveat and caveat.group(0) in words((HERE / "docs" / "when-hald-helps.md").read_text())
+    assert "by 1.6, 1.1 and 1.4 points" in words((HERE / "RESULTS.md").read_text())
+
+
+# ------------------------------------------------------------------------------ the README's figures
+# A figure: a number with a decimal point or a sign (33.8, +4.0, -0.8), with its spread when it has one (29.8 +- 1.7: matched
+# whole, so a mean cannot borrow another row's spread). Not figures: code (fenced blocks, `inline`), link addresses, and the
+# version and paper numbers that follow "arXiv" or "Python".
+FIGURE = re.compile(r"(?<![\w.+-])(?:\d+\.\d+|[+-]\d+(?:\.\d+)?)(?:[ \t]*\+-[ \t]*\d+\.\d+)?(?![\w.]*\d)")
+COMMAND = re.compile(r"```bash|`(?:python|make|torchrun) [^`]+`|^(?:python|make|torchrun) ", re.M)
+
+
+def quoted_figures(text: str) -> list[str]:
+    prose = re.sub(r"^```(?:python|bash|bibtex)\n.*?^```", "", text, flags=re.S | re.M)  # code; output blocks are quoted figures
+    prose = re.sub(r"\]\([^)]*\)", "]", re.sub(r"`[^`\n]*`", "", prose))
+    return [m.group(0) for m in FIGURE.finditer(prose) if not re.search(r"(?:arXiv|Python)\s*$", prose[:m.start()])]
+
+
+def paragraphs(text: str) -> list[str]:
+    """A page cut at its blank lines, a fenced block kept whole."""
+    blocks, lines, fence = [], [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        if line.strip() or fence:
+            lines.append(line)
+        elif lines:
+            blocks.append("\n".join(lines)), lines.clear()
+    return blocks + ["\n".join(lines)] * bool(lines)
+
+
+def figure_sources() -> list[str]:
+    """The texts a README figure may come from: RESULTS.md, every committed text file under results/, and the blocks of a
+    docs/ page that state a figure with its command (the block, or the one before it, runs python, make or torchrun)."""
+    try:
+        committed = subprocess.run(["git", "ls-files", "-z", "results"], cwd=HERE, capture_output=True, text=True, check=True).stdout
+        files = [HERE / name for name in committed.split("\0") if name]
+    except (OSError, subprocess.CalledProcessError):  # not a checkout: what is there
+        files = [p for p in (HERE / "results").rglob("*") if p.is_file()]
+    texts = [(HERE / "RESULTS.md").read_text()]
+    for file in files:
+        try:
+            texts.append(file.read_text())
+        except (UnicodeDecodeError, FileNotFoundError):  # pictures, weights
+            pass
+    for page in sorted((HERE / "docs").glob("*.md")):
+        blocks = paragraphs(page.read_text())
+        texts += [block for before, block in zip([""] + blocks, blocks) if COMMAND.search(before) or COMMAND.search(block)]
+    return texts
+
+
+def unsupported_figures(text: str, sources: list[str]) -> list[str]:
+    def stated(figure: str, source: str) -> bool:
+        body = r"\s*\+-\s*".join(re.escape(part.strip()) for part in figure.split("+-"))
+        return re.search(rf"(?<![\w.]){body}(?!\d|\.\d)", source) is not None  # a sign stays: +4.0 is not found as 4.0
+
+    return sorted({f for f in quoted_figures(text) if not any(stated(f, source) for source in sources)})
+
+
+def test_every_figure_the_readme_quotes_is_in_results_or_a_docs_page_with_its_command():
+    readme = (HERE / "README.md").read_text()
+    sources = figure_sources()
+    assert len(quoted_figures(readme)) >= 40  # the table's figures are read at all
+    assert unsupported_figures(readme, sources) == [], "figures in README.md found in none of RESULTS.md, results/, docs/"
+
+
+def test_the_figure_check_refuses_a_made_up_figure():
+    """A made-up signed difference and a made-up mean +- std are caught, and so is a real mean given a spread that is not
+    its own (0.3 exists elsewhere, 33.8 +- 0.3 nowhere); a number in code is not a quoted figure."""
+    readme, sources = (HERE / "README.md").read_text(), figure_sources()
+    found = set(unsupported_figures(readme, sources))
+    added = lambda text: set(unsupported_figures(text, sources)) - found  # noqa: E731
+    assert "33.8 +- 1.7" in readme and added(readme.replace("33.8 +- 1.7", "33.8 +- 0.3", 1)) == {"33.8 +- 0.3"}
+    assert added(readme + "\nHALD gained +17.35 points (61.73 +- 0.04 %).\n") == {"+17.35", "61.73 +- 0.04"}
+    assert added(readme + "\n`--lr 0.123456` and\n```python\nx = 98.7654\n```\n") == set()
 
 
 def test_the_phase_switch_table_pairs_each_treatment_with_soft_only_by_seed():

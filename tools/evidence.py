@@ -30,7 +30,7 @@ KEPT = ROOT / "results" / "cifar10" / "runs"
 
 # (row label, extra hald.py arguments); every row runs at each crops-per-image value s.
 # Settings are pinned where the defaults have moved since a row was measured (T 20 and label
-# smoothing 0.8 were the defaults of the main table), so every row reproduces its README figure.
+# smoothing 0.8 were the defaults of the main table), so every row reproduces its figure in docs/results.md.
 T20, LS08 = ["--temperature", "20"], ["--label-smoothing", "0.8"]
 T4, LS01 = ["--temperature", "4"], ["--label-smoothing", "0.1"]
 GROUPS = {

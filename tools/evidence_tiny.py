@@ -70,6 +70,8 @@ ROWS = [
     # the reset (hald.py's default since issue 35) for the two other students of s = 1
     ("HALD, soft 120 / hard 60 / soft 120, AdamW reset at each switch, width 128", [*RESET, "--model", "convnet_bn"], 1, 3),
     ("instance norm: HALD, authors' split, AdamW reset at each switch", [*HALD, *IN, "--phase-switch", "reset"], 1, 2),
+    # issue 45's candidate t2 where keep was ahead of the reset: AdamW's state kept, the soft loss scaled by T^2
+    ("HALD, soft 120 / hard 60 / soft 120, t2 (AdamW kept, soft loss x T^2)", [*SHORT, "--phase-switch", "t2"], 1, 3),
 ]
 
 
