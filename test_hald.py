@@ -1056,6 +1056,13 @@ def test_hald_alone_beyond_four_stored_crops_per_image_suggests_the_comparison(t
         assert "stored crops per image:" not in capsys.readouterr().out  # comparing already, or one crop per image
 
 
+def documented_fields(heading: str) -> set:
+    """The names docs/outputs.md lists in the first column of the table under `heading` (a file's fields)."""
+    text = (HERE / "docs" / "outputs.md").read_text()
+    section = text[text.index(heading):].split("\n## ")[0]
+    return {name for line in section.splitlines() if line.startswith("| `") for name in re.findall(r"`(\w+)`", line.split("|")[1])}
+
+
 def test_seeds_train_every_schedule_at_every_seed_and_report_mean_and_spread(tiny, tmp_path, capsys):
     """--seeds 0,1 with two schedules: four runs in OUT/seed<k>/<schedule>/, each seed's schedules from its own cache, each
     run the run --seed k gives alone; the table's mean +- std, paired difference and per-seed values are the summaries'.
@@ -1082,6 +1089,8 @@ def test_seeds_train_every_schedule_at_every_seed_and_report_mean_and_spread(tin
         assert got["top1"] == values and got["n"] == 2 and math.isclose(got["mean"], statistics.mean(values))
         assert math.isclose(got["std"], statistics.stdev(values)) and len(got["top5"]) == 2
     assert math.isclose(compared["results"]["soft"]["vs_first"]["mean"], statistics.mean(diffs))
+    summary = json.loads((out / "seed0" / "shs" / "summary.json").read_text())  # docs/outputs.md lists every field, and only those
+    assert documented_fields("## `summary.json`") == set(summary) and documented_fields("## `comparison.json`") == set(compared)
     assert math.isclose(compared["results"]["soft"]["vs_first"]["std"], statistics.stdev(diffs))
     assert hald.main(tiny_args(tiny, tmp_path / "alone", "--schedule", "shs", "--soft-epochs", "2", "--seed", "1")) == 0
     assert json.loads((tmp_path / "alone" / "summary.json").read_text())["final_top1"] == top1[1, "shs"]  # the same run
