@@ -775,10 +775,10 @@ def check_target(path, flag: str, folder: bool = False) -> Path:
     """Output targets (--out, run folders, --cache, --save-model), probed without a write: the right kind, a writable folder."""
     path = Path(path)
     try:
-        kind, above = path.exists() and path.is_dir(), next(p for p in (path.parent, *path.parents) if p.exists())
+        exists, above = path.exists(), next(p for p in (path.parent, *path.parents) if p.exists())
     except OSError as e:  # a name too long for the file system, ...
         raise HaldError(f"cannot use {flag} {path} ({e.strerror or e}): choose another {flag}") from None
-    if path.exists() and kind != folder:
+    if exists and path.is_dir() != folder:
         raise HaldError(f"{flag} {path} is a {'file' if folder else 'folder'}: give " + ("a folder (it is created if missing)" if folder
                         else "a file name"))
     if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
@@ -1229,7 +1229,7 @@ def load_cache(path, header: dict) -> SoftLabelCache:
     if stored.get("format") != CACHE_FORMAT or any(k not in blob for k in CACHE_TENSORS):
         raise HaldError(f"{path} is not a hald soft-label cache: delete it or pass another --cache")
     if stored.get("fingerprint") != header["fingerprint"]:
-        changed = settings_differ({k: stored.get(k) for k in header if k != "fingerprint"}, {k: v for k, v in header.items() if k != "fingerprint"})
+        changed = [k for k in settings_differ(stored, header) if k in header and k != "fingerprint"]  # not the names it adds
         raise HaldError(f"cache {path} was made for other settings ({', '.join(changed) or 'images'} differ): "
                         f"pass --rebuild-cache to replace it, or another --cache path")
     t = {k: blob[k] for k in CACHE_TENSORS}
@@ -1324,15 +1324,15 @@ def with_demo_defaults(cfg: Config) -> Config:
     return cfg
 
 
-def check_out(cfg: Config) -> None:
-    """Where a run writes: --out (no earlier run in it unless told), --cache and --save-model (files of their own)."""
+def check_out(cfg: Config, replacing: bool = False) -> None:
+    """Where a run writes: --out (no earlier run unless told, or the demo the claim replaces), --cache, --save-model."""
     out = check_target(cfg.out, "--out", folder=True)
     own = {out.resolve(), *((out / name).resolve() for name in RUN_FILES)}
     for path, flag in ((cfg.cache, "--cache"), (cfg.save_model, "--save-model")):  # and --save-model is not the cache
         if path and (check_target(path, flag).resolve() in own or (out / ".lock").resolve() in Path(path).resolve().parents):
             raise HaldError(f"{flag} {path} is --out, or a file hald.py writes there: give another name")
         own.add(Path(cfg.cache or out / "soft_labels.pt").resolve())
-    if cfg.overwrite or cfg.resume:
+    if cfg.overwrite or cfg.resume or replacing:
         return
     if (out / "summary.json").exists():
         raise HaldError(f"--out {out} holds a finished run (summary.json): pass --overwrite to replace it, or another --out")
@@ -1437,7 +1437,7 @@ def resolve(cfg: Config, log=print) -> SimpleNamespace:
                                       out=str(folder / re.sub(r"[^\w.-]+", "-", spec) if len(schedules) > 1 else folder))
             schedule = build_schedule(spec, run.epochs, run.soft_epochs, run.slc // run.ipc)
             check_run(run, schedule, world)
-            check_out(dataclasses.replace(run, overwrite=True) if replace_demo else run)  # the earlier demo goes at the claim
+            check_out(run, replacing=replace_demo)
             if run.resume and seen_alike(checkpoint := Path(run.out) / "checkpoint.pt", device, world):
                 read_checkpoint(checkpoint, run_settings(run))
             elif run.resume:
@@ -1454,7 +1454,8 @@ def resolve(cfg: Config, log=print) -> SimpleNamespace:
     val = load_val(cfg.val, classes, images.shape[-1], device, cfg.val_storage, None, log)  # too large for memory: a sample
     plan = SimpleNamespace(given=given, runs=runs, device=device, rank=rank, world=world, images=images.to(device), labels=labels.to(device),
                            classes=classes, layout=tensors[3] if tensors else "", teacher=teacher and (teacher[0].to(device).eval(), *teacher[1:]),
-                           val=val, check={}, caches={}, replace_demo=replace_demo, log=log)
+                           val=val, check={}, caches={}, replace_demo=replace_demo, log=log,
+                           images_sha256=tensors_digest({"images": images, "labels": labels}) if soft else "")  # hashed once, for every cache
     plan.check = check_teacher(plan, cfg) if teacher and cfg.check_teacher else {}
     for run, schedule in runs:
         path = Path(run.cache or Path(run.out) / "soft_labels.pt")
@@ -1532,13 +1533,12 @@ def make_generators(seed: int) -> dict[str, torch.Generator]:
 
 def cache_header_of(cfg: Config, plan) -> dict:
     """The settings a run's soft labels depend on (cache_header), with the teacher's identity and the images' digest."""
-    stats = plan.teacher[3]
     return cache_header(classes=plan.classes, num_images=len(plan.images), ipc=cfg.ipc, slc=cfg.slc, passes=cfg.slc // cfg.ipc,
                         image_size=plan.images.shape[-1], batch_size=cfg.batch_size, temperature=cfg.temperature, teacher=plan.teacher[1],
                         teacher_mode=cfg.teacher_mode, crop_scale=cfg.crop_scale, crop_ratio=[3 / 4, 4 / 3], cutmix=cfg.cutmix,
-                        seed=cfg.seed, values="probs", images_sha256=tensors_digest({"images": plan.images, "labels": plan.labels}),
+                        seed=cfg.seed, values="probs", images_sha256=plan.images_sha256,
                         label_topk=cfg.label_topk, label_bits=cfg.label_bits,
-                        **({"teacher_mean_std": stats} if stats != NORMALIZATIONS["imagenet"] else {}))
+                        **({"teacher_mean_std": plan.teacher[3]} if plan.teacher[3] != NORMALIZATIONS["imagenet"] else {}))
 
 
 class GraphedForward:

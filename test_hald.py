@@ -1544,13 +1544,19 @@ def readme_copy_table() -> dict:
     return rows
 
 
+def globals_used(code) -> set:
+    """The global names a compiled piece of code (and every function inside it) loads."""
+    import dis
+
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    return names.union(*(globals_used(c) for c in code.co_consts if hasattr(c, "co_code")))
+
+
 def lift(names: list, imports: list):
     """The named top-level definitions taken out of hald.py's source as text, executed in a fresh namespace that holds
     only the import statements given (each one of hald.py's: the standard library and torch) and them; returns the
     namespace, their line count and the import statements of hald.py's that they use."""
-    import ast
     import builtins
-    import dis
 
     source = (HERE / "hald.py").read_text()
     tree = ast.parse(source)
@@ -1572,10 +1578,6 @@ def lift(names: list, imports: list):
     assert all(m.split(".")[0] in sys.stdlib_module_names | {"torch"} for m in re.findall(r"^(?:from|import) ([\w.]+)", "\n".join(imports), re.M))
     namespace = {"__name__": "pasted"}
     exec(compile("\n".join(imports) + "\n\n" + pasted, "pasted.py", "exec"), namespace)  # no `from __future__ import annotations`
-
-    def globals_used(code):
-        names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
-        return names.union(*(globals_used(c) for c in code.co_consts if hasattr(c, "co_code")))
 
     used = globals_used(compile(pasted, "pasted.py", "exec"))
     missing = used - set(namespace) - set(dir(builtins))
@@ -1677,7 +1679,6 @@ def test_part_one_alone_is_the_whole_method_and_runs_the_copy_table_examples(tmp
     """Part I of hald.py, lifted alone under hald.py's imports (the standard library and torch), needs no name of Part II
     (no file reading, no Config, no CLI), stays within 600 lines, and runs every copy-table example but the cache file's."""
     import builtins
-    import dis
 
     source = (HERE / "hald.py").read_text()
     start, end = source.index("\n", source.index("Part I: the method")), source.index("# ====", source.index("Part I: the method"))
@@ -1686,10 +1687,6 @@ def test_part_one_alone_is_the_whole_method_and_runs_the_copy_table_examples(tmp
     imports = "\n".join(line for line in source[:start].splitlines() if line.startswith(("import ", "from ")))
     namespace = {"__name__": "part_one"}
     exec(compile(imports + "\n" + part, "part_one.py", "exec"), namespace)
-
-    def globals_used(code):
-        names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
-        return names.union(*(globals_used(c) for c in code.co_consts if hasattr(c, "co_code")))
 
     assert not globals_used(compile(part, "part_one.py", "exec")) - set(namespace) - set(dir(builtins))
     tree = ast.parse(part)  # no file, no Config, no command line: tensors in, tensors out (log=print: a progress callback)
