@@ -364,12 +364,16 @@ def lr_at(epoch: int, lr: float, epochs: int, eta: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * epoch / (epochs * eta)))
 
 
+WARMUP_STEPS = 100  # "warmup": AdamW's first steps on an empty state are its largest (bias correction from one gradient)
+
+
 def begin_epoch(opt, epoch: int, phases: list, *, lr: float, eta: float, phase_switch: str = "reset") -> str:
-    """Start epoch `epoch` of `phases` (a phase name per epoch): its LR (lr_at) and, at a phase switch with "reset", AdamW's
-    state cleared, so that one phase's gradient sizes do not set the next one's steps ("keep", "t2": the authors'). -> phase."""
+    """Start epoch `epoch` of `phases` (a phase name per epoch): its LR (lr_at) and, at a phase switch with "reset" or "warmup",
+    AdamW's state cleared, so that one phase's gradient sizes do not set the next one's steps ("keep", "t2": the authors').
+    With "warmup" run_epoch then ramps the LR up over AdamW's first WARMUP_STEPS steps (run_epoch(warmup=)). -> phase."""
     for group in opt.param_groups:
         group["lr"] = lr_at(epoch, lr, len(phases), eta)
-    if epoch and phases[epoch] != phases[epoch - 1] and phase_switch == "reset":
+    if epoch and phases[epoch] != phases[epoch - 1] and phase_switch in ("reset", "warmup"):
         opt.state.clear()
     return phases[epoch]
 
@@ -444,11 +448,12 @@ def draw_soft_batches(pool: list[int], count: int, num_stored: int, gen: torch.G
 def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict, cache=None, pool=None, *,
               batch_size: int = 16, size: int = 0, temperature: float = 20.0, smoothing: float = 0.8, crop_scale: float = 0.08,
               cutmix: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, hybrid_lambda: float = 1.0, hybrid_crops: str = "fresh",
-              t2: bool = False, precision: str = "bf16", log=print, rank: int = 0, world: int = 1) -> torch.Tensor:
+              t2: bool = False, warmup: int = 0, precision: str = "bf16", log=print, rank: int = 0, world: int = 1) -> torch.Tensor:
     """One pass over the images in the soft, hard or hybrid phase -> the mean loss (0-dim). soft: stored batches of `cache`
     with their teacher labels, drawn from `pool` (a list kept across epochs, [] at first); hard: fresh crops + CutMix, smoothed
     targets; hybrid: both, the hard term on fresh or stored crops. images (N, 3, H, W) uint8 or float in [0, 1], labels (N,);
-    gens: CPU generators "pool" and "hard". Under torchrun every rank draws the global batch and trains on its slice."""
+    gens: CPU generators "pool" and "hard"; warmup: the LR ramps linearly over AdamW's first `warmup` steps of an empty state
+    (its own step count: the start, and a switch that cleared it). Under torchrun every rank draws the global batch, trains its slice."""
     if phase not in ("soft", "hard", "hybrid"):
         raise HaldError(f"phase must be soft, hard or hybrid, got {phase!r}")
     if phase != "hard" and (cache is None or pool is None):
@@ -470,7 +475,7 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
         boxes, flips = sample_crops(steps * B, H, W, gens["hard"], scale=(crop_scale, 1.0))
         boxes, flips = boxes.to(device), flips.to(device)
         cuts = sample_cutmix_boxes(steps, size, size, gens["hard"]).to(device) if cutmix else [None] * steps
-    total, shown = torch.zeros((), device=device), time.time()
+    total, shown, base_lr = torch.zeros((), device=device), time.time(), [group["lr"] for group in opt.param_groups]
     for k in range(steps):
         if time.time() - shown > 30:  # long epochs (a teacher on a full training set) show progress
             log(f"  {phase} step {k}/{steps}")
@@ -503,6 +508,8 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
             loss = loss * (world * len(x_soft if x_soft is not None else x_hard) / len(index))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group, lr in zip(opt.param_groups, base_lr) if warmup else ():
+            group["lr"] = lr * min(1.0, (float(opt.state.get(group["params"][0], {}).get("step", 0)) + 1) / warmup)
         opt.step()
         total += loss.detach()
     if world > 1:
@@ -619,8 +626,8 @@ class Config:
     hybrid_lambda: float = arg(1.0, "weight of the hard term in the static hybrid L = L_soft + lambda * L_hard")
     hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
-    phase_switch: str = arg("reset", "AdamW across a soft <-> hard switch: reset (state cleared), keep (the authors'), or t2 (kept; "
-                            "the soft loss x T^2); README: When HALD helps", ("reset", "keep", "t2"))
+    phase_switch: str = arg("reset", "AdamW across a soft <-> hard switch: reset (state cleared), keep (the authors'), t2 (kept; the "
+                            "soft loss x T^2) or warmup (reset, the LR ramped over 100 steps); README: When HALD helps", ("reset", "keep", "t2", "warmup"))
     # optimisation
     batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
     lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (docs/flags.md)")
@@ -1621,7 +1628,8 @@ def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False
     phases = [phase for phase, count in schedule for _ in range(count)]
     epoch_settings = dict(batch_size=cfg.batch_size, size=size, temperature=cfg.temperature, smoothing=cfg.label_smoothing,
                           crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, mean=stats[0], std=stats[1], hybrid_lambda=cfg.hybrid_lambda,
-                          hybrid_crops=cfg.hybrid_crops, t2=cfg.hybrid_t2 or cfg.phase_switch == "t2", precision=cfg.precision)
+                          hybrid_crops=cfg.hybrid_crops, t2=cfg.hybrid_t2 or cfg.phase_switch == "t2", precision=cfg.precision,
+                          warmup=WARMUP_STEPS if cfg.phase_switch == "warmup" else 0)
     settings, pool, history, first = run_settings(cfg), [], [], 0
     runaway = 10 * math.log(max(C, 2)) * (cfg.temperature**2 if epoch_settings["t2"] else 1) * (1 + cfg.hybrid_lambda)
     if cfg.resume and seen_alike(out / "checkpoint.pt", plan.device, world):

@@ -1966,21 +1966,38 @@ def test_the_cache_checks_its_images_and_keeps_its_statistics():
         cache.batch(0, images[:9])
 
 
-@pytest.mark.parametrize("switch", ["keep", "reset", "t2"])
+@pytest.mark.parametrize("switch", ["keep", "reset", "t2", "warmup"])
 def test_phase_switch_does_what_it_says(tiny, tmp_path, monkeypatch, switch):
-    """--phase-switch: AdamW's state at the start of each epoch (reset: empty at each switch only) and the soft loss's
-    T^2 factor (t2: in the soft phases only); keep is the authors' (state carried, no factor)."""
+    """--phase-switch: AdamW's state at the start of each epoch (reset and warmup: empty at each switch only), the soft
+    loss's T^2 factor (t2: in the soft phases only) and the LR warm-up (warmup: WARMUP_STEPS); keep is the authors'."""
     seen, run_epoch = [], hald.run_epoch
 
     def recording(phase, net, opt, *args, **kwargs):
-        seen.append((phase, len(opt.state), kwargs["t2"]))
+        seen.append((phase, len(opt.state), kwargs["t2"], kwargs["warmup"]))
         return run_epoch(phase, net, opt, *args, **kwargs)
 
     monkeypatch.setattr(hald, "run_epoch", recording)
     assert hald.main(tiny_args(tiny, tmp_path, "--schedule", "soft:2,hard:2,soft:2", "--epochs", "6", "--phase-switch", switch)) == 0
-    assert [phase for phase, _, _ in seen] == ["soft"] * 2 + ["hard"] * 2 + ["soft"] * 2
-    assert [state > 0 for _, state, _ in seen] == [False, True] + ([False, True] * 2 if switch == "reset" else [True] * 4)
-    assert [t2 for _, _, t2 in seen] == [switch == "t2"] * 6
+    assert [phase for phase, *_ in seen] == ["soft"] * 2 + ["hard"] * 2 + ["soft"] * 2
+    assert [s[1] > 0 for s in seen] == [False, True] + ([False, True] * 2 if switch in ("reset", "warmup") else [True] * 4)
+    assert [s[2:] for s in seen] == [(switch == "t2", hald.WARMUP_STEPS * (switch == "warmup"))] * 6
+
+
+def test_warmup_ramps_the_lr_over_adamws_first_steps_of_an_empty_state():
+    """run_epoch(warmup=W): step k (1-based) of an empty AdamW state at k / W of the epoch's LR, then the LR itself; after
+    begin_epoch clears the state at a switch the ramp starts again; warmup 0 leaves the LR alone."""
+    torch.manual_seed(0)
+    images, labels, gens = torch.rand(12, 3, 8, 8), torch.arange(12) % 3, {"pool": torch.Generator(), "hard": torch.Generator()}
+    net = hald.convnet(3, 8, width=4, depth=1)
+    opt, used = torch.optim.AdamW(net.parameters(), lr=1.0), []
+    opt.register_step_pre_hook(lambda o, *_: used.append(o.param_groups[0]["lr"]))
+    phases = ["hard"] * 2 + ["soft"] + ["hard"] * 2  # 3 steps an epoch (12 images, batch 4)
+    cache = hald.SoftLabelCache.build(net, images, size=8, crops_per_image=1, batch_size=4, temperature=4.0, gen=torch.Generator())
+    for epoch in range(5):
+        phase = hald.begin_epoch(opt, epoch, phases, lr=1.0, eta=1e9, phase_switch="warmup")  # eta 1e9: the LR stays 1.0
+        hald.run_epoch(phase, net, opt, images, labels, 3, gens, cache, [], batch_size=4, temperature=4.0, warmup=0 if epoch == 3 else 4)
+    ramp = [1 / 4, 2 / 4, 3 / 4, 1, 1, 1]
+    assert used == pytest.approx(ramp + ramp[:3] + [1.0] * 6)  # the soft epoch starts again; epoch 4 (warmup 0) does not
 
 
 @pytest.mark.parametrize("name", ["SIGHUP", "SIGUSR1", "SIGXCPU"])

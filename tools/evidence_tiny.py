@@ -72,6 +72,8 @@ ROWS = [
     ("instance norm: HALD, authors' split, AdamW reset at each switch", [*HALD, *IN, "--phase-switch", "reset"], 1, 2),
     # issue 45's candidate t2 where keep was ahead of the reset: AdamW's state kept, the soft loss scaled by T^2
     ("HALD, soft 120 / hard 60 / soft 120, t2 (AdamW kept, soft loss x T^2)", [*SHORT, "--phase-switch", "t2"], 1, 3),
+    # issue 45's candidate warmup: the reset, then the LR ramped over AdamW's first 100 steps after each switch
+    ("HALD, soft 120 / hard 60 / soft 120, warmup (AdamW reset, LR ramped over 100 steps)", [*SHORT, "--phase-switch", "warmup"], 1, 3),
     # issue 45's item 1: the default width-128 student at the paper's budget, s = 10 (one seed each, about two hours)
     ("HALD, soft 120 / hard 60 / soft 120, AdamW reset at each switch, width 128", [*RESET, "--model", "convnet_bn"], 10, 1),
     ("HALD, soft 120 / hard 60 / soft 120, width 128", [*SHORT, "--model", "convnet_bn"], 10, 1),
