@@ -37,7 +37,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -364,13 +363,9 @@ def lr_at(epoch: int, lr: float, epochs: int, eta: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * epoch / (epochs * eta)))
 
 
-WARMUP_STEPS = 100  # "warmup": AdamW's first steps on an empty state are its largest (bias correction from one gradient)
-
-
 def begin_epoch(opt, epoch: int, phases: list, *, lr: float, eta: float, phase_switch: str = "reset") -> str:
     """Start epoch `epoch` of `phases` (a phase name per epoch): its LR (lr_at) and, at a phase switch with "reset" or "warmup",
-    AdamW's state cleared, so that one phase's gradient sizes do not set the next one's steps ("keep", "t2": the authors').
-    With "warmup" run_epoch then ramps the LR up over AdamW's first WARMUP_STEPS steps (run_epoch(warmup=)). -> phase."""
+    AdamW's state cleared, so that one phase's gradient sizes do not set the next one's steps (keep, t2: the authors'). -> phase."""
     for group in opt.param_groups:
         group["lr"] = lr_at(epoch, lr, len(phases), eta)
     if epoch and phases[epoch] != phases[epoch - 1] and phase_switch in ("reset", "warmup"):
@@ -581,17 +576,16 @@ CHECKPOINT_KEYS = ("run", "epoch", "model", "optimizer", "pool", "history", "gen
 
 # ----------------------------------------------------------------------------- config
 def arg(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
-GROUPS = {"data": "data", "teacher": "soft labels", "model": "student and schedule", "batch_size": "optimisation", "seed": "run"}
+GROUPS = {"data": "data", "teacher": "soft labels", "model": "student and schedule", "batch_size": "optimisation", "seed": "run"}  # each from its first field
 # `python hald.py` with no --data: the bundled CIFAR-10 demo, HALD against soft-only from one cache, 1 crop per image.
 DEMO_FLAGS = {"schedule": "shs soft", "slc": 10, "epochs": 200}
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    # data
     data: str = arg("", "ImageFolder of the distilled images or a tensor file (DC / DM's res_*.pt, MTT's images_best.pt); none: the demo")
     labels: str = arg("", "labels of a --data tensor file of images only; default: its name with images -> labels (MTT's labels_best.pt)")
     val: str = arg("", "ImageFolder of real validation images, classes paired with --data's by sorted position; required with --data")
@@ -600,7 +594,6 @@ class Config:
     normalize: str = arg("imagenet", "mean and std of the student's inputs, a tensor --data and a teacher file without its own: "
                          "imagenet, cifar10 (DC / MTT's), cifar100, none, or m1,m2,m3,s1,s2,s3")
     val_storage: str = arg("auto", "where decoded --val images are kept; auto: the GPU, memory or a file", ("auto", "device", "memory", "file"))
-    # soft labels
     teacher: str = arg("", "hald.py checkpoint, weights with --teacher-arch, or a torchvision ImageNet name[:weights] (resnet18, "
                        "resnet50:IMAGENET1K_V2; no tag: the authors' IMAGENET1K_V1); several, comma-separated: an ensemble")
     teacher_weights: str = arg("", "one weight per --teacher of an ensemble (logits summed with softmax(w / 10)); none: 1/n each")
@@ -615,7 +608,6 @@ class Config:
     label_bits: int = arg(16, "precision of stored probabilities: 16 (fp16) or 8 (per-label min-max codes)", (16, 8))
     cache: str = arg("", "soft-label cache file; default OUT/soft_labels.pt; reused when its fingerprint matches")
     rebuild_cache: bool = arg(False, "rebuild the cache when it exists but was made for other settings")
-    # student and schedule
     model: str = arg("convnet_bn", "student: convnet_bn (ConvNet-3, BatchNorm), convnet (instance norm), a width and depth such as "
                      "convnet_bn64_d4, resnet18 (CIFAR stem <= 64 px) or a torchvision name")
     schedule: str = arg("shs", "shs (HALD), soft, hard, hybrid, hs, sh, hsh, alt-hard-n, alt-soft-2n, ..., or phase:epochs,...; "
@@ -627,15 +619,14 @@ class Config:
     hybrid_crops: str = arg("fresh", "hard term of the hybrid on fresh crops (+CutMix) of the same images, or on the stored crops", ("fresh", "stored"))
     hybrid_t2: bool = arg(False, "multiply the hybrid's soft term by T^2 (Hinton's scaling; off in the authors' code)")
     phase_switch: str = arg("reset", "AdamW across a soft <-> hard switch: reset (state cleared), keep (the authors'), t2 (kept; the "
-                            "soft loss x T^2) or warmup (reset, the LR ramped over 100 steps); README: When HALD helps", ("reset", "keep", "t2", "warmup"))
-    # optimisation
+                            "soft loss x T^2) or warmup (reset, the LR ramped over --warmup-steps); README: When HALD helps", ("reset", "keep", "t2", "warmup"))
+    warmup_steps: int = arg(100, "--phase-switch warmup: AdamW's first steps after each switch, over which the LR ramps up linearly")
     batch_size: int = arg(16, "images per step, over all processes under torchrun (relabel batches have the same size)")
     lr: float = arg(-1.0, "AdamW learning rate; -1 = auto: the authors' for their dataset, student and IPC, else 1e-3 (docs/flags.md)")
     weight_decay: float = arg(0.01, "AdamW weight decay, applied to weights with ndim > 1 only")
     eta: float = arg(-1.0, "cosine LR stretch: lr * 0.5 * (1 + cos(pi * e / (epochs * eta))); -1 = auto, as for --lr")
     recipe: str = arg("none", "the authors' recipe for their dataset (--data must have its classes): its --normalize, smoothing 0.8, "
                       "T 20, --lr and --eta, each unless given", ("none", *RECIPES))
-    # run
     seed: int = arg(0, "one seed for crops, CutMix, soft-batch order and weights")
     seeds: str = arg("", "several seeds (0,1,2): every schedule at every seed into OUT/seed<k>/, then mean +- std; each seed stores its "
                      "own crops (the spread includes which), shared by its schedules (their differences are paired)")
@@ -683,7 +674,7 @@ FLAG_RANGES = {
     "soft_epochs": (lambda v: v >= 0 or v == -1, ">= 0 (at most --epochs), or -1 (auto)"), "hybrid_lambda": AT_LEAST_0,
     "label_smoothing": (lambda v: 0 <= v < 1 or v == -1, "in [0, 1), or -1 (auto)"), "label_topk": AT_LEAST_0, "weight_decay": AT_LEAST_0,
     "batch_size": (lambda v: v >= 2, ">= 2 (CutMix mixes the images of a batch)"), "seed": AT_LEAST_0, "eval_every": AT_LEAST_0,
-    "drift_crops": AT_LEAST_0}
+    "drift_crops": AT_LEAST_0, "warmup_steps": AT_LEAST_1}
 
 
 def check_flags(cfg: Config) -> None:
@@ -849,10 +840,14 @@ def decode_image(path: Path, size: int, center_crop: bool = False) -> torch.Tens
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.size[1], image.size[0], 3).permute(2, 0, 1)
 
 
-def decode_images(paths, size: int, center_crop: bool = False) -> torch.Tensor:
-    """Decode many images in threads (PIL releases the GIL) into one uint8 (N, 3, size, size)."""
+def decode_images(paths, size: int, center_crop: bool = False, out=None, chunk: int = 1024) -> torch.Tensor:
+    """Decode images in threads (PIL releases the GIL), chunk by chunk, into `out`, a uint8 (N, 3, size, size) on any device or
+    in a mapped file (None: a new one in memory)."""
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8) if out is None else out
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return torch.stack(list(pool.map(lambda p: decode_image(p, size, center_crop), paths)))
+        for start in range(0, len(paths), chunk):
+            out[start:start + chunk] = torch.stack(list(pool.map(lambda p: decode_image(p, size, center_crop), paths[start:start + chunk]))).to(out.device)
+    return out
 
 
 def load_distilled(root, ipc: int, size: int = 0, log=print):
@@ -864,8 +859,10 @@ def load_distilled(root, ipc: int, size: int = 0, log=print):
     return decode_images(paths, size), torch.arange(len(classes)).repeat_interleave(ipc), classes
 
 
-def read_tensor_set(path: Path, labels_file: str = "") -> tuple:
-    """(images, labels, layout) of a tensor file: a dict (TENSOR_KEYS, DC / DM's "data"), a pair, or images and a labels file."""
+def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagenet"], labels_file: str = "", log=print):
+    """The first `ipc` images per class of a tensor file (a dict (TENSOR_KEYS, DC / DM's "data"), a pair, or images and a labels
+    file) as float32 (N, 3, S, S) in [0, 1] units (x * std + mean, not clipped), labels, class names "0", ..., layout."""
+    path = Path(path)
     if not path.is_file():
         raise HaldError(f"--data {path} does not exist: give an ImageFolder or a tensor file of the distilled set")
     blob, layout = load_trusted(path, "--data tensor file"), "an (images, labels) pair"
@@ -885,14 +882,6 @@ def read_tensor_set(path: Path, labels_file: str = "") -> tuple:
         if other == path or not other.is_file():
             raise HaldError(f"--data {path} holds images only and {other} is not a file: give the labels file with --labels")
         labels, layout = load_trusted(other, "--labels file"), f"images, labels from {other}"
-    return images, labels, layout
-
-
-def load_tensor_set(path, ipc: int, size: int = 0, stats=NORMALIZATIONS["imagenet"], labels_file: str = "", log=print):
-    """The first `ipc` images per class of a tensor file as float32 (N, 3, S, S) in [0, 1] units (x * std + mean, not clipped),
-    labels, class names "0", ..., layout."""
-    path = Path(path)
-    images, labels, layout = read_tensor_set(path, labels_file)
     if not (torch.is_tensor(images) and images.is_floating_point() and images.ndim == 4 and images.shape[1] in (1, 3)
             and images.shape[2] == images.shape[3] and images.numel()):
         got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
@@ -941,13 +930,6 @@ def val_storage_for(nbytes: int, device: torch.device) -> str:
     return "memory" if nbytes <= available // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) else "file"
 
 
-def decode_into(out: torch.Tensor, paths, size: int, center_crop: bool, chunk: int = 1024) -> torch.Tensor:
-    """Decode images chunk by chunk into a preallocated uint8 (N, 3, S, S) on any device or in a mapped file."""
-    for start in range(0, len(paths), chunk):
-        out[start:start + chunk] = decode_images(paths[start:start + chunk], size, center_crop).to(out.device)
-    return out
-
-
 def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), storage: str = "auto", spill_dir=None, log=print) -> dict:
     """--val decoded once as uint8 (N, 3, S, S): on the device, in memory, or in a mapped file in spill_dir (without it: only
     the teacher check's images); classes paired with `classes` (None: not); size 0: its first image's height."""
@@ -971,10 +953,10 @@ def load_val(root, classes: list[str], size: int, device=torch.device("cpu"), st
         path = Path(spill_dir or ".") / f"val-{key.hexdigest()[:16]}.u8"
         if not (path.exists() and path.stat().st_size == nbytes):
             with atomic_path(path) as tmp:  # a complete file or none
-                decode_into(torch.from_file(str(tmp), shared=True, size=nbytes, dtype=torch.uint8).view(shape), paths, size, center_crop)
+                decode_images(paths, size, center_crop, torch.from_file(str(tmp), shared=True, size=nbytes, dtype=torch.uint8).view(shape))
         images = torch.from_file(str(path), shared=False, size=nbytes, dtype=torch.uint8).view(shape)  # copy-on-write map
     else:
-        images = decode_into(torch.empty(shape, dtype=torch.uint8, device=device if storage == "device" else "cpu"), paths, size, center_crop)
+        images = decode_images(paths, size, center_crop, torch.empty(shape, dtype=torch.uint8, device=device if storage == "device" else "cpu"))
     log(f"validation: {len(paths):,} images of {root}, {size} px, {time.time() - t0:.1f}s, "
         f"{'on the device' if storage == 'device' else 'in host memory' if storage == 'memory' else f'in {path}'} ({nbytes / 1e9:.2f} GB)")
     return {"images": images, "labels": labels, "classes": val_classes, "storage": storage}
@@ -1107,24 +1089,6 @@ def load_teachers(specs: str, weights: str, classes: list, image_size: int, stat
     w = [float(v) for v in weights.split(",")] if weights else None
     identity = " + ".join(t[1] for t in loaded) + (f" weighted {w}" if w else "")
     return TeacherEnsemble([t[0] for t in loaded], w), identity, next((t[2] for t in loaded if t[2]), None), loaded[0][3]
-
-
-@torch.no_grad()
-def teacher_check(teacher: nn.Module, images, labels, val: dict, device, stats, min_val: int = CHECK_IMAGES, rank: int = 0, world: int = 1,
-                  precision: str = "bf16") -> dict:
-    """The teacher (eval mode) before training: its agreement (%) with the distilled images' labels, top-1 and top-5 on --val
-    (every k-th image, at least min_val). A wrong class order drops the figure concerned to about 100 / C."""
-    teacher.eval()
-    agree = torch.zeros((), dtype=torch.long, device=labels.device)
-    for s in range(0, len(images), 256):
-        with autocast(device, precision):
-            logits = check_finite(teacher(model_layout(normalize(images[s:s + 256], *stats))), *TEACHER_OUTPUTS)
-        agree += (logits.argmax(1) == labels[s:s + 256]).sum()
-    step = max(1, len(val["labels"]) // min_val)
-    sample = {"images": val["images"][::step], "labels": val["labels"][::step]}  # a view: no copy of a mapped file
-    top1, top5 = evaluate(teacher, sample, device, stats, rank=rank, world=world, precision=precision)
-    return {"teacher_agreement": 100 * agree.item() / len(images), "teacher_top1": top1, "teacher_top5": top5,
-            "teacher_check_val_images": len(sample["labels"])}
 
 
 def chance_floor(num_classes: int) -> float:
@@ -1260,15 +1224,8 @@ def run_settings(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "debug", "rebuild_cache", "save_model", "compile",
             "cuda_graph", "check_teacher", "val_storage", "overwrite", "evaluate") and (k, v) not in (("teacher_arch", ""), ("labels", ""),
             ("normalize", "imagenet"), ("recipe", "none"), ("precision", "bf16"), ("teacher_weights", ""), ("phase_switch", "keep"),
-            ("seeds", ""))}
+            ("seeds", ""), ("warmup_steps", 100))}
     # at the values of older hald.py, newer flags are left out: older checkpoints' fingerprints stay as they were
-
-
-def save_state(path, settings: dict, model, opt, epoch: int, pool: list[int], gens: dict, history: list[dict]) -> None:
-    """Everything needed to continue exactly: weights, optimizer, position, soft pool and every RNG."""
-    save_atomic({"run": fingerprint(settings), "settings": json.dumps(settings), "epoch": epoch, "model": model.state_dict(),
-                 "optimizer": opt.state_dict(), "pool": torch.tensor(pool, dtype=torch.long), "history": json.dumps(history),
-                 "generators": {k: g.get_state() for k, g in gens.items()}, "torch_rng": torch.get_rng_state()}, path)
 
 
 def read_checkpoint(path, settings: dict) -> dict:
@@ -1287,11 +1244,6 @@ def read_checkpoint(path, settings: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- resolve
-def auto_soft_epochs(epochs: int, model: str) -> int:
-    """-1 = auto for --soft-epochs: 4/5 for the BatchNorm ConvNet-3s, the authors' half for the others (docs/flags.md)."""
-    return epochs * 4 // 5 if model.startswith("convnet_bn") else epochs // 2
-
-
 def auto_lr_eta(num_classes: int, image_size: int, model: str, ipc: int, recipe: str = "none") -> tuple:
     """-1 = auto for --lr and --eta: the AUTHORS_LR_ETA row of the dataset (--recipe, or 1,000 classes, 200, 100 at 32 px),
     student and largest IPC at or below --ipc (else the first). -> lr, eta, why (for the start-up line)."""
@@ -1314,7 +1266,7 @@ def resolve_settings(cfg: Config, num_classes: int, image_size: int = 0) -> Conf
     lr, eta, _ = auto_lr_eta(num_classes, image_size, cfg.model, cfg.ipc, cfg.recipe)
     auto = {"label_smoothing": AUTO_LABEL_SMOOTHING if measured else AUTHORS_LABEL_SMOOTHING,
             "temperature": AUTO_TEMPERATURE if measured else AUTHORS_TEMPERATURE,
-            "soft_epochs": auto_soft_epochs(cfg.epochs, cfg.model), "lr": lr, "eta": eta}
+            "soft_epochs": cfg.epochs * 4 // 5 if cfg.model.startswith("convnet_bn") else cfg.epochs // 2, "lr": lr, "eta": eta}
     return dataclasses.replace(cfg, normalize=normalization(cfg), **{k: v for k, v in auto.items() if getattr(cfg, k) == -1})
 
 
@@ -1339,11 +1291,10 @@ def check_out(cfg: Config, replacing: bool = False) -> None:
         if path and (check_target(path, flag).resolve() in own or (out / ".lock").resolve() in Path(path).resolve().parents):
             raise HaldError(f"{flag} {path} is --out, or a file hald.py writes there: give another name")
         own.add(Path(cfg.cache or out / "soft_labels.pt").resolve())
-    if cfg.overwrite or cfg.resume or replacing:
-        return
-    if (out / "summary.json").exists():
+    free = cfg.overwrite or cfg.resume or replacing
+    if not free and (out / "summary.json").exists():
         raise HaldError(f"--out {out} holds a finished run (summary.json): pass --overwrite to replace it, or another --out")
-    if (out / "checkpoint.pt").exists():
+    if not free and (out / "checkpoint.pt").exists():
         raise HaldError(f"--out {out} holds an unfinished run (checkpoint.pt): pass --resume to continue it, "
                         f"--overwrite to start again, or another --out")
 
@@ -1472,12 +1423,22 @@ def resolve(cfg: Config, log=print) -> SimpleNamespace:
     return plan
 
 
+@torch.no_grad()
 def check_teacher(plan, cfg: Config) -> dict:
-    """The teacher check of each teacher (and of their ensemble): near chance on --data or --val, a class order is wrong."""
-    teacher, members = plan.teacher[0], list(zip(cfg.teacher.split(","), getattr(plan.teacher[0], "teachers", [])))
-    for who, model in [(f" of {spec}", m) for spec, m in members] + [(" of the ensemble" if members else "", teacher)]:
-        check = teacher_check(model, plan.images, plan.labels, plan.val, plan.device, plan.teacher[3], rank=plan.rank,
-                              world=plan.world, precision=cfg.precision)
+    """Each teacher (and their ensemble) in eval mode before training: its agreement (%) with the labels of --data, top-1 and
+    top-5 on --val (every k-th image, at least CHECK_IMAGES). Near chance on either, a class order is wrong: refused."""
+    teacher, members, stats = plan.teacher[0], list(zip(cfg.teacher.split(","), getattr(plan.teacher[0], "teachers", []))), plan.teacher[3]
+    step = max(1, len(plan.val["labels"]) // CHECK_IMAGES)
+    sample = {"images": plan.val["images"][::step], "labels": plan.val["labels"][::step]}  # a view: no copy of a mapped file
+    for who, model in [(f" of {spec}", m) for spec, m in members] + [(" of the ensemble" if members else "", teacher.eval())]:
+        agree = torch.zeros((), dtype=torch.long, device=plan.device)
+        for s in range(0, len(plan.images), 256):
+            with autocast(plan.device, cfg.precision):
+                logits = check_finite(model(model_layout(normalize(plan.images[s:s + 256], *stats))), *TEACHER_OUTPUTS)
+            agree += (logits.argmax(1) == plan.labels[s:s + 256]).sum()
+        top1, top5 = evaluate(model, sample, plan.device, stats, rank=plan.rank, world=plan.world, precision=cfg.precision)
+        check = {"teacher_agreement": 100 * agree.item() / len(plan.images), "teacher_top1": top1, "teacher_top5": top5,
+                 "teacher_check_val_images": len(sample["labels"])}
         figures = (f"agrees with the labels of --data on {check['teacher_agreement']:.1f} % of {len(plan.images)} images (chance "
                    f"{100 / len(plan.classes):.2f} %);\n  on --val: top-1 {check['teacher_top1']:.2f} %, top-5 {check['teacher_top5']:.2f} % "
                    f"on {check['teacher_check_val_images']:,} of {plan.val.get('count', len(plan.val['labels'])):,} images")
@@ -1521,8 +1482,7 @@ def claim(plan, out: Path) -> None:
                             f"--out") from None
         except OSError as e:  # a file system without locks (Lustre mounted without -o flock): said, not taken for a held lock
             print(f"note: {out} cannot be locked ({e.strerror or e}): nothing stops a second run from writing into this --out meanwhile")
-        lock.truncate(0)
-        lock.write(f"the run of process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.truncate(0), lock.write(f"the run of process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         lock.flush()
         HELD[str(out)] = lock, bool(made)
         for tmp in out.rglob(".*.tmp"):  # atomic_path's, of a run killed while writing
@@ -1564,13 +1524,6 @@ class GraphedForward:
         return self.graphs[x.shape](x)
 
 
-def speed_up(model: nn.Module, compile: bool, cuda_graph: bool, precision: str = "bf16"):
-    """What training calls: torch.compile (with inductor's CUDA graphs when both are asked), our CUDA graphs, or the model."""
-    if compile:
-        return torch.compile(model, mode="reduce-overhead" if cuda_graph else None)
-    return GraphedForward(model, precision) if cuda_graph else model
-
-
 def soft_labels(cfg: Config, plan, gens) -> tuple:
     """The run's cache: the one resolve() read, or that this seed's first run wrote, or a relabel. -> the cache, its bytes."""
     path, header = Path(cfg.cache or Path(cfg.out) / "soft_labels.pt"), cache_header_of(cfg, plan)
@@ -1580,11 +1533,10 @@ def soft_labels(cfg: Config, plan, gens) -> tuple:
     if cache is not None:
         plan.log(f"reusing soft-label cache {path}")
     else:
-        stats = plan.teacher[3]
         cache = SoftLabelCache.build(plan.teacher[0], plan.images, size=plan.images.shape[-1], crops_per_image=cfg.slc // cfg.ipc,
                                      batch_size=cfg.batch_size, temperature=cfg.temperature, gen=gens["relabel"],
-                                     crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, teacher_mode=cfg.teacher_mode, mean=stats[0],
-                                     std=stats[1], precision=cfg.precision, log=plan.log, rank=plan.rank, world=plan.world)
+                                     crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, teacher_mode=cfg.teacher_mode, mean=plan.teacher[3][0],
+                                     std=plan.teacher[3][1], precision=cfg.precision, log=plan.log, rank=plan.rank, world=plan.world)
         packed = compact_labels_(cache, cfg.label_topk, cfg.label_bits)
         if plan.rank == 0:  # for the reader, beside the fingerprint: the class names of the teacher and of --val
             save_cache(cache, packed, {**header, "teacher_classes": plan.teacher[2], "val_classes": plan.val["classes"]}, path)
@@ -1594,7 +1546,8 @@ def soft_labels(cfg: Config, plan, gens) -> tuple:
 
 
 def build_student(cfg: Config, num_classes: int, size: int, device, world: int, log=print):
-    """The student (evaluated and saved), what training calls (DDP, compiled or graphed) and its optimizer."""
+    """The student (evaluated and saved), what training calls (DDP; torch.compile, with inductor's CUDA graphs when both are asked,
+    or our CUDA graphs) and its optimizer."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes, size).to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     net = model
@@ -1604,7 +1557,9 @@ def build_student(cfg: Config, num_classes: int, size: int, device, world: int, 
             log(f"note: on the CPU each of the {world} processes keeps its own BatchNorm statistics (SyncBatchNorm needs "
                 f"CUDA), so this run trains differently from one process; --model convnet has no BatchNorm")
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return model, speed_up(net, cfg.compile, cfg.cuda_graph, cfg.precision), make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    net = torch.compile(net, mode="reduce-overhead" if cfg.cuda_graph else None) if cfg.compile else GraphedForward(net, cfg.precision) \
+        if cfg.cuda_graph else net
+    return model, net, make_optimizer(model, cfg.lr, cfg.weight_decay, device)
 
 
 def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False) -> dict:
@@ -1629,7 +1584,7 @@ def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False
     epoch_settings = dict(batch_size=cfg.batch_size, size=size, temperature=cfg.temperature, smoothing=cfg.label_smoothing,
                           crop_scale=cfg.crop_scale, cutmix=cfg.cutmix, mean=stats[0], std=stats[1], hybrid_lambda=cfg.hybrid_lambda,
                           hybrid_crops=cfg.hybrid_crops, t2=cfg.hybrid_t2 or cfg.phase_switch == "t2", precision=cfg.precision,
-                          warmup=WARMUP_STEPS if cfg.phase_switch == "warmup" else 0)
+                          warmup=cfg.warmup_steps if cfg.phase_switch == "warmup" else 0)
     settings, pool, history, first = run_settings(cfg), [], [], 0
     runaway = 10 * math.log(max(C, 2)) * (cfg.temperature**2 if epoch_settings["t2"] else 1) * (1 + cfg.hybrid_lambda)
     if cfg.resume and seen_alike(out / "checkpoint.pt", plan.device, world):
@@ -1657,8 +1612,10 @@ def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False
         if epoch + 1 == len(phases) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):  # and always the last
             row["top1"], row["top5"] = evaluate(model, plan.val, plan.device, stats, rank=rank, world=world, precision=cfg.precision)
         history.append(row)
-        if rank == 0:  # metrics.jsonl is rewritten whole (atomic): a full disk never leaves half a line
-            save_state(out / "checkpoint.pt", settings, model, opt, epoch + 1, pool, gens, history)
+        if rank == 0:  # everything needed to continue exactly (CHECKPOINT_KEYS); metrics.jsonl rewritten whole: never half a line
+            save_atomic({"run": fingerprint(settings), "settings": json.dumps(settings), "epoch": epoch + 1, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "pool": torch.tensor(pool, dtype=torch.long), "history": json.dumps(history),
+                         "generators": {k: g.get_state() for k, g in gens.items()}, "torch_rng": torch.get_rng_state()}, out / "checkpoint.pt")
             save_atomic("".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
         acc = f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f}" if "top1" in row else ""
         elapsed = time.time() - started
@@ -1678,13 +1635,18 @@ def execute(cfg: Config, schedule, plan, later: int = 0, comparing: bool = False
     if cfg.save_model:
         save_checkpoint(model, cfg.model, plan.classes, size, cfg.save_model, stats)
     seconds = time.time() - start + sum(row["seconds"] for row in history[:first])  # with the epochs of earlier starts
+    try:  # a result names its code: hald.py's sha256, and the git commit in a checkout (outside one git says so on stderr)
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git
+        git = ""
     summary = {"final_top1": top1, "final_top5": top5, "best_top1": best[0], "best_epoch": best[1],
                "schedule": [list(p) for p in schedule], "soft_labels_per_class": cfg.slc if cache else 0,
                "soft_label_bytes": cache_bytes, "bytes_per_label": cache_bytes / (C * cfg.slc) if cache else 0,
                **(plan.check if soft else {}), "drift": drift, "warnings": [row["warning"] for row in history if "warning" in row],
                "seconds": seconds, "config": dataclasses.asdict(cfg),
                "classes": {"data": plan.classes, "val": plan.val["classes"], "teacher": teacher and teacher[2]},
-               "versions": {"python": platform.python_version(), "torch": torch.__version__, **code_version()},
+               "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                            "hald_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **({"git_commit": git} if git else {})},
                "device": torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
     save_atomic(json.dumps(summary, indent=2), out / "summary.json")
     budget = f" | SLC {cfg.slc} ({cfg.slc // cfg.ipc} per image)" if cache else ""
@@ -1820,15 +1782,6 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: Path, title: str = "", 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-
-
-def code_version() -> dict:
-    """hald.py's sha256, and the git commit in a checkout: a result names its code."""
-    try:  # outside a checkout git says so on stderr: no commit
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):  # no git
-        git = ""
-    return {"hald_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), **({"git_commit": git} if git else {})}
 
 
 def evaluate_file(cfg: Config, log=print) -> dict:

@@ -52,8 +52,9 @@ def test_shs_splits_the_soft_epochs_around_the_hard_phase(epochs, soft_frac):
     expected = [("soft", soft // 2), ("hard", epochs - soft), ("soft", soft - soft // 2)]
     assert plan == [(p, c) for p, c in expected if c > 0]
     assert hald.build_schedule("shs", 300, 150, 10) == [("soft", 75), ("hard", 150), ("soft", 75)]  # the authors'
-    assert hald.build_schedule("shs", 300, hald.auto_soft_epochs(300, "convnet_bn64"), 10) == [("soft", 120), ("hard", 60), ("soft", 120)]
-    assert hald.auto_soft_epochs(300, "resnet18") == hald.auto_soft_epochs(300, "convnet") == 150  # other students: the authors'
+    auto = {model: hald.resolve_settings(hald.Config(model=model), 10).soft_epochs for model in ("convnet_bn64", "resnet18", "convnet")}
+    assert hald.build_schedule("shs", 300, auto["convnet_bn64"], 10) == [("soft", 120), ("hard", 60), ("soft", 120)]
+    assert auto["resnet18"] == auto["convnet"] == 150  # other students: the authors'
 
 
 @given(epochs=st.integers(1, 200), n=st.integers(1, 10), start=st.sampled_from(["hard", "soft"]),
@@ -1663,6 +1664,14 @@ USES = {"crops": use_crops, "CutMix": use_cutmix, "losses": use_losses, "schedul
         "epoch loop": use_epoch, "cache file": use_cache_file}
 
 
+def test_the_readme_says_how_long_the_whole_hald_loop_is():
+    """The README's line count of the epoch loop and the schedule together (their names and imports lifted as one)."""
+    rows, stated = readme_copy_table(), re.search(r"The whole HALD loop \(the \*epoch loop\* and the \*schedule\*\) is (\d+) lines",
+                                                  (HERE / "README.md").read_text())
+    names, imports = rows["epoch loop"][0] + rows["schedule"][0], rows["epoch loop"][2] + rows["schedule"][2]
+    assert stated and lift(sorted(set(names)), list(dict.fromkeys(imports)))[1] == int(stated[1])
+
+
 @pytest.mark.parametrize("piece", list(USES))
 def test_every_row_of_the_readme_copy_table_runs_alone(piece, tmp_path):
     rows = readme_copy_table()
@@ -1980,7 +1989,7 @@ def test_phase_switch_does_what_it_says(tiny, tmp_path, monkeypatch, switch):
     assert hald.main(tiny_args(tiny, tmp_path, "--schedule", "soft:2,hard:2,soft:2", "--epochs", "6", "--phase-switch", switch)) == 0
     assert [phase for phase, *_ in seen] == ["soft"] * 2 + ["hard"] * 2 + ["soft"] * 2
     assert [s[1] > 0 for s in seen] == [False, True] + ([False, True] * 2 if switch in ("reset", "warmup") else [True] * 4)
-    assert [s[2:] for s in seen] == [(switch == "t2", hald.WARMUP_STEPS * (switch == "warmup"))] * 6
+    assert [s[2:] for s in seen] == [(switch == "t2", hald.Config.warmup_steps * (switch == "warmup"))] * 6
 
 
 def test_warmup_ramps_the_lr_over_adamws_first_steps_of_an_empty_state():
@@ -2043,13 +2052,13 @@ BAD = {"ipc": ints(max_value=0), "image_size": E([-1, 1, 7]) | ints(max_value=7)
        "label_smoothing": E([1.0, -1e-9, -2.0]) | fl(hi=0, xhi=True).filter(lambda v: v != -1) | fl(1), "hybrid_lambda": E([-1e-9]) | fl(hi=0, xhi=True),
        "batch_size": E([1, 0]) | ints(max_value=1), "lr": E([0.0, -2.0]) | fl(hi=0).filter(lambda v: v != -1), "weight_decay": E([-1e-9]) | fl(hi=0, xhi=True),
        "eta": E([0.0, -2.0]) | fl(hi=0).filter(lambda v: v != -1), "seed": ints(max_value=-1), "eval_every": ints(max_value=-1),
-       "drift_crops": ints(max_value=-1)}
+       "drift_crops": ints(max_value=-1), "warmup_steps": ints(max_value=0)}
 GOOD = {"ipc": ints(1, BIG), "image_size": E([0, 8]) | ints(8, BIG), "slc": ints(1, BIG), "temperature": fl(0, BIG, xlo=True) | AUTO,
         "crop_scale": E([1.0, 5e-324]) | fl(0, 1, xlo=True), "label_topk": ints(0, BIG), "epochs": ints(1, BIG),
         "soft_epochs": E([0, 300]) | ints(0, 300) | AUTO, "label_smoothing": E([0.0, 1 - 1e-9]) | fl(0, 1, xhi=True) | AUTO,
         "hybrid_lambda": E([0.0]) | fl(0, BIG), "batch_size": E([2]) | ints(2, BIG), "lr": fl(0, BIG, xlo=True) | AUTO,
         "weight_decay": E([0.0]) | fl(0, BIG), "eta": fl(0, BIG, xlo=True) | AUTO, "seed": ints(0, BIG), "eval_every": ints(0, BIG),
-        "drift_crops": ints(0, BIG)}
+        "drift_crops": ints(0, BIG), "warmup_steps": ints(1, BIG)}
 TYPES = {f.name: f.type for f in dataclasses.fields(hald.Config)}
 
 

@@ -280,12 +280,11 @@ def main(argv=None):
     n = C * args.ipc
     images = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8, device=device)
     labels = torch.arange(C, device=device).repeat_interleave(args.ipc)
-    model = hald.build_model(args.model, C, S).to(device)
     teacher = hald.build_model(args.model, C, S).to(device).eval()
     if device.type == "cuda":
-        model, teacher = model.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
-    opt = hald.make_optimizer(model, 1e-3, 0.01, device)
-    net = hald.speed_up(model, args.compile, args.cuda_graph, args.precision)  # what the ceiling and the epochs both run
+        teacher = teacher.to(memory_format=torch.channels_last)
+    student = hald.Config(model=args.model, lr=1e-3, compile=args.compile, cuda_graph=args.cuda_graph, precision=args.precision)
+    model, net, opt = hald.build_student(student, C, S, device, 1)  # net: what the ceiling and the epochs both run
     cache = build_cache(teacher, images, B).to(device)
 
     x_fixed = hald.normalize(images[:B])
