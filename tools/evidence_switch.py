@@ -46,12 +46,15 @@ BASELINES = {("real", "soft"): RUNS / "convnet-3-bn-soft-only-t-4", ("real", "ke
 # treatment -> hald.py arguments on top of the pinned ones and --schedule shs. reset-v (the second moment restarted from
 # the new phase's first gradient, the momentum kept) was measured once with hald.py 8e46f81 and then dropped: it diverges
 TREATMENTS = {"soft": ["--schedule", "soft"], "keep": ["--phase-switch", "keep"], "reset": ["--phase-switch", "reset"],
-              "t2": ["--phase-switch", "t2"], "warmup": ["--phase-switch", "warmup"]}  # warmup: issue 45's reset + LR warm-up
+              "t2": ["--phase-switch", "t2"], "warmup": ["--phase-switch", "warmup"],  # issue 45's reset + LR warm-up
+              # its third candidate: the ramp as long as AdamW's memory, 1 / (1 - beta2) = 1,000 steps, over which the kept
+              # state's smaller steps fade (the traces): keep's gentle start of a phase without the other phase's gradient scale
+              "warmup-1000": ["--phase-switch", "warmup", "--warmup-steps", "1000"]}
 # item 2, a hard phase sized to the budget, on top of the reset: H hard epochs between two soft halves (--soft-epochs
 # 300 - H; the default's H is 60), and a short hard phase first
 TREATMENTS.update({f"reset-h{h}": ["--phase-switch", "reset", "--soft-epochs", str(300 - h)] for h in (30, 15, 5)})
 TREATMENTS["reset-hard-first-15"] = ["--phase-switch", "reset", "--schedule", "hard:15,soft:285"]
-SHOWN = ("soft", "keep", "reset", "t2", "warmup", "reset-v", *[t for t in TREATMENTS if t.startswith("reset-")])
+SHOWN = ("soft", "keep", "reset", "t2", "warmup", "warmup-1000", "reset-v", *[t for t in TREATMENTS if t.startswith("reset-")])
 CROPS = (10, 2, 1)  # priority: the largest effect first (item 2 adds s = 4)
 
 
