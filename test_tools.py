@@ -273,6 +273,23 @@ def test_the_phase_switch_table_pairs_each_treatment_with_soft_only_by_seed():
     assert all(reset[k]["config"]["phase_switch"] == "reset" and reset[k]["config"]["seed"] == k for k in reset)
 
 
+def test_the_candidates_table_pairs_each_candidate_with_soft_only_by_seed_on_both_settings():
+    """tools/evidence_switch.py's table of issue 45's candidates: a row per candidate in CANDIDATES' order, and each cell the
+    mean and per-seed differences to soft-only of the committed summaries (the reset's at 200 classes recomputed here)."""
+    sys.path.insert(0, str(HERE / "tools"))
+    import evidence_switch
+
+    rows = [line.split(" | ") for line in evidence_switch.candidates_table().splitlines()[2:]]
+    assert [row[0].lstrip("| ") for row in rows] == [label for label, _, _ in evidence_switch.CANDIDATES]
+    runs = HERE / "results" / "tiny-imagenet" / "runs"
+    top1 = lambda name: [json.loads((runs / f"{name}-s1-seed{k}.json").read_text())["final_top1"] for k in range(3)]  # noqa: E731
+    d = [a - b for a, b in zip(top1("hald-soft-120-hard-60-soft-120-adamw-reset-at-each-switch"), top1("soft-only-t-4"))]
+    assert rows[0][1] == f"{sum(d) / 3:+.1f} ({', '.join(f'{v:+.1f}' for v in d)})"
+    mean, each = rows[0][2].rstrip(" |").split(" ", 1)  # CIFAR-10's: the main table's row, bold there
+    assert next(line for line in evidence_switch.table().splitlines() if line.startswith("| real | 10 | HALD, reset |")).endswith(
+        f"**{mean}** {each} |")
+
+
 def test_the_hard_phase_table_names_the_best_on_the_seeds_every_length_has():
     """tools/evidence.py's gain_table (the hard-phase tables of evidence_switch and evidence_classes): each cell is the
     mean and every seed's difference, a length measured nowhere has no column, and the best is chosen on the seeds all

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import cell, gain_table, run_one  # noqa: E402
+from evidence import cell, gain_table, run_one, slug  # noqa: E402
 from evidence_generated import PINNED  # noqa: E402
 
 KEPT = ROOT / "results" / "cifar10" / "switch"
@@ -116,6 +116,30 @@ def table() -> str:
     return "\n".join(lines)
 
 
+# issue 45's candidates where reset and keep disagree most: (label, this study's treatment, tools/evidence_tiny.py's row)
+CANDIDATES = [("reset (default)", "reset", "HALD, soft 120 / hard 60 / soft 120, AdamW reset at each switch"),
+              ("keep (the authors')", "keep", "HALD, soft 120 / hard 60 / soft 120"),
+              ("t2", "t2", "HALD, soft 120 / hard 60 / soft 120, t2 (AdamW kept, soft loss x T^2)"),
+              ("warmup, 100 steps", "warmup", "HALD, soft 120 / hard 60 / soft 120, warmup (AdamW reset, LR ramped over 100 steps)"),
+              ("warmup, 1,000 steps", "warmup-1000", "HALD, soft 120 / hard 60 / soft 120, warmup over 1,000 steps (AdamW reset)")]
+
+
+def tiny_diffs(row: str, s: int = 1) -> dict:
+    """seed -> a tools/evidence_tiny.py row minus its soft-only (T 4), 200 classes, width 64, for the seeds both have."""
+    runs = ROOT / "results" / "tiny-imagenet" / "runs"
+    top1 = {label: {seed: json.loads(p.read_text())["final_top1"] for seed in range(3)
+                    if (p := runs / f"{slug(label)}-s{s}-seed{seed}.json").exists()} for label in (row, "soft-only (T 4)")}
+    return {k: v - top1["soft-only (T 4)"][k] for k, v in sorted(top1[row].items()) if k in top1["soft-only (T 4)"]}
+
+
+def candidates_table() -> str:
+    """Issue 45's item 2: each candidate minus soft-only (mean, and per seed) on its two test settings, where measured."""
+    shown = lambda d: f"{statistics.mean(d.values()):+.1f} ({', '.join(f'{v:+.1f}' for v in d.values())})" if d else "not run"  # noqa: E731
+    lines = ["| treatment | Tiny-ImageNet 200 classes, s = 1, width 64 | CIFAR-10 real, s = 10 |", "|---|---|---|"]
+    lines += [f"| {label} | {shown(tiny_diffs(row))} | {shown(diffs('real', treatment, 10))} |" for label, treatment, row in CANDIDATES]
+    return "\n".join(lines)
+
+
 def hard_table() -> str:
     """Item 2: HALD (reset) minus soft-only by the hard phase's length (and 15 hard epochs first), where any was run."""
     columns = {"reset": "hard 60 (default)", **{f"reset-h{h}": f"hard {h}" for h in (30, 15, 5)}, "reset-hard-first-15": "hard 15 first"}
@@ -149,6 +173,7 @@ def main():
             for i, (job, status) in enumerate(zip(jobs, pool.map(lambda j: run_cell(j, args.cifar), jobs))):
                 print(f"[{i + 1}/{len(jobs)}] {job[0]} s={job[1]} seed {job[2]}: {status} ({time.time() - start:.0f}s)", flush=True)
     print(f"cifar10: HALD's optimizer across the phase switch (IPC 10, default student)\n{table()}")
+    print(f"\nissue 45's candidates: HALD minus soft-only (per seed) where the reset and keep disagree most\n{candidates_table()}")
     if hard := hard_table():
         print(f"\ncifar10: HALD (AdamW reset) minus soft-only by the hard phase's length (per seed)\n{hard}")
 
