@@ -1978,7 +1978,7 @@ def test_the_cache_checks_its_images_and_keeps_its_statistics():
 @pytest.mark.parametrize("switch", ["keep", "reset", "t2", "warmup"])
 def test_phase_switch_does_what_it_says(tiny, tmp_path, monkeypatch, switch):
     """--phase-switch: AdamW's state at the start of each epoch (reset and warmup: empty at each switch only), the soft
-    loss's T^2 factor (t2: in the soft phases only) and the LR warm-up (warmup: WARMUP_STEPS); keep is the authors'."""
+    loss's T^2 factor (t2: in the soft phases only) and the LR warm-up (warmup: --warmup-steps); keep is the authors'."""
     seen, run_epoch = [], hald.run_epoch
 
     def recording(phase, net, opt, *args, **kwargs):
