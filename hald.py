@@ -471,6 +471,7 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
         boxes, flips = boxes.to(device), flips.to(device)
         cuts = sample_cutmix_boxes(steps, size, size, gens["hard"]).to(device) if cutmix else [None] * steps
     total, shown, base_lr = torch.zeros((), device=device), time.time(), [group["lr"] for group in opt.param_groups]
+    done = float(opt.state.get(opt.param_groups[0]["params"][0], {}).get("step", 0)) if warmup else 0  # AdamW's steps so far: one read
     for k in range(steps):
         if time.time() - shown > 30:  # long epochs (a teacher on a full training set) show progress
             log(f"  {phase} step {k}/{steps}")
@@ -503,8 +504,8 @@ def run_epoch(phase: str, net, opt, images, labels, num_classes: int, gens: dict
             loss = loss * (world * len(x_soft if x_soft is not None else x_hard) / len(index))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for group, lr in zip(opt.param_groups, base_lr) if warmup else ():
-            group["lr"] = lr * min(1.0, (float(opt.state.get(group["params"][0], {}).get("step", 0)) + 1) / warmup)
+        for group, lr in zip(opt.param_groups, base_lr) if warmup else ():  # step done + k + 1, counted here: no sync a step
+            group["lr"] = lr * min(1.0, (done + k + 1) / warmup)
         opt.step()
         total += loss.detach()
     if world > 1:
@@ -1482,7 +1483,8 @@ def claim(plan, out: Path) -> None:
                             f"--out") from None
         except OSError as e:  # a file system without locks (Lustre mounted without -o flock): said, not taken for a held lock
             print(f"note: {out} cannot be locked ({e.strerror or e}): nothing stops a second run from writing into this --out meanwhile")
-        lock.truncate(0), lock.write(f"the run of process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.truncate(0)
+        lock.write(f"the run of process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         lock.flush()
         HELD[str(out)] = lock, bool(made)
         for tmp in out.rglob(".*.tmp"):  # atomic_path's, of a run killed while writing
@@ -1546,8 +1548,7 @@ def soft_labels(cfg: Config, plan, gens) -> tuple:
 
 
 def build_student(cfg: Config, num_classes: int, size: int, device, world: int, log=print):
-    """The student (evaluated and saved), what training calls (DDP; torch.compile, with inductor's CUDA graphs when both are asked,
-    or our CUDA graphs) and its optimizer."""
+    """The student (evaluated and saved), what training calls (DDP, compiled or graphed) and its optimizer."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes, size).to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     net = model
@@ -1557,8 +1558,10 @@ def build_student(cfg: Config, num_classes: int, size: int, device, world: int, 
             log(f"note: on the CPU each of the {world} processes keeps its own BatchNorm statistics (SyncBatchNorm needs "
                 f"CUDA), so this run trains differently from one process; --model convnet has no BatchNorm")
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    net = torch.compile(net, mode="reduce-overhead" if cfg.cuda_graph else None) if cfg.compile else GraphedForward(net, cfg.precision) \
-        if cfg.cuda_graph else net
+    if cfg.compile:  # with inductor's CUDA graphs when both are asked
+        net = torch.compile(net, mode="reduce-overhead" if cfg.cuda_graph else None)
+    elif cfg.cuda_graph:
+        net = GraphedForward(net, cfg.precision)
     return model, net, make_optimizer(model, cfg.lr, cfg.weight_decay, device)
 
 

@@ -54,7 +54,11 @@ HARD = (60, 30, 15, 5)
 SCHEDULES.update({f"shs-h{h}": ["--schedule", "shs", "--soft-epochs", str(300 - h)] for h in HARD[1:]})
 MAIN = ("soft", "shs", "shs-keep")
 AT_200 = {"soft": "soft-only-t-4", "shs": "hald-soft-120-hard-60-soft-120-adamw-reset-at-each-switch",
-          "shs-keep": "hald-soft-120-hard-60-soft-120"}
+          "shs-keep": "hald-soft-120-hard-60-soft-120",
+          # issue 45's candidates (tools/evidence_tiny.py's rows), read by tools/evidence_switch.py's candidates table
+          "shs-t2": "hald-soft-120-hard-60-soft-120-t2-adamw-kept-soft-loss-x-t-2",
+          "shs-warmup": "hald-soft-120-hard-60-soft-120-warmup-adamw-reset-lr-ramped-over-100-steps",
+          "shs-warmup-1000": "hald-soft-120-hard-60-soft-120-warmup-over-1-000-steps-adamw-reset"}
 
 
 def subset(wnids: list[str], k: int) -> list[str]:

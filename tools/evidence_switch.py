@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import cell, gain_table, run_one, slug  # noqa: E402
+from evidence import cell, gain_table, run_one  # noqa: E402
 from evidence_generated import PINNED  # noqa: E402
 
 KEPT = ROOT / "results" / "cifar10" / "switch"
@@ -116,27 +116,20 @@ def table() -> str:
     return "\n".join(lines)
 
 
-# issue 45's candidates where reset and keep disagree most: (label, this study's treatment, tools/evidence_tiny.py's row)
-CANDIDATES = [("reset (default)", "reset", "HALD, soft 120 / hard 60 / soft 120, AdamW reset at each switch"),
-              ("keep (the authors')", "keep", "HALD, soft 120 / hard 60 / soft 120"),
-              ("t2", "t2", "HALD, soft 120 / hard 60 / soft 120, t2 (AdamW kept, soft loss x T^2)"),
-              ("warmup, 100 steps", "warmup", "HALD, soft 120 / hard 60 / soft 120, warmup (AdamW reset, LR ramped over 100 steps)"),
-              ("warmup, 1,000 steps", "warmup-1000", "HALD, soft 120 / hard 60 / soft 120, warmup over 1,000 steps (AdamW reset)")]
-
-
-def tiny_diffs(row: str, s: int = 1) -> dict:
-    """seed -> a tools/evidence_tiny.py row minus its soft-only (T 4), 200 classes, width 64, for the seeds both have."""
-    runs = ROOT / "results" / "tiny-imagenet" / "runs"
-    top1 = {label: {seed: json.loads(p.read_text())["final_top1"] for seed in range(3)
-                    if (p := runs / f"{slug(label)}-s{s}-seed{seed}.json").exists()} for label in (row, "soft-only (T 4)")}
-    return {k: v - top1["soft-only (T 4)"][k] for k, v in sorted(top1[row].items()) if k in top1["soft-only (T 4)"]}
+# issue 45's candidates where reset and keep disagree most: (label, this study's treatment, its schedule in
+# tools/evidence_classes.py, whose 200-class runs are tools/evidence_tiny.py's committed rows)
+CANDIDATES = [("reset (default)", "reset", "shs"), ("keep (the authors')", "keep", "shs-keep"), ("t2", "t2", "shs-t2"),
+              ("warmup, 100 steps", "warmup", "shs-warmup"), ("warmup, 1,000 steps", "warmup-1000", "shs-warmup-1000")]
 
 
 def candidates_table() -> str:
     """Issue 45's item 2: each candidate minus soft-only (mean, and per seed) on its two test settings, where measured."""
+    import evidence_classes  # torch and hald.py: only for this table
+
     shown = lambda d: f"{statistics.mean(d.values()):+.1f} ({', '.join(f'{v:+.1f}' for v in d.values())})" if d else "not run"  # noqa: E731
     lines = ["| treatment | Tiny-ImageNet 200 classes, s = 1, width 64 | CIFAR-10 real, s = 10 |", "|---|---|---|"]
-    lines += [f"| {label} | {shown(tiny_diffs(row))} | {shown(diffs('real', treatment, 10))} |" for label, treatment, row in CANDIDATES]
+    lines += [f"| {label} | {shown(evidence_classes.diffs(200, schedule, 1))} | {shown(diffs('real', treatment, 10))} |"
+              for label, treatment, schedule in CANDIDATES]
     return "\n".join(lines)
 
 
