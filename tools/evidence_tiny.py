@@ -75,7 +75,7 @@ ROWS = [
     # issue 45's candidate warmup: the reset, then the LR ramped over AdamW's first 100 steps after each switch
     ("HALD, soft 120 / hard 60 / soft 120, warmup (AdamW reset, LR ramped over 100 steps)", [*SHORT, "--phase-switch", "warmup"], 1, 3),
     ("HALD, soft 120 / hard 60 / soft 120, warmup over 1,000 steps (AdamW reset)", [*SHORT, "--phase-switch", "warmup", "--warmup-steps", "1000"], 1, 3),
-    # issue 45's item 1: the default width-128 student at the paper's budget, s = 10 (one seed each, about two hours)
+    # issue 45's item 1: the default width-128 student at the paper's budget, s = 10 (one seed each, about an hour a run on one core)
     ("HALD, soft 120 / hard 60 / soft 120, AdamW reset at each switch, width 128", [*RESET, "--model", "convnet_bn"], 10, 1),
     ("HALD, soft 120 / hard 60 / soft 120, width 128", [*SHORT, "--model", "convnet_bn"], 10, 1),
     ("soft-only (T 4), width 128", [*SOFT_T4, "--model", "convnet_bn"], 10, 1),
